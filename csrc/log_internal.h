@@ -1,0 +1,155 @@
+/*
+ * log_internal.h — the handle, the shared control block, and helpers
+ * shared by open.c, append.c and read.c.
+ */
+#ifndef QLOG_LOG_INTERNAL_H
+#define QLOG_LOG_INTERNAL_H
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+
+#include "format.h"
+#include "qlog.h"
+#include "vfs.h"
+
+/* Segments grow (fallocate) in steps of this many bytes, so the space is
+ * reserved before any record is stored through the mapping. */
+#define QLOG_ALLOC_CHUNK (4u << 20)
+
+/*
+ * The control block: the file `ctl` in the log directory, mapped shared by
+ * every process that has the log open.  It is coordination, not data: it
+ * is never fsynced, and after a reboot (boot id changed) or when a process
+ * opens the log alone it is rebuilt from the segment files.
+ *
+ *   wlock        the writers' lock: held to assign sequence numbers, frame
+ *                records into the active segment, roll and delete segments.
+ *                Robust: a writer killed while holding it is detected by the
+ *                next one, which undoes its unfinished batch.
+ *   slock        the group-commit lock: the holder is the leader that runs
+ *                fdatasync for everyone waiting.
+ *   seqlock      readers (which never take wlock) read active_base,
+ *                active_cap, write_end and written_seq as one consistent
+ *                snapshot: odd while a writer is changing them.
+ */
+#define QLOG_CTL_MAGIC "QLOGCTL\0"
+#define QLOG_CTL_SIZE 4096
+#define QLOG_CTL_VERSION 1
+
+typedef struct qlog_ctl {
+    char magic[8];
+    uint32_t version;
+    uint32_t struct_size;
+    char boot_id[40];
+    uint32_t initialized;       /* set last by the process that built it */
+    uint32_t notify;            /* futex word: bumped at every publish */
+    uint32_t waiters;           /* threads blocked on notify */
+    uint32_t pad0;
+    pthread_mutex_t wlock;
+    pthread_mutex_t slock;
+
+    /* under wlock */
+    uint64_t next_seq;          /* the number the next record gets */
+    uint64_t alloc_end;         /* bytes of the active file allocated */
+    uint64_t pending_end;       /* end of the batch being framed */
+    uint64_t pending_next;      /* next_seq once that batch is published */
+    uint64_t reserved_upto;     /* durable high-water mark (file `meta`) */
+
+    /* under wlock for writers, seqlock for readers */
+    uint64_t seqlock;
+    uint64_t active_base;       /* base sequence of the active segment */
+    uint64_t active_salt;
+    uint64_t active_cap;        /* the active segment never grows past this */
+    uint64_t write_end;         /* end of the last complete batch */
+    uint64_t written_seq;       /* every record below this is complete */
+
+    /* atomics */
+    uint64_t synced_seq;        /* every record below this is on stable storage */
+    uint64_t poison_gen;        /* bumped when an fsync or write fails */
+    uint64_t need_roll;         /* the next append starts a new segment */
+    uint64_t seg_gen;           /* bumped when segments are added or deleted */
+} qlog_ctl;
+
+typedef struct snapshot {
+    uint64_t active_base, active_salt, active_cap, write_end, written_seq, seg_gen;
+} snapshot;
+
+/* A segment as a reader sees it. */
+typedef struct seginfo {
+    uint64_t base;
+    uint64_t salt;              /* from the header, or inferred (header_bad) */
+    int fd;                     /* -1 until opened */
+    int header_bad;             /* header failed its CRC; salt taken from records */
+    int gone;                   /* deleted under us */
+    uint8_t *map;
+    uint64_t maplen;
+    uint64_t size;              /* sealed: file size; 0 while active */
+    int sealed;
+    /* sparse index: (seq, offset) every QLOG_IDX_STRIDE bytes */
+    uint64_t *iseq, *ioff;
+    size_t icount, icap;
+    uint64_t scanned_to;        /* the index covers [64, scanned_to) */
+    uint64_t scan_last;         /* last sequence number seen by the scan */
+    int scan_have_last;
+    int idx_saved;              /* the .idx file matches */
+    uint64_t corrupt;           /* damaged regions the scan skipped */
+} seginfo;
+
+struct qlog_log {
+    char *dir;
+    int dirfd;
+    int ctl_fd;
+    int durability;
+    uint64_t segment_bytes;
+    qlog_ctl *ctl;
+    uint64_t poison_gen;        /* ctl->poison_gen when this handle opened */
+    char boot_id[40];
+
+    /* the writer's view of the active segment: only under ctl->wlock */
+    int w_fd;
+    uint8_t *w_map;
+    uint64_t w_base, w_maplen;
+
+    /* the sync leader's file: only under ctl->slock */
+    int s_fd;
+    uint64_t s_base;
+
+    /* the reader: only under rmu */
+    pthread_mutex_t rmu;
+    seginfo *segs;
+    size_t nsegs, capsegs;
+    uint64_t segs_gen;
+    int segs_valid;
+
+    /* counters (atomic) */
+    uint64_t n_fsyncs, n_appends, n_corrupt;
+    uint64_t rec_bytes_dropped, rec_records_dropped;
+    int last_errno;
+    int closed;
+};
+
+/* open.c */
+int  log_fail(qlog_log *log, int code);   /* records errno, returns code */
+void log_path(const qlog_log *log, uint64_t base, const char *ext, char *out, size_t n);
+int  list_segments(const char *dir, uint64_t **bases, size_t *n);
+int  fsync_dir(qlog_log *log);
+int  meta_write(qlog_log *log, uint64_t reserved_upto);
+int  lock_writer(qlog_log *log);
+int  lock_sync(qlog_log *log);
+void take_snapshot(const qlog_ctl *c, snapshot *s);
+int64_t now_ns(void);
+uint64_t random_salt(void);
+
+/* append.c */
+int  group_sync(qlog_log *log, uint64_t target);
+void notify_readers(qlog_ctl *c);
+
+/* read.c */
+void reader_free(qlog_log *log);
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+
+#endif

@@ -1,0 +1,713 @@
+/*
+ * open.c — opening and closing a log directory, crash recovery, the
+ * control block, the durable sequence high-water mark.
+ */
+#include "log_internal.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <time.h>
+#include <unistd.h>
+
+#define NFS_SUPER_MAGIC 0x6969
+
+int log_fail(qlog_log *log, int code)
+{
+    if (log && code == QLOG_EIO)
+        __atomic_store_n(&log->last_errno, errno, __ATOMIC_RELAXED);
+    return code;
+}
+
+int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+uint64_t random_salt(void)
+{
+    uint64_t s = 0;
+    if (getrandom(&s, sizeof s, 0) != (ssize_t)sizeof s) {
+        /* No entropy source: time and address still differ per segment. */
+        s = (uint64_t)now_ns() ^ ((uint64_t)(uintptr_t)&s << 16) ^ (uint64_t)getpid();
+    }
+    if ((uint32_t)s == 0)
+        s |= 1;   /* a zero salt32 would let zeroed bytes pass the salt check */
+    return s;
+}
+
+void log_path(const qlog_log *log, uint64_t base, const char *ext, char *out, size_t n)
+{
+    snprintf(out, n, "%s/%020llu%s", log->dir, (unsigned long long)base, ext);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The base sequence numbers of every NNNNNNNNNNNNNNNNNNNN.seg, sorted. */
+int list_segments(const char *dir, uint64_t **bases, size_t *n)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return QLOG_EIO;
+    size_t cap = 16, cnt = 0;
+    uint64_t *v = malloc(cap * sizeof *v);
+    if (!v) {
+        closedir(d);
+        return QLOG_ENOMEM;
+    }
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        const char *s = e->d_name;
+        if (strlen(s) != 24 || strcmp(s + 20, ".seg") != 0)
+            continue;
+        uint64_t b = 0;
+        int ok = 1;
+        for (int i = 0; i < 20; i++) {
+            if (s[i] < '0' || s[i] > '9') {
+                ok = 0;
+                break;
+            }
+            b = b * 10 + (uint64_t)(s[i] - '0');
+        }
+        if (!ok)
+            continue;
+        if (cnt == cap) {
+            uint64_t *nv = realloc(v, cap * 2 * sizeof *v);
+            if (!nv) {
+                free(v);
+                closedir(d);
+                return QLOG_ENOMEM;
+            }
+            v = nv;
+            cap *= 2;
+        }
+        v[cnt++] = b;
+    }
+    closedir(d);
+    qsort(v, cnt, sizeof *v, cmp_u64);
+    *bases = v;
+    *n = cnt;
+    return QLOG_OK;
+}
+
+/* Makes the directory's entries durable: a file created, renamed or
+ * deleted before this call survives a power cut with its name. */
+int fsync_dir(qlog_log *log)
+{
+    if (qlog_sys.fsync(log->dirfd) != 0)
+        return log_fail(log, QLOG_EIO);
+    return QLOG_OK;
+}
+
+/* Raise the durable high-water mark: no sequence number below
+ * reserved_upto is handed out again after any crash.  Written to a
+ * temporary file, synced, renamed over `meta`, and the directory synced:
+ * a power cut leaves either the old mark or the new one, never a torn one. */
+int meta_write(qlog_log *log, uint64_t reserved_upto)
+{
+    char tmp[4200], path[4200];
+    uint8_t buf[QLOG_META_SIZE];
+    snprintf(tmp, sizeof tmp, "%s/meta.tmp", log->dir);
+    snprintf(path, sizeof path, "%s/meta", log->dir);
+    fmt_meta_encode(buf, reserved_upto, log->boot_id);
+    int fd = qlog_sys.open(tmp, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0)
+        return log_fail(log, QLOG_EIO);
+    int64_t w = qlog_sys.pwrite(fd, buf, sizeof buf, 0);
+    if (w != (int64_t)sizeof buf) {
+        int code = (w < 0 && errno == ENOSPC) ? QLOG_ENOSPC : QLOG_EIO;
+        log_fail(log, QLOG_EIO);
+        qlog_sys.close(fd);
+        qlog_sys.unlink(tmp);
+        return code;
+    }
+    /* the new mark's bytes are on disk before its name replaces the old */
+    if (qlog_sys.fdatasync(fd) != 0) {
+        log_fail(log, QLOG_EIO);
+        qlog_sys.close(fd);
+        qlog_sys.unlink(tmp);
+        return QLOG_EIO;
+    }
+    qlog_sys.close(fd);
+    if (qlog_sys.rename(tmp, path) != 0)
+        return log_fail(log, QLOG_EIO);
+    return fsync_dir(log);   /* the rename itself survives a power cut */
+}
+
+static int meta_read(qlog_log *log, uint64_t *reserved, char *boot)
+{
+    char path[4200];
+    uint8_t buf[QLOG_META_SIZE];
+    snprintf(path, sizeof path, "%s/meta", log->dir);
+    int fd = qlog_sys.open(path, O_RDONLY, 0);
+    if (fd < 0)
+        return QLOG_EFORMAT;
+    int64_t r = qlog_sys.pread(fd, buf, sizeof buf, 0);
+    qlog_sys.close(fd);
+    if (r != (int64_t)sizeof buf)
+        return QLOG_EFORMAT;
+    return fmt_meta_decode(buf, sizeof buf, reserved, boot);
+}
+
+void take_snapshot(const qlog_ctl *c, snapshot *s)
+{
+    for (;;) {
+        uint64_t a = LOAD(&c->seqlock);
+        if (a & 1) {
+            sched_yield();
+            continue;
+        }
+        s->active_base = LOAD(&c->active_base);
+        s->active_salt = LOAD(&c->active_salt);
+        s->active_cap = LOAD(&c->active_cap);
+        s->write_end = LOAD(&c->write_end);
+        s->written_seq = LOAD(&c->written_seq);
+        s->seg_gen = LOAD(&c->seg_gen);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (LOAD(&c->seqlock) == a)
+            return;
+    }
+}
+
+/* A writer died holding wlock.  Finish or undo what it left:
+ *  - seqlock odd: it died while publishing a batch whose bytes were all
+ *    framed (publishing starts after framing), so the publish is completed;
+ *  - pending_end past write_end: it died while framing; the partial bytes
+ *    are zeroed so no reader or later recovery mistakes them for records;
+ *  - the active file shorter than alloc_end: it died in a roll after
+ *    sealing (truncating) the file; the space is allocated again. */
+static void repair_writer(qlog_log *log)
+{
+    qlog_ctl *c = log->ctl;
+    if (c->seqlock & 1) {
+        c->write_end = c->pending_end;
+        c->written_seq = c->pending_next;
+        c->next_seq = c->pending_next;
+        STORE(&c->seqlock, c->seqlock + 1);
+        return;
+    }
+    char path[4200];
+    log_path(log, c->active_base, ".seg", path, sizeof path);
+    int fd = qlog_sys.open(path, O_RDWR, 0);
+    if (fd < 0) {
+        STORE(&c->need_roll, 1);
+        return;
+    }
+    struct stat st;
+    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size < c->alloc_end)
+        qlog_sys.fallocate(fd, 0, (int64_t)c->alloc_end);
+    if (c->pending_end > c->write_end) {
+        uint64_t len = c->pending_end - c->write_end;
+        uint8_t *z = calloc(1, len < (1u << 20) ? len : (1u << 20));
+        if (z) {
+            uint64_t done = 0;
+            while (done < len) {
+                uint64_t chunk = len - done < (1u << 20) ? len - done : (1u << 20);
+                qlog_sys.pwrite(fd, z, chunk, (int64_t)(c->write_end + done));
+                done += chunk;
+            }
+            free(z);
+            __atomic_add_fetch(&log->rec_bytes_dropped, len, __ATOMIC_RELAXED);
+        }
+        c->pending_end = c->write_end;
+        c->pending_next = c->next_seq;
+    }
+    qlog_sys.close(fd);
+}
+
+static int lock_robust(qlog_log *log, pthread_mutex_t *m, int writer)
+{
+    int r = pthread_mutex_lock(m);
+    if (r == EOWNERDEAD) {
+        if (writer)
+            repair_writer(log);
+        pthread_mutex_consistent(m);
+        return QLOG_OK;
+    }
+    if (r == ENOTRECOVERABLE)
+        return QLOG_ECORRUPT;
+    if (r) {
+        errno = r;
+        return log_fail(log, QLOG_EIO);
+    }
+    return QLOG_OK;
+}
+
+int lock_writer(qlog_log *log) { return lock_robust(log, &log->ctl->wlock, 1); }
+int lock_sync(qlog_log *log) { return lock_robust(log, &log->ctl->slock, 0); }
+
+static int init_mutex(pthread_mutex_t *m)
+{
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    int r = pthread_mutex_init(m, &a);
+    pthread_mutexattr_destroy(&a);
+    return r;
+}
+
+/* Create segment `base` with capacity cap: header written and synced,
+ * first chunk allocated, directory synced.  On success *fd_out is open
+ * read-write and *salt_out holds the new salt. */
+static int seg_create(qlog_log *log, uint64_t base, uint64_t cap, int *fd_out,
+                      uint64_t *salt_out, uint64_t *alloc_out)
+{
+    char path[4200];
+    uint8_t hdr[QLOG_SEG_HEADER_SIZE];
+    uint64_t salt = random_salt();
+    log_path(log, base, ".seg", path, sizeof path);
+    int fd = qlog_sys.open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0)
+        return log_fail(log, QLOG_EIO);
+    uint64_t alloc = cap < QLOG_ALLOC_CHUNK ? cap : QLOG_ALLOC_CHUNK;
+    int r = qlog_sys.fallocate(fd, 0, (int64_t)alloc);
+    if (r != 0) {
+        errno = r;
+        int code = r == ENOSPC ? QLOG_ENOSPC : QLOG_EIO;
+        log_fail(log, QLOG_EIO);
+        qlog_sys.close(fd);
+        qlog_sys.unlink(path);
+        return code;
+    }
+    fmt_seg_header_encode(hdr, base, salt, now_ns());
+    if (qlog_sys.pwrite(fd, hdr, sizeof hdr, 0) != (int64_t)sizeof hdr) {
+        log_fail(log, QLOG_EIO);
+        qlog_sys.close(fd);
+        qlog_sys.unlink(path);
+        return QLOG_EIO;
+    }
+    /* The header and the allocation are durable before the file's name is:
+     * a segment that survives a power cut by name always has its header. */
+    if (qlog_sys.fdatasync(fd) != 0) {
+        log_fail(log, QLOG_EIO);
+        qlog_sys.close(fd);
+        qlog_sys.unlink(path);
+        return QLOG_EIO;
+    }
+    /* The new name is durable before any record in the file is
+     * acknowledged: without this a power cut could drop the whole file. */
+    r = fsync_dir(log);
+    if (r) {
+        qlog_sys.close(fd);
+        return r;
+    }
+    *fd_out = fd;
+    *salt_out = salt;
+    *alloc_out = alloc;
+    return QLOG_OK;
+}
+
+int qlog_seg_create_for_roll(qlog_log *log, uint64_t base, uint64_t cap, int *fd_out,
+                             uint64_t *salt_out, uint64_t *alloc_out)
+{
+    return seg_create(log, base, cap, fd_out, salt_out, alloc_out);
+}
+
+/* Where the last nonzero 8-byte word in [from, to) ends (from if none). */
+static uint64_t last_nonzero(const uint8_t *map, uint64_t from, uint64_t to)
+{
+    while (to > from) {
+        uint64_t start = to - 8 >= from && to >= 8 ? to - 8 : from;
+        for (uint64_t i = start; i < to; i++)
+            if (map[i])
+                return to;
+        to = start;
+    }
+    return from;
+}
+
+typedef struct recovered {
+    uint64_t base, salt, cap, valid_end, next_seq;
+} recovered;
+
+/*
+ * Recover the active (last) segment: find the end of the last complete
+ * batch, drop what follows (a torn tail), and allocate the space again.
+ * Records damaged in the middle, with valid records after them, are kept
+ * as they are (readers skip and count them): only the tail is dropped.
+ */
+static int recover_active(qlog_log *log, uint64_t base, recovered *out)
+{
+    char path[4200];
+    log_path(log, base, ".seg", path, sizeof path);
+    int fd = qlog_sys.open(path, O_RDWR, 0);
+    if (fd < 0)
+        return log_fail(log, QLOG_EIO);
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        qlog_sys.close(fd);
+        return log_fail(log, QLOG_EIO);
+    }
+    uint64_t fsize = (uint64_t)st.st_size;
+    uint8_t *map = NULL;
+    if (fsize > 0) {
+        map = qlog_sys.mmap(NULL, fsize, PROT_READ, MAP_SHARED, fd, 0);
+        if (map == MAP_FAILED) {
+            qlog_sys.close(fd);
+            return log_fail(log, QLOG_EIO);
+        }
+    }
+    seg_header h;
+    if (!map || fmt_seg_header_decode(map, fsize, &h) != QLOG_OK || h.base != base) {
+        if (map)
+            qlog_sys.munmap(map, fsize);
+        qlog_sys.close(fd);
+        return QLOG_EFORMAT;
+    }
+    uint32_t salt32 = (uint32_t)h.salt;
+    uint64_t off = QLOG_SEG_HEADER_SIZE, valid_end = off, batch_recs = 0;
+    uint64_t last = 0, committed_last = 0;
+    int have_last = 0, have_committed = 0;
+    while (off + QLOG_REC_HEADER_SIZE <= fsize) {
+        rec_view rv;
+        uint64_t sz = fmt_rec_check(map + off, fsize - off, salt32, have_last, last, &rv);
+        if (sz) {
+            last = rv.seq;
+            have_last = 1;
+            off += sz;
+            batch_recs++;
+            if (!(rv.flags & QLOG_REC_FLAG_BATCH_MORE)) {
+                valid_end = off;
+                committed_last = rv.seq;
+                have_committed = 1;
+                batch_recs = 0;
+            }
+            continue;
+        }
+        /* Not a record.  If a valid record follows, this is damage in the
+         * middle (bit rot): keep going past it.  If none does, it is the
+         * torn tail of an interrupted write: stop. */
+        uint64_t nx = fmt_resync(map, off, fsize, salt32, have_last, last);
+        if (nx >= fsize)
+            break;
+        __atomic_add_fetch(&log->n_corrupt, 1, __ATOMIC_RELAXED);
+        off = nx;
+    }
+    uint64_t dropped_end = last_nonzero(map, valid_end, fsize);
+    uint64_t dropped = dropped_end - valid_end;
+    log->rec_bytes_dropped += dropped;
+    log->rec_records_dropped += batch_recs;
+    qlog_sys.munmap(map, fsize);
+
+    /* Drop the torn tail: the file is cut at the last complete batch; the
+     * space is then allocated again and reads back as zeros. */
+    if (dropped) {
+        if (qlog_sys.ftruncate(fd, (int64_t)valid_end) != 0) {
+            qlog_sys.close(fd);
+            return log_fail(log, QLOG_EIO);
+        }
+        fsize = valid_end;
+    }
+    uint64_t cap = log->segment_bytes > fsize ? log->segment_bytes : fsize;
+    uint64_t alloc = valid_end + QLOG_ALLOC_CHUNK < cap ? valid_end + QLOG_ALLOC_CHUNK : cap;
+    if (alloc < fsize)
+        alloc = fsize;
+    int r = qlog_sys.fallocate(fd, 0, (int64_t)alloc);
+    if (r == ENOSPC) {
+        alloc = fsize;   /* appends will find no room and report ENOSPC */
+    } else if (r != 0) {
+        errno = r;
+        qlog_sys.close(fd);
+        return log_fail(log, QLOG_EIO);
+    }
+    /* The cut is durable: a power cut cannot bring the torn bytes back in
+     * front of records appended after this open. */
+    if (qlog_sys.fdatasync(fd) != 0) {
+        qlog_sys.close(fd);
+        return log_fail(log, QLOG_EIO);
+    }
+    qlog_sys.close(fd);
+    out->base = base;
+    out->salt = h.salt;
+    out->cap = cap;
+    out->valid_end = valid_end;
+    out->next_seq = have_committed ? committed_last + 1 : base;
+    log->ctl->alloc_end = alloc;
+    return QLOG_OK;
+}
+
+/* Remove leftovers of interrupted renames (meta.tmp, *.idx.tmp). */
+static void remove_tmp_files(qlog_log *log)
+{
+    DIR *d = opendir(log->dir);
+    if (!d)
+        return;
+    struct dirent *e;
+    char path[4200];
+    while ((e = readdir(d))) {
+        size_t l = strlen(e->d_name);
+        if (l > 4 && strcmp(e->d_name + l - 4, ".tmp") == 0) {
+            snprintf(path, sizeof path, "%s/%s", log->dir, e->d_name);
+            qlog_sys.unlink(path);
+        }
+    }
+    closedir(d);
+}
+
+/* Rebuild the control block from the files.  Called with the `lock` file
+ * held exclusively and no other process having the log open. */
+static int rebuild(qlog_log *log)
+{
+    qlog_ctl *c = log->ctl;
+    memset(c, 0, sizeof *c);
+    remove_tmp_files(log);
+
+    uint64_t reserved = 0;
+    char mboot[QLOG_BOOT_ID_SIZE + 1] = "";
+    int have_meta = meta_read(log, &reserved, mboot) == QLOG_OK;
+    /* After a reboot, records the kernel had not written may be gone while
+     * their numbers were already seen; skip past every number that could
+     * have been handed out. */
+    uint64_t floor = (have_meta && strcmp(mboot, log->boot_id) != 0) ? reserved : 0;
+
+    uint64_t *bases = NULL;
+    size_t n = 0;
+    int r = list_segments(log->dir, &bases, &n);
+    if (r)
+        return log_fail(log, r == QLOG_ENOMEM ? r : QLOG_EIO);
+
+    recovered rec;
+    int have = 0;
+    while (n > 0 && !have) {
+        r = recover_active(log, bases[n - 1], &rec);
+        if (r == QLOG_OK) {
+            have = 1;
+            break;
+        }
+        if (r != QLOG_EFORMAT) {
+            free(bases);
+            return r;
+        }
+        /* The last segment has no valid header: it was being created when
+         * the machine stopped (its name made it to disk, its header did
+         * not), or its header rotted.  Set it aside and use the one before. */
+        char path[4200], aside[4300];
+        log_path(log, bases[n - 1], ".seg", path, sizeof path);
+        snprintf(aside, sizeof aside, "%s.damaged", path);
+        if (qlog_sys.rename(path, aside) != 0) {
+            free(bases);
+            return log_fail(log, QLOG_EIO);
+        }
+        if (floor < bases[n - 1])
+            floor = bases[n - 1];
+        n--;
+    }
+    free(bases);
+
+    uint64_t next = have ? rec.next_seq : 0;
+    if (next < floor)
+        next = floor;
+    if (!have) {
+        int fd;
+        uint64_t salt, alloc;
+        uint64_t cap = log->segment_bytes;
+        r = seg_create(log, next, cap, &fd, &salt, &alloc);
+        if (r)
+            return r;
+        qlog_sys.close(fd);
+        rec.base = next;
+        rec.salt = salt;
+        rec.cap = cap;
+        rec.valid_end = QLOG_SEG_HEADER_SIZE;
+        c->alloc_end = alloc;
+    }
+    r = meta_write(log, next + QLOG_SEQ_RESERVE);
+    if (r)
+        return r;
+
+    memcpy(c->magic, QLOG_CTL_MAGIC, 8);
+    c->version = QLOG_CTL_VERSION;
+    c->struct_size = sizeof *c;
+    memcpy(c->boot_id, log->boot_id, sizeof c->boot_id);
+    if (init_mutex(&c->wlock) || init_mutex(&c->slock))
+        return QLOG_EIO;
+    c->next_seq = next;
+    c->pending_end = rec.valid_end;
+    c->pending_next = next;
+    c->reserved_upto = next + QLOG_SEQ_RESERVE;
+    c->active_base = rec.base;
+    c->active_salt = rec.salt;
+    c->active_cap = rec.cap;
+    c->write_end = rec.valid_end;
+    c->written_seq = next;
+    c->synced_seq = next;   /* recovery synced what it kept */
+    c->seg_gen = 1;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    STORE(&c->initialized, 1);
+    return QLOG_OK;
+}
+
+static int ctl_valid(const qlog_log *log)
+{
+    const qlog_ctl *c = log->ctl;
+    return memcmp(c->magic, QLOG_CTL_MAGIC, 8) == 0 && c->version == QLOG_CTL_VERSION &&
+           c->struct_size == sizeof *c && LOAD(&c->initialized) == 1 &&
+           strncmp(c->boot_id, log->boot_id, sizeof c->boot_id) == 0;
+}
+
+int qlog_open(const char *dir, int durability, uint64_t segment_bytes, qlog_log **out)
+{
+    *out = NULL;
+    if (durability < QLOG_DURABILITY_NONE || durability > QLOG_DURABILITY_SYNC)
+        return QLOG_EINVAL;
+    if (segment_bytes < 4096 || segment_bytes > ((uint64_t)1 << 40))
+        return QLOG_EINVAL;
+    qlog_log *log = calloc(1, sizeof *log);
+    if (!log)
+        return QLOG_ENOMEM;
+    log->dir = strdup(dir);
+    log->dirfd = log->ctl_fd = log->w_fd = log->s_fd = -1;
+    log->durability = durability;
+    log->segment_bytes = segment_bytes;
+    pthread_mutex_init(&log->rmu, NULL);
+    qlog_sys.boot_id(log->boot_id, sizeof log->boot_id);
+    log->boot_id[QLOG_BOOT_ID_SIZE] = '\0';
+    int r = QLOG_EIO, lockfd = -1;
+
+    if (!log->dir) {
+        r = QLOG_ENOMEM;
+        goto fail;
+    }
+    if (qlog_sys.mkdir(dir, 0755) == 0) {
+        /* a new directory: make its name durable in the parent */
+        char parent[4200];
+        snprintf(parent, sizeof parent, "%s/..", dir);
+        int pfd = qlog_sys.open(parent, O_RDONLY | O_DIRECTORY, 0);
+        if (pfd >= 0) {
+            qlog_sys.fsync(pfd);
+            qlog_sys.close(pfd);
+        }
+    } else if (errno != EEXIST) {
+        r = log_fail(log, QLOG_EIO);
+        goto fail;
+    }
+    struct statfs sfs;
+    if (statfs(dir, &sfs) == 0 && sfs.f_type == NFS_SUPER_MAGIC) {
+        r = QLOG_ENFS;
+        goto fail;
+    }
+    log->dirfd = qlog_sys.open(dir, O_RDONLY | O_DIRECTORY, 0);
+    if (log->dirfd < 0) {
+        r = log_fail(log, QLOG_EIO);
+        goto fail;
+    }
+
+    char path[4200];
+    snprintf(path, sizeof path, "%s/lock", dir);
+    lockfd = qlog_sys.open(path, O_RDWR | O_CREAT, 0644);
+    if (lockfd < 0 || flock(lockfd, LOCK_EX) != 0) {
+        r = log_fail(log, QLOG_EIO);
+        goto fail;
+    }
+    snprintf(path, sizeof path, "%s/ctl", dir);
+    log->ctl_fd = qlog_sys.open(path, O_RDWR | O_CREAT, 0644);
+    if (log->ctl_fd < 0) {
+        r = log_fail(log, QLOG_EIO);
+        goto fail;
+    }
+    struct stat st;
+    if (fstat(log->ctl_fd, &st) != 0 ||
+        (st.st_size != QLOG_CTL_SIZE && qlog_sys.ftruncate(log->ctl_fd, QLOG_CTL_SIZE) != 0)) {
+        r = log_fail(log, QLOG_EIO);
+        goto fail;
+    }
+    log->ctl = qlog_sys.mmap(NULL, QLOG_CTL_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
+                             log->ctl_fd, 0);
+    if (log->ctl == MAP_FAILED) {
+        log->ctl = NULL;
+        r = log_fail(log, QLOG_EIO);
+        goto fail;
+    }
+    /* Every open handle holds a shared flock on ctl.  Getting it
+     * exclusively means no other process has the log open: recover from
+     * the files, whatever the control block says. */
+    if (flock(log->ctl_fd, LOCK_EX | LOCK_NB) == 0) {
+        r = rebuild(log);
+        if (r)
+            goto fail;
+    } else if (!ctl_valid(log)) {
+        r = QLOG_ECORRUPT;
+        goto fail;
+    }
+    if (flock(log->ctl_fd, LOCK_SH) != 0) {
+        r = log_fail(log, QLOG_EIO);
+        goto fail;
+    }
+    flock(lockfd, LOCK_UN);
+    qlog_sys.close(lockfd);
+    log->poison_gen = LOAD(&log->ctl->poison_gen);
+    *out = log;
+    return QLOG_OK;
+
+fail:
+    if (lockfd >= 0)
+        qlog_sys.close(lockfd);
+    if (log->ctl)
+        qlog_sys.munmap(log->ctl, QLOG_CTL_SIZE);
+    if (log->ctl_fd >= 0)
+        qlog_sys.close(log->ctl_fd);
+    if (log->dirfd >= 0)
+        qlog_sys.close(log->dirfd);
+    pthread_mutex_destroy(&log->rmu);
+    free(log->dir);
+    free(log);
+    return r;
+}
+
+int qlog_close(qlog_log *log)
+{
+    if (!log)
+        return QLOG_OK;
+    int r = QLOG_OK;
+    if (log->durability == QLOG_DURABILITY_INTERVAL &&
+        LOAD(&log->ctl->poison_gen) == log->poison_gen)
+        r = qlog_sync(log);
+    reader_free(log);
+    if (log->w_map)
+        qlog_sys.munmap(log->w_map, log->w_maplen);
+    if (log->w_fd >= 0)
+        qlog_sys.close(log->w_fd);
+    if (log->s_fd >= 0)
+        qlog_sys.close(log->s_fd);
+    qlog_sys.munmap(log->ctl, QLOG_CTL_SIZE);
+    qlog_sys.close(log->ctl_fd);   /* drops the shared flock */
+    qlog_sys.close(log->dirfd);
+    pthread_mutex_destroy(&log->rmu);
+    free(log->dir);
+    free(log);
+    return r;
+}
+
+int qlog_errno(qlog_log *log) { return __atomic_load_n(&log->last_errno, __ATOMIC_RELAXED); }
+
+const char *qlog_strerror(int code)
+{
+    switch (code) {
+    case QLOG_OK: return "ok";
+    case QLOG_EIO: return "I/O error";
+    case QLOG_ENOSPC: return "no space left on device";
+    case QLOG_EPOISONED: return "an earlier fsync or write failed; reopen the log";
+    case QLOG_EINVAL: return "invalid argument";
+    case QLOG_EFORMAT: return "not a qlog file, or another format version";
+    case QLOG_ENOMEM: return "out of memory";
+    case QLOG_ECLOSED: return "log is closed";
+    case QLOG_EBUFFER: return "output buffer too small";
+    case QLOG_ENFS: return "directory is on NFS, which qlog does not support";
+    case QLOG_ECORRUPT: return "control state is damaged";
+    default: return "unknown error";
+    }
+}

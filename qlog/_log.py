@@ -1,0 +1,401 @@
+"""The Python face of the C engine: :class:`Log`.
+
+One call into C per batch: ``append_batch`` hands C one buffer plus an
+array of lengths; ``read`` gets back one buffer, an array of sequence
+numbers and an array of offsets.  Python never parses a record header.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import threading
+from array import array
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+from . import errors
+from ._qlog_c import ffi, lib
+
+__all__ = ["Log", "LogStats", "Damage", "MAX_RECORD", "DURABILITY_MODES"]
+
+BytesLike = Union[bytes, bytearray, memoryview]
+
+MAX_RECORD: int = lib.QLOG_MAX_RECORD
+DURABILITY_MODES = {
+    "none": lib.QLOG_DURABILITY_NONE,
+    "interval": lib.QLOG_DURABILITY_INTERVAL,
+    "sync": lib.QLOG_DURABILITY_SYNC,
+}
+_MIN_SEGMENT = 4096
+_MAX_SEGMENT = 1 << 40
+_DAMAGE_KINDS = {
+    lib.QLOG_DAMAGE_RECORD: "record",
+    lib.QLOG_DAMAGE_SEG_HEADER: "segment-header",
+    lib.QLOG_DAMAGE_TORN_TAIL: "torn-tail",
+    lib.QLOG_DAMAGE_NOT_SEGMENT: "not-a-segment",
+}
+_alloc = ffi.new_allocator(should_clear_after_alloc=False)
+
+
+@dataclass(frozen=True)
+class LogStats:
+    """A snapshot of a log's counters (``Log.stats()``)."""
+
+    first_seq: int
+    """Lowest sequence number still on disk."""
+    next_seq: int
+    """The number the next append gets."""
+    synced_seq: int
+    """Every record below this number is on stable storage."""
+    segments: int
+    corrupt_records: int
+    """Damaged records this handle skipped (never returned)."""
+    recovered_bytes_dropped: int
+    """Bytes of a torn tail dropped when this handle opened the log."""
+    recovered_records_dropped: int
+    """Complete records dropped with the torn tail: the rest of their batch was missing."""
+    fsyncs: int
+    appends: int
+    poisoned: bool
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One damaged region found by ``Log.verify()``."""
+
+    segment: int
+    """Base sequence number of the segment file."""
+    offset: int
+    length: int
+    after_seq: Optional[int]
+    """Last intact record before the damage, if any."""
+    kind: str
+    """'record', 'segment-header', 'torn-tail' or 'not-a-segment'."""
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    records: int
+    damage: List[Damage]
+
+    @property
+    def ok(self) -> bool:
+        return not self.damage
+
+
+def _raise(code: int, what: str, h=None) -> None:
+    msg = ffi.string(lib.qlog_strerror(code)).decode()
+    if code == lib.QLOG_ENOSPC:
+        raise errors.DiskFullError(_errno.ENOSPC, f"{what}: {msg}; nothing was written")
+    if code == lib.QLOG_EPOISONED:
+        raise errors.LogPoisonedError(_errno.EIO, f"{what}: {msg}")
+    if code == lib.QLOG_EIO:
+        err = lib.qlog_errno(h) if h is not None else 0
+        raise errors.StorageError(err, f"{what}: {os.strerror(err) if err else msg}")
+    if code == lib.QLOG_EFORMAT:
+        raise errors.FormatError(f"{what}: {msg}")
+    if code == lib.QLOG_ENFS:
+        raise errors.UnsupportedFilesystemError(f"{what}: {msg}")
+    if code == lib.QLOG_ECORRUPT:
+        raise errors.CorruptStateError(f"{what}: {msg}")
+    if code == lib.QLOG_ECLOSED:
+        raise errors.LogClosedError(f"{what}: {msg}")
+    if code == lib.QLOG_ENOMEM:
+        raise MemoryError(f"{what}: {msg}")
+    raise errors.QlogError(f"{what}: {msg} (code {code})")
+
+
+class Log:
+    """A durable, append-only log of byte records in a directory.
+
+    Any number of threads and processes may open the same directory and
+    append and read at once; sequence numbers are dense and unique across
+    all of them.
+
+    ``durability``:
+
+    - ``"sync"``: ``append`` returns after the record is on stable storage
+      (fdatasync), one fsync shared by every concurrent appender;
+    - ``"interval"``: returns once the record is in the kernel; a background
+      thread syncs every ``flush_interval`` seconds;
+    - ``"none"``: returns once the record is in the kernel.
+
+    In every mode a returned append survives the process being killed.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        *,
+        durability: str = "sync",
+        segment_bytes: int = 64 << 20,
+        flush_interval: float = 0.1,
+    ) -> None:
+        if durability not in DURABILITY_MODES:
+            raise ValueError(
+                f"durability must be one of {sorted(DURABILITY_MODES)}, got {durability!r}"
+            )
+        if not isinstance(segment_bytes, int) or not _MIN_SEGMENT <= segment_bytes <= _MAX_SEGMENT:
+            raise ValueError(
+                f"segment_bytes must be an int from {_MIN_SEGMENT} to {_MAX_SEGMENT}, got {segment_bytes!r}"
+            )
+        if not (isinstance(flush_interval, (int, float)) and 0.001 <= flush_interval <= 3600):
+            raise ValueError(
+                f"flush_interval must be from 0.001 to 3600 seconds, got {flush_interval!r}"
+            )
+        self.path = os.fspath(path)
+        self.durability = durability
+        self.segment_bytes = segment_bytes
+        self.flush_interval = float(flush_interval)
+        out = ffi.new("qlog_log **")
+        rc = lib.qlog_open(os.fsencode(self.path), DURABILITY_MODES[durability], segment_bytes, out)
+        if rc:
+            if rc == lib.QLOG_EIO:
+                err = ffi.errno
+                raise errors.StorageError(err, f"cannot open log {self.path!r}: {os.strerror(err)}")
+            _raise(rc, f"cannot open log {self.path!r}")
+        self._h = out[0]
+        self._seq = ffi.new("uint64_t *")
+        self._read_lock = threading.Lock()
+        self._rcap = 0
+        self._rbuf = None
+        self._rseqs = None
+        self._roffs = None
+        self._rmax = 0
+        self._needed = ffi.new("uint64_t *")
+        self._closed = False
+        self._stop = threading.Event()
+        self._flusher: Optional[threading.Thread] = None
+        if durability == "interval":
+            self._flusher = threading.Thread(
+                target=self._flush_loop, name=f"qlog-flush:{self.path}", daemon=True
+            )
+            self._flusher.start()
+
+    # -- writing ---------------------------------------------------------
+
+    def append(self, payload: BytesLike) -> int:
+        """Append one record; returns its sequence number.
+
+        Returns once the record is in the kernel ("none", "interval") or on
+        stable storage ("sync")."""
+        h = self._h
+        if h is None:
+            raise errors.LogClosedError(f"log {self.path!r} is closed")
+        rc = lib.qlog_append1(h, ffi.from_buffer(payload), len(payload), self._seq)
+        if rc:
+            self._append_error(rc, len(payload))
+        return self._seq[0]
+
+    def append_batch(self, payloads: Sequence[BytesLike]) -> int:
+        """Append records as one atomic batch; returns the first one's number.
+
+        The others follow densely.  After any crash either the whole batch
+        is in the log or none of it is.  One call into C for the batch."""
+        h = self._h
+        if h is None:
+            raise errors.LogClosedError(f"log {self.path!r} is closed")
+        if not isinstance(payloads, (list, tuple)):
+            payloads = list(payloads)
+        n = len(payloads)
+        if n == 0:
+            raise ValueError("append_batch needs at least one record, got an empty batch")
+        buf = b"".join(payloads)
+        try:
+            lens = array("I", map(len, payloads))
+        except OverflowError:
+            big = max(map(len, payloads))
+            raise errors.RecordTooLargeError(
+                f"record of {big} bytes is larger than the limit of {MAX_RECORD} bytes"
+            ) from None
+        seq = ffi.new("uint64_t *")
+        rc = lib.qlog_append(h, buf, ffi.from_buffer("uint32_t[]", lens), n, seq)
+        if rc:
+            self._append_error(rc, max(lens))
+        return seq[0]
+
+    def _append_error(self, rc: int, size: int) -> None:
+        if rc == lib.QLOG_EINVAL and size > MAX_RECORD:
+            raise errors.RecordTooLargeError(
+                f"record of {size} bytes is larger than the limit of {MAX_RECORD} bytes"
+            )
+        _raise(rc, f"append to {self.path!r} failed", self._h)
+
+    def sync(self) -> None:
+        """Make every record appended so far, by any process, durable.
+
+        Returns after fdatasync."""
+        self._check()
+        rc = lib.qlog_sync(self._h)
+        if rc:
+            _raise(rc, f"sync of {self.path!r} failed", self._h)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.flush_interval):
+            h = self._h
+            if h is None:
+                return
+            if lib.qlog_dirty(h):
+                # An error here is not lost: the log is poisoned and the
+                # next append raises it.
+                lib.qlog_sync(h)
+
+    # -- reading ---------------------------------------------------------
+
+    def read(
+        self, from_seq: int, *, max_records: int = 1000, max_bytes: int = 16 << 20
+    ) -> List[Tuple[int, bytes]]:
+        """Records with sequence number >= ``from_seq``, in order.
+
+        Returns up to ``max_records`` ``(seq, payload)`` pairs, with at most
+        ``max_bytes`` of payload (but at least one record when there is
+        one); an empty list at the end of the log.  Records appended by
+        other processes are visible without reopening.  Damaged records are
+        skipped and counted in ``stats()``, never returned."""
+        self._check()
+        if from_seq < 0:
+            raise ValueError(f"from_seq must be >= 0, got {from_seq}")
+        if max_records < 1:
+            raise ValueError(f"max_records must be >= 1, got {max_records}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        with self._read_lock:
+            if self._rmax < max_records:
+                self._rmax = max_records
+                self._rseqs = _alloc("uint64_t[]", max_records)
+                self._roffs = _alloc("uint64_t[]", max_records + 1)
+            cap = min(max_bytes, 1 << 20) if self._rcap == 0 else self._rcap
+            if self._rbuf is None or self._rcap < cap:
+                self._rbuf = _alloc("char[]", cap)
+                self._rcap = cap
+            while True:
+                n = lib.qlog_read(
+                    self._h, from_seq, max_records, max_bytes, self._rbuf, self._rcap,
+                    self._rseqs, self._roffs, self._needed,
+                )
+                if n == lib.QLOG_EBUFFER or (n == max_records and False):
+                    self._rcap = max(self._needed[0], self._rcap * 2)
+                    self._rbuf = _alloc("char[]", self._rcap)
+                    continue
+                break
+            if n < 0:
+                _raise(n, f"read of {self.path!r} failed", self._h)
+            if n == 0:
+                return []
+            offs = ffi.unpack(self._roffs, n + 1)
+            data = ffi.buffer(self._rbuf, offs[n])[:]
+            seqs = ffi.unpack(self._rseqs, n)
+            # Grow the buffer for next time when this read was cut short by it.
+            if offs[n] * 2 > self._rcap and self._rcap < max_bytes:
+                self._rcap = min(max_bytes, self._rcap * 4)
+                self._rbuf = _alloc("char[]", self._rcap)
+        return list(zip(seqs, map(data.__getitem__, map(slice, offs, offs[1:]))))
+
+    def wait(self, seq: int, timeout: Optional[float] = None) -> bool:
+        """Block until a record with sequence number >= ``seq`` exists (appended
+        by any process), or ``timeout`` seconds pass.  Returns whether one does.
+        Sleeps on a futex: no polling."""
+        self._check()
+        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        return bool(lib.qlog_wait(self._h, seq, ms))
+
+    # -- space -----------------------------------------------------------
+
+    def truncate_before(self, seq: int) -> int:
+        """Delete whole sealed segments whose records all lie below ``seq``.
+
+        Oldest first, so a crash part-way leaves a shorter log, never a
+        hole.  Returns how many segments were deleted."""
+        self._check()
+        rc = lib.qlog_truncate_before(self._h, seq)
+        if rc < 0:
+            _raise(rc, f"truncate_before({seq}) on {self.path!r} failed", self._h)
+        return rc
+
+    # -- state -----------------------------------------------------------
+
+    @property
+    def first_seq(self) -> int:
+        return self.stats().first_seq
+
+    @property
+    def next_seq(self) -> int:
+        return self.stats().next_seq
+
+    def stats(self) -> LogStats:
+        self._check()
+        st = ffi.new("qlog_stats *")
+        rc = lib.qlog_get_stats(self._h, st)
+        if rc:
+            _raise(rc, "stats failed", self._h)
+        return LogStats(
+            first_seq=st.first_seq,
+            next_seq=st.next_seq,
+            synced_seq=st.synced_seq,
+            segments=st.segments,
+            corrupt_records=st.corrupt_records,
+            recovered_bytes_dropped=st.recovered_bytes_dropped,
+            recovered_records_dropped=st.recovered_records_dropped,
+            fsyncs=st.fsyncs,
+            appends=st.appends,
+            poisoned=bool(st.poisoned),
+        )
+
+    def verify(self, *, max_damage: int = 1000) -> VerifyReport:
+        """Check the CRC of every record of every segment; report the damage.
+
+        Read-only: damaged records stay where they are (readers skip them)."""
+        self._check()
+        out = ffi.new("qlog_damage[]", max_damage)
+        recs = ffi.new("uint64_t *")
+        rc = lib.qlog_verify(self._h, out, max_damage, recs)
+        if rc < 0:
+            _raise(rc, f"verify of {self.path!r} failed", self._h)
+        damage = [
+            Damage(
+                segment=out[i].segment_base,
+                offset=out[i].offset,
+                length=out[i].length,
+                after_seq=out[i].after_seq if out[i].after_seq else None,
+                kind=_DAMAGE_KINDS.get(out[i].kind, "unknown"),
+            )
+            for i in range(min(rc, max_damage))
+        ]
+        return VerifyReport(records=recs[0], damage=damage)
+
+    # -- lifetime --------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._h is None:
+            raise errors.LogClosedError(f"log {self.path!r} is closed")
+
+    def close(self) -> None:
+        """Close the handle ("interval" logs are synced first).  Idempotent."""
+        h = self._h
+        if h is None:
+            return
+        self._stop.set()
+        if self._flusher is not None and self._flusher is not threading.current_thread():
+            self._flusher.join()
+        with self._read_lock:
+            self._h = None
+            rc = lib.qlog_close(h)
+        if rc:
+            _raise(rc, f"close of {self.path!r} failed")
+
+    def __enter__(self) -> "Log":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._h is None else "open"
+        return f"<qlog.Log {self.path!r} durability={self.durability!r} {state}>"
