@@ -49,6 +49,23 @@ static void poison(qlog_log *log)
     __atomic_add_fetch(&log->ctl->poison_gen, 1, __ATOMIC_ACQ_REL);
 }
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+/* Fault in the newly allocated range of the mapping, writable, with one
+ * call: storing into it page by page would take one page fault per 4 KiB,
+ * which costs more than the copy itself.  Best effort (older kernels say
+ * EINVAL and the pages fault in as they are written). */
+static void prefault(qlog_log *log, uint64_t from, uint64_t to)
+{
+    if (to > log->w_maplen)
+        to = log->w_maplen;
+    from &= ~(uint64_t)4095;
+    if (to > from)
+        madvise(log->w_map + from, to - from, MADV_POPULATE_WRITE);
+}
+
 /* Map the active segment for writing if this handle's mapping is stale.
  * Under wlock. */
 static int writer_map(qlog_log *log)
@@ -77,6 +94,7 @@ static int writer_map(qlog_log *log)
     log->w_map = m;
     log->w_base = c->active_base;
     log->w_maplen = c->active_cap;
+    prefault(log, c->write_end, c->alloc_end);
     return QLOG_OK;
 }
 
@@ -195,6 +213,7 @@ static int append_locked(qlog_log *log, const char *buf, const uint32_t *lens, s
             log_fail(log, QLOG_EIO);
             return e == ENOSPC ? QLOG_ENOSPC : QLOG_EIO;
         }
+        prefault(log, c->alloc_end, got);
         c->alloc_end = got;
     }
     uint64_t seq = c->next_seq;
@@ -231,9 +250,9 @@ static int append_locked(qlog_log *log, const char *buf, const uint32_t *lens, s
     return QLOG_OK;
 }
 
-int qlog_append(qlog_log *log, const char *buf, const uint32_t *lens, size_t n,
-                uint64_t *first_seq)
+int64_t qlog_append(qlog_log *log, const char *buf, const uint32_t *lens, size_t n)
 {
+    uint64_t first = 0, *first_seq = &first;
     if (!log || log->closed)
         return QLOG_ECLOSED;
     if (n == 0)
@@ -259,17 +278,20 @@ int qlog_append(qlog_log *log, const char *buf, const uint32_t *lens, size_t n,
         return r;
     __atomic_add_fetch(&log->n_appends, 1, __ATOMIC_RELAXED);
     notify_readers(log->ctl);
-    if (log->durability == QLOG_DURABILITY_SYNC)
-        return group_sync(log, *first_seq + n);
-    return QLOG_OK;
+    if (log->durability == QLOG_DURABILITY_SYNC) {
+        r = group_sync(log, first + n);
+        if (r)
+            return r;
+    }
+    return (int64_t)first;
 }
 
-int qlog_append1(qlog_log *log, const char *payload, size_t len, uint64_t *seq)
+int64_t qlog_append1(qlog_log *log, const char *payload, size_t len)
 {
     if (len > QLOG_MAX_RECORD)
         return QLOG_EINVAL;
     uint32_t l = (uint32_t)len;
-    return qlog_append(log, payload, &l, 1, seq);
+    return qlog_append(log, payload, &l, 1);
 }
 
 /*

@@ -129,12 +129,11 @@ int  qlog_close(qlog_log *log);
 
 /* Append n records whose payloads lie back to back in buf with the given
  * lengths, as one atomic batch: after a crash either all of them are there
- * or none.  *first_seq receives the first record's number; the others
- * follow densely.  With QLOG_DURABILITY_SYNC, returns after the batch is on
- * stable storage. */
-int  qlog_append(qlog_log *log, const char *buf, const uint32_t *lens, size_t n,
-                 uint64_t *first_seq);
-int  qlog_append1(qlog_log *log, const char *payload, size_t len, uint64_t *seq);
+ * or none.  Returns the first record's sequence number (>= 0; the others
+ * follow densely) or an error code (< 0).  With QLOG_DURABILITY_SYNC,
+ * returns after the batch is on stable storage. */
+int64_t qlog_append(qlog_log *log, const char *buf, const uint32_t *lens, size_t n);
+int64_t qlog_append1(qlog_log *log, const char *payload, size_t len);
 
 /* Make every record appended so far (by any process) durable. */
 int  qlog_sync(qlog_log *log);

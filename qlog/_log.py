@@ -156,7 +156,6 @@ class Log:
                 raise errors.StorageError(err, f"cannot open log {self.path!r}: {os.strerror(err)}")
             _raise(rc, f"cannot open log {self.path!r}")
         self._h = out[0]
-        self._seq = ffi.new("uint64_t *")
         self._read_lock = threading.Lock()
         self._rcap = 0
         self._rbuf = None
@@ -183,10 +182,13 @@ class Log:
         h = self._h
         if h is None:
             raise errors.LogClosedError(f"log {self.path!r} is closed")
-        rc = lib.qlog_append1(h, ffi.from_buffer(payload), len(payload), self._seq)
-        if rc:
-            self._append_error(rc, len(payload))
-        return self._seq[0]
+        if type(payload) is bytes:
+            seq = lib.qlog_append1(h, payload, len(payload))
+        else:
+            seq = lib.qlog_append1(h, ffi.from_buffer(payload), len(payload))
+        if seq < 0:
+            self._append_error(seq, len(payload))
+        return seq
 
     def append_batch(self, payloads: Sequence[BytesLike]) -> int:
         """Append records as one atomic batch; returns the first one's number.
@@ -209,11 +211,10 @@ class Log:
             raise errors.RecordTooLargeError(
                 f"record of {big} bytes is larger than the limit of {MAX_RECORD} bytes"
             ) from None
-        seq = ffi.new("uint64_t *")
-        rc = lib.qlog_append(h, buf, ffi.from_buffer("uint32_t[]", lens), n, seq)
-        if rc:
-            self._append_error(rc, max(lens))
-        return seq[0]
+        seq = lib.qlog_append(h, buf, ffi.from_buffer("uint32_t[]", lens), n)
+        if seq < 0:
+            self._append_error(seq, max(lens))
+        return seq
 
     def _append_error(self, rc: int, size: int) -> None:
         if rc == lib.QLOG_EINVAL and size > MAX_RECORD:
@@ -274,7 +275,7 @@ class Log:
                     self._h, from_seq, max_records, max_bytes, self._rbuf, self._rcap,
                     self._rseqs, self._roffs, self._needed,
                 )
-                if n == lib.QLOG_EBUFFER or (n == max_records and False):
+                if n == lib.QLOG_EBUFFER:
                     self._rcap = max(self._needed[0], self._rcap * 2)
                     self._rbuf = _alloc("char[]", self._rcap)
                     continue

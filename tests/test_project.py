@@ -1,0 +1,43 @@
+"""The project's promises about itself: the quick start, CI and the public surface."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import qlog
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _quick_start_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text, re.S)
+    assert block, "README.md must start with a bash block of commands"
+    return [line.split("#")[0].strip() for line in block.group(1).strip().splitlines()]
+
+
+def test_readme_starts_with_an_install_and_run_command_and_a_test_command() -> None:
+    cmds = _quick_start_commands()
+    assert len(cmds) == 2
+    assert cmds[0].startswith("pip install .") and "python" in cmds[0]
+    assert "pytest" in cmds[1]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    last = [line for line in ci if line.strip() and not line.lstrip().startswith("#")][-1]
+    assert last.strip() == _quick_start_commands()[1]
+
+
+def test_public_surface_is_exactly_all() -> None:
+    public = {name for name in dir(qlog) if not name.startswith("_")}
+    modules = {"errors"}
+    assert public - modules == set(qlog.__all__)
+    for name in qlog.__all__:
+        assert getattr(qlog, name) is not None
+
+
+def test_every_error_is_a_qlog_error() -> None:
+    for name in qlog.errors.__all__:
+        assert issubclass(getattr(qlog.errors, name), qlog.QlogError)
