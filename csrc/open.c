@@ -566,6 +566,8 @@ int qlog_open(const char *dir, int durability, uint64_t segment_bytes, qlog_log 
         return QLOG_EINVAL;
     if (segment_bytes < 4096 || segment_bytes > ((uint64_t)1 << 40))
         return QLOG_EINVAL;
+    if (strlen(dir) == 0 || strlen(dir) > 4000)
+        return QLOG_EINVAL;   /* paths are built in 4200-byte buffers */
     qlog_log *log = calloc(1, sizeof *log);
     if (!log)
         return QLOG_ENOMEM;
@@ -653,7 +655,8 @@ int qlog_open(const char *dir, int durability, uint64_t segment_bytes, qlog_log 
     *out = log;
     return QLOG_OK;
 
-fail:
+fail:;
+    int saved = errno;   /* the caller reports the failing call's errno */
     if (lockfd >= 0)
         qlog_sys.close(lockfd);
     if (log->ctl)
@@ -665,6 +668,7 @@ fail:
     pthread_mutex_destroy(&log->rmu);
     free(log->dir);
     free(log);
+    errno = saved;
     return r;
 }
 

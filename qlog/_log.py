@@ -145,6 +145,8 @@ class Log:
                 f"flush_interval must be from 0.001 to 3600 seconds, got {flush_interval!r}"
             )
         self.path = os.fspath(path)
+        if not self.path or len(os.fsencode(self.path)) > 4000:
+            raise ValueError(f"path must be 1 to 4000 bytes long, got {len(os.fsencode(self.path))}")
         self.durability = durability
         self.segment_bytes = segment_bytes
         self.flush_interval = float(flush_interval)
