@@ -317,7 +317,7 @@ int group_sync(qlog_log *log, uint64_t target)
             return QLOG_EPOISONED;
         }
         snapshot s;
-        take_snapshot(c, &s);
+        take_snapshot(log, &s);
         if (log->s_fd < 0 || log->s_base != s.active_base) {
             if (log->s_fd >= 0)
                 qlog_sys.close(log->s_fd);
@@ -361,7 +361,7 @@ int qlog_sync(qlog_log *log)
     if (poisoned(log))
         return QLOG_EPOISONED;
     snapshot s;
-    take_snapshot(log->ctl, &s);
+    take_snapshot(log, &s);
     return group_sync(log, s.written_seq);
 }
 

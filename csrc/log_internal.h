@@ -138,7 +138,7 @@ int  fsync_dir(qlog_log *log);
 int  meta_write(qlog_log *log, uint64_t reserved_upto);
 int  lock_writer(qlog_log *log);
 int  lock_sync(qlog_log *log);
-void take_snapshot(const qlog_ctl *c, snapshot *s);
+void take_snapshot(qlog_log *log, snapshot *s);
 int64_t now_ns(void);
 uint64_t random_salt(void);
 

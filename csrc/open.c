@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/random.h>
@@ -162,26 +163,6 @@ static int meta_read(qlog_log *log, uint64_t *reserved, char *boot)
     return fmt_meta_decode(buf, sizeof buf, reserved, boot);
 }
 
-void take_snapshot(const qlog_ctl *c, snapshot *s)
-{
-    for (;;) {
-        uint64_t a = LOAD(&c->seqlock);
-        if (a & 1) {
-            sched_yield();
-            continue;
-        }
-        s->active_base = LOAD(&c->active_base);
-        s->active_salt = LOAD(&c->active_salt);
-        s->active_cap = LOAD(&c->active_cap);
-        s->write_end = LOAD(&c->write_end);
-        s->written_seq = LOAD(&c->written_seq);
-        s->seg_gen = LOAD(&c->seg_gen);
-        __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (LOAD(&c->seqlock) == a)
-            return;
-    }
-}
-
 /* A writer died holding wlock.  Finish or undo what it left:
  *  - seqlock odd: it died while publishing a batch whose bytes were all
  *    framed (publishing starts after framing), so the publish is completed;
@@ -226,6 +207,40 @@ static void repair_writer(qlog_log *log)
         c->pending_next = c->next_seq;
     }
     qlog_sys.close(fd);
+}
+
+/* A consistent copy of the published state.  Readers retry while a writer
+ * is publishing (seqlock odd).  If it stays odd, the writer may have died
+ * mid-publish: the reader then tries the writers' lock once in a while,
+ * which repairs a dead owner's state (and only then). */
+void take_snapshot(qlog_log *log, snapshot *s)
+{
+    qlog_ctl *c = log->ctl;
+    for (unsigned spins = 0;; spins++) {
+        uint64_t a = LOAD(&c->seqlock);
+        if (a & 1) {
+            if (spins % 1024 == 1023) {
+                int r = pthread_mutex_trylock(&c->wlock);
+                if (r == EOWNERDEAD) {
+                    repair_writer(log);
+                    pthread_mutex_consistent(&c->wlock);
+                }
+                if (r == 0 || r == EOWNERDEAD)
+                    pthread_mutex_unlock(&c->wlock);
+            }
+            sched_yield();
+            continue;
+        }
+        s->active_base = LOAD(&c->active_base);
+        s->active_salt = LOAD(&c->active_salt);
+        s->active_cap = LOAD(&c->active_cap);
+        s->write_end = LOAD(&c->write_end);
+        s->written_seq = LOAD(&c->written_seq);
+        s->seg_gen = LOAD(&c->seg_gen);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (LOAD(&c->seqlock) == a)
+            return;
+    }
 }
 
 static int lock_robust(qlog_log *log, pthread_mutex_t *m, int writer)

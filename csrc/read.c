@@ -317,7 +317,7 @@ int64_t qlog_read(qlog_log *log, uint64_t from_seq, size_t max_records, size_t m
         return 0;
     pthread_mutex_lock(&log->rmu);
     snapshot snap;
-    take_snapshot(log->ctl, &snap);
+    take_snapshot(log, &snap);
     int r = QLOG_OK;
     if (!log->segs_valid || log->segs_gen != snap.seg_gen || log->nsegs == 0 ||
         log->segs[log->nsegs - 1].base < snap.active_base) {
@@ -463,7 +463,7 @@ int qlog_get_stats(qlog_log *log, qlog_stats *out)
         free(bases);
     }
     snapshot s;
-    take_snapshot(log->ctl, &s);
+    take_snapshot(log, &s);
     out->next_seq = s.written_seq;
     if (out->first_seq > out->next_seq || out->segments == 0)
         out->first_seq = out->next_seq;
@@ -504,7 +504,7 @@ int64_t qlog_verify(qlog_log *log, qlog_damage *out, size_t max, uint64_t *recor
     if (r)
         return log_fail(log, r == QLOG_ENOMEM ? r : QLOG_EIO);
     snapshot snap;
-    take_snapshot(log->ctl, &snap);
+    take_snapshot(log, &snap);
     int64_t found = 0;
     *records = 0;
     for (size_t i = 0; i < n; i++) {
