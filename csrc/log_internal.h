@@ -95,6 +95,8 @@ typedef struct seginfo {
     int scan_have_last;
     int idx_saved;              /* the .idx file matches */
     uint64_t corrupt;           /* damaged regions the scan skipped */
+    uint64_t *dmg;              /* offsets of damage already counted */
+    size_t ndmg, capdmg;
 } seginfo;
 
 struct qlog_log {

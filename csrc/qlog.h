@@ -145,8 +145,10 @@ int  qlog_dirty(qlog_log *log);
  * (capacity out_cap), seqs[i], and offs[i]..offs[i+1] the i-th payload's
  * bounds (offs holds n+1 entries).  Stops at max_records, at max_bytes of
  * payload (but always returns at least one record when one exists) and at
- * the end of the log.  Returns the number of records (>= 0) or an error;
- * QLOG_EBUFFER with *needed set when the first record does not fit. */
+ * the end of the log.  Returns the number of records (>= 0) or an error.
+ * When out_cap, not a limit, stopped the read, *needed is set to the
+ * capacity that would have let it go on (else 0); with no record returned
+ * that is QLOG_EBUFFER. */
 int64_t qlog_read(qlog_log *log, uint64_t from_seq, size_t max_records, size_t max_bytes,
                   char *out, size_t out_cap, uint64_t *seqs, uint64_t *offs,
                   uint64_t *needed);

@@ -35,7 +35,28 @@ static void seg_free(seginfo *s)
     s->fd = -1;
     free(s->iseq);
     free(s->ioff);
-    s->iseq = s->ioff = NULL;
+    free(s->dmg);
+    s->iseq = s->ioff = s->dmg = NULL;
+}
+
+/* Count the damage at offset off of segment s, once per handle however
+ * many times it is read past. */
+static void count_damage(qlog_log *log, seginfo *s, uint64_t off)
+{
+    for (size_t i = 0; i < s->ndmg; i++)
+        if (s->dmg[i] == off)
+            return;
+    if (s->ndmg == s->capdmg) {
+        size_t nc = s->capdmg ? s->capdmg * 2 : 8;
+        uint64_t *v = realloc(s->dmg, nc * sizeof *v);
+        if (!v)
+            return;
+        s->dmg = v;
+        s->capdmg = nc;
+    }
+    s->dmg[s->ndmg++] = off;
+    s->corrupt++;
+    __atomic_add_fetch(&log->n_corrupt, 1, __ATOMIC_RELAXED);
 }
 
 void reader_free(qlog_log *log)
@@ -268,8 +289,7 @@ static int idx_extend(qlog_log *log, seginfo *s, uint64_t bound)
                                     s->scan_last, &rv);
         if (!sz) {
             /* Damage: skip to the next record that checks out. */
-            __atomic_add_fetch(&log->n_corrupt, 1, __ATOMIC_RELAXED);
-            s->corrupt++;
+            count_damage(log, s, off);
             off = fmt_resync(s->map, off, bound, salt32, s->scan_have_last, s->scan_last);
             continue;
         }
@@ -328,6 +348,7 @@ int64_t qlog_read(qlog_log *log, uint64_t from_seq, size_t max_records, size_t m
     size_t n = 0;
     uint64_t bytes = 0;
     offs[0] = 0;
+    *needed = 0;
     size_t i = 0;
     while (i + 1 < log->nsegs && log->segs[i + 1].base <= from_seq)
         i++;
@@ -362,6 +383,7 @@ int64_t qlog_read(qlog_log *log, uint64_t from_seq, size_t max_records, size_t m
             rec_view rv;
             uint64_t sz = fmt_rec_check(s->map + off, bound - off, salt32, have_prev, prev, &rv);
             if (!sz) {
+                count_damage(log, s, off);
                 off = fmt_resync(s->map, off, bound, salt32, have_prev, prev);
                 continue;
             }
@@ -373,8 +395,10 @@ int64_t qlog_read(qlog_log *log, uint64_t from_seq, size_t max_records, size_t m
                     break;
                 }
                 if (bytes + rv.len > out_cap) {
+                    /* the caller's buffer, not a limit, stopped the read:
+                     * say how much would have been needed */
+                    *needed = bytes + rv.len;
                     if (n == 0) {
-                        *needed = rv.len;
                         r = QLOG_EBUFFER;
                         goto out;
                     }

@@ -268,17 +268,19 @@ class Log:
                 self._rmax = max_records
                 self._rseqs = _alloc("uint64_t[]", max_records)
                 self._roffs = _alloc("uint64_t[]", max_records + 1)
-            cap = min(max_bytes, 1 << 20) if self._rcap == 0 else self._rcap
-            if self._rbuf is None or self._rcap < cap:
-                self._rbuf = _alloc("char[]", cap)
-                self._rcap = cap
+            if self._rbuf is None:
+                self._rcap = min(max_bytes, 1 << 20)
+                self._rbuf = _alloc("char[]", self._rcap)
             while True:
                 n = lib.qlog_read(
                     self._h, from_seq, max_records, max_bytes, self._rbuf, self._rcap,
                     self._rseqs, self._roffs, self._needed,
                 )
-                if n == lib.QLOG_EBUFFER:
-                    self._rcap = max(self._needed[0], self._rcap * 2)
+                needed = self._needed[0]
+                if needed and (n == lib.QLOG_EBUFFER or (0 <= n < max_records)):
+                    # The buffer, not a limit, cut the read short: grow it
+                    # (it is kept for later reads) and read again.
+                    self._rcap = max(needed, min(max_bytes, self._rcap * 4))
                     self._rbuf = _alloc("char[]", self._rcap)
                     continue
                 break
@@ -289,10 +291,6 @@ class Log:
             offs = ffi.unpack(self._roffs, n + 1)
             data = ffi.buffer(self._rbuf, offs[n])[:]
             seqs = ffi.unpack(self._rseqs, n)
-            # Grow the buffer for next time when this read was cut short by it.
-            if offs[n] * 2 > self._rcap and self._rcap < max_bytes:
-                self._rcap = min(max_bytes, self._rcap * 4)
-                self._rbuf = _alloc("char[]", self._rcap)
         return list(zip(seqs, map(data.__getitem__, map(slice, offs, offs[1:]))))
 
     def wait(self, seq: int, timeout: Optional[float] = None) -> bool:
