@@ -49,23 +49,6 @@ static void poison(qlog_log *log)
     __atomic_add_fetch(&log->ctl->poison_gen, 1, __ATOMIC_ACQ_REL);
 }
 
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
-/* Fault in the newly allocated range of the mapping, writable, with one
- * call: storing into it page by page would take one page fault per 4 KiB,
- * which costs more than the copy itself.  Best effort (older kernels say
- * EINVAL and the pages fault in as they are written). */
-static void prefault(qlog_log *log, uint64_t from, uint64_t to)
-{
-    if (to > log->w_maplen)
-        to = log->w_maplen;
-    from &= ~(uint64_t)4095;
-    if (to > from)
-        madvise(log->w_map + from, to - from, MADV_POPULATE_WRITE);
-}
-
 /* Map the active segment for writing if this handle's mapping is stale.
  * Under wlock. */
 static int writer_map(qlog_log *log)
@@ -94,7 +77,6 @@ static int writer_map(qlog_log *log)
     log->w_map = m;
     log->w_base = c->active_base;
     log->w_maplen = c->active_cap;
-    prefault(log, c->write_end, c->alloc_end);
     return QLOG_OK;
 }
 
@@ -128,28 +110,31 @@ static int roll(qlog_log *log, uint64_t need)
     int r = writer_map(log);
     if (r)
         return r;
+    /* The next segment first: if it cannot be made (disk full), the old
+     * one is untouched and stays the active segment. */
+    int fd;
+    uint64_t salt, alloc, base = c->next_seq;
+    r = qlog_seg_create_for_roll(log, base, cap, &fd, &salt, &alloc);
+    if (r)
+        return r;
     /* Seal: every record of the old segment reaches stable storage, then
      * the file is cut to its exact length (the cut is synced too).  A
-     * sealed segment is never written again, so recovery never reads it. */
+     * sealed segment is never written again, so recovery never reads it.
+     * Killed before this, the new file is empty and the next opener (or
+     * the next writer, repairing) removes it. */
     if (qlog_sys.fdatasync(log->w_fd) != 0 ||
         qlog_sys.ftruncate(log->w_fd, (int64_t)c->write_end) != 0 ||
         qlog_sys.fdatasync(log->w_fd) != 0) {
         log_fail(log, QLOG_EIO);
         poison(log);
+        qlog_sys.close(fd);
+        char path[4200];
+        log_path(log, base, ".seg", path, sizeof path);
+        qlog_sys.unlink(path);
         return QLOG_EIO;
     }
     __atomic_add_fetch(&log->n_fsyncs, 2, __ATOMIC_RELAXED);
     uint64_t sealed_upto = c->next_seq;
-
-    int fd;
-    uint64_t salt, alloc, base = c->next_seq;
-    r = qlog_seg_create_for_roll(log, base, cap, &fd, &salt, &alloc);
-    if (r) {
-        /* The old segment was cut to its end: give its space back so the
-         * log stays appendable once the cause is fixed. */
-        qlog_sys.fallocate(log->w_fd, 0, (int64_t)c->alloc_end);
-        return r;
-    }
     qlog_sys.munmap(log->w_map, log->w_maplen);
     qlog_sys.close(log->w_fd);
     log->w_map = NULL;
@@ -213,7 +198,6 @@ static int append_locked(qlog_log *log, const char *buf, const uint32_t *lens, s
             log_fail(log, QLOG_EIO);
             return e == ENOSPC ? QLOG_ENOSPC : QLOG_EIO;
         }
-        prefault(log, c->alloc_end, got);
         c->alloc_end = got;
     }
     uint64_t seq = c->next_seq;
@@ -229,15 +213,50 @@ static int append_locked(qlog_log *log, const char *buf, const uint32_t *lens, s
     c->pending_end = end;
     c->pending_next = seq + n;
     __atomic_thread_fence(__ATOMIC_RELEASE);
-    uint8_t *dst = log->w_map + c->write_end;
     uint32_t salt32 = (uint32_t)c->active_salt;
     int64_t ts = now_ns();
+    int big = need >= QLOG_PWRITE_MIN;
+    if (big && log->scratch_cap < need) {
+        uint8_t *nb = realloc(log->scratch, need);
+        if (nb) {
+            log->scratch = nb;
+            log->scratch_cap = need;
+        } else {
+            big = 0;   /* no memory for the copy: frame through the mapping */
+        }
+    }
+    uint8_t *dst = big ? log->scratch : log->w_map + c->write_end;
     const char *p = buf;
     for (size_t i = 0; i < n; i++) {
-        uint8_t flags = i + 1 < n ? QLOG_REC_FLAG_BATCH_MORE : 0;
+        uint8_t flags = (uint8_t)((i + 1 < n ? QLOG_REC_FLAG_BATCH_MORE : 0) |
+                                  (i > 0 ? QLOG_REC_FLAG_BATCH_CONT : 0));
         fmt_rec_encode(dst, p, lens[i], seq + i, ts, salt32, flags);
         dst += rec_size(lens[i]);
         p += lens[i];
+    }
+    if (big) {
+        int64_t w = qlog_sys.pwrite(log->w_fd, log->scratch, need, (int64_t)c->write_end);
+        if (w != (int64_t)need) {
+            /* A failed or short write is undone before the error is
+             * raised: the range goes back to zeros (its space is allocated,
+             * so stores through the mapping cannot fail), and nothing of
+             * the batch remains.  Only ENOSPC leaves the log usable. */
+            int e = w < 0 ? errno : EIO;
+            memset(log->w_map + c->write_end, 0, need);
+            c->pending_end = c->write_end;
+            c->pending_next = seq;
+            errno = e;
+            log_fail(log, QLOG_EIO);
+            if (e == ENOSPC)
+                return QLOG_ENOSPC;
+            poison(log);
+            return QLOG_EIO;
+        }
+        if (log->scratch_cap > QLOG_SCRATCH_KEEP) {
+            free(log->scratch);   /* one huge batch does not pin its size */
+            log->scratch = NULL;
+            log->scratch_cap = 0;
+        }
     }
 
     /* Publish: readers see the whole batch or none of it. */
@@ -294,62 +313,84 @@ int64_t qlog_append1(qlog_log *log, const char *payload, size_t len)
     return qlog_append(log, payload, &l, 1);
 }
 
+/* One leader's commit: fdatasync the active segment as written at the
+ * snapshot, then advance synced_seq.  Under slock. */
+static int commit_as_leader(qlog_log *log)
+{
+    qlog_ctl *c = log->ctl;
+    snapshot s;
+    take_snapshot(log, &s);
+    if (log->s_fd < 0 || log->s_base != s.active_base) {
+        if (log->s_fd >= 0)
+            qlog_sys.close(log->s_fd);
+        char path[4200];
+        log_path(log, s.active_base, ".seg", path, sizeof path);
+        log->s_fd = qlog_sys.open(path, O_RDWR, 0);
+        log->s_base = s.active_base;
+        if (log->s_fd < 0)
+            /* Rolled and deleted under us: rolls sync what they seal, so
+             * the caller looks again. */
+            return errno == ENOENT ? QLOG_OK : log_fail(log, QLOG_EIO);
+    }
+    /* Makes every record framed into the active segment before the
+     * snapshot durable, whichever process framed it (the page cache is per
+     * file).  Without it a power cut could lose acknowledged records. */
+    if (qlog_sys.fdatasync(log->s_fd) != 0) {
+        log_fail(log, QLOG_EIO);
+        poison(log);
+        return QLOG_EIO;
+    }
+    __atomic_add_fetch(&log->n_fsyncs, 1, __ATOMIC_RELAXED);
+    uint64_t cur = LOAD(&c->synced_seq);
+    while (cur < s.written_seq &&
+           !__atomic_compare_exchange_n(&c->synced_seq, &cur, s.written_seq, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        ;
+    return QLOG_OK;
+}
+
 /*
- * Group commit: make every record below `target` durable.  The first
- * waiter to take slock is the leader: it notes how far the log is written,
- * runs one fdatasync, and advances synced_seq; the others were blocked on
- * slock meanwhile, find themselves covered and return without an fsync of
- * their own.  Threads and processes alike, since slock lives in ctl.
+ * Group commit: make every record below `target` durable.
+ *
+ * Whoever finds slock free becomes the leader: it notes how far the log is
+ * written, runs one fdatasync, advances synced_seq, bumps sync_gen and
+ * wakes everyone.  The others sleep on sync_gen meanwhile; woken, those
+ * the commit covered return without an fsync of their own, and the rest
+ * (they appended while it ran) elect the next leader, whose one fdatasync
+ * covers all of them.  Threads and processes alike: all of it is in ctl.
+ * The sleep is bounded, so a leader killed mid-commit stalls no one.
  */
 int group_sync(qlog_log *log, uint64_t target)
 {
     qlog_ctl *c = log->ctl;
+    static const struct timespec nap = {0, 20 * 1000 * 1000};
     while (LOAD(&c->synced_seq) < target) {
-        int r = lock_sync(log);
-        if (r)
-            return r;
-        if (LOAD(&c->synced_seq) >= target) {
-            pthread_mutex_unlock(&c->slock);
-            break;
-        }
-        if (poisoned(log)) {
-            pthread_mutex_unlock(&c->slock);
+        if (poisoned(log))
             return QLOG_EPOISONED;
-        }
-        snapshot s;
-        take_snapshot(log, &s);
-        if (log->s_fd < 0 || log->s_base != s.active_base) {
-            if (log->s_fd >= 0)
-                qlog_sys.close(log->s_fd);
-            char path[4200];
-            log_path(log, s.active_base, ".seg", path, sizeof path);
-            log->s_fd = qlog_sys.open(path, O_RDWR, 0);
-            log->s_base = s.active_base;
-            if (log->s_fd < 0) {
-                /* Deleted or rolled under us: rolls sync what they seal, so
-                 * look again. */
-                pthread_mutex_unlock(&c->slock);
-                if (errno != ENOENT)
-                    return log_fail(log, QLOG_EIO);
-                continue;
-            }
-        }
-        /* Makes every record framed into the active segment before the
-         * snapshot durable (the page cache is per file, whoever wrote it).
-         * Without it a power cut could lose records already acknowledged. */
-        if (qlog_sys.fdatasync(log->s_fd) != 0) {
-            log_fail(log, QLOG_EIO);
-            poison(log);
+        uint32_t gen = LOAD(&c->sync_gen);
+        int r = pthread_mutex_trylock(&c->slock);
+        if (r == 0 || r == EOWNERDEAD) {
+            if (r == EOWNERDEAD)
+                pthread_mutex_consistent(&c->slock);
+            int e = QLOG_OK;
+            if (LOAD(&c->synced_seq) < target)
+                e = poisoned(log) ? QLOG_EPOISONED : commit_as_leader(log);
+            __atomic_add_fetch(&c->sync_gen, 1, __ATOMIC_ACQ_REL);
             pthread_mutex_unlock(&c->slock);
-            return QLOG_EIO;
+            if (LOAD(&c->sync_waiters))
+                futex(&c->sync_gen, FUTEX_WAKE, INT_MAX, NULL);
+            if (e)
+                return e;
+            continue;
         }
-        __atomic_add_fetch(&log->n_fsyncs, 1, __ATOMIC_RELAXED);
-        uint64_t cur = LOAD(&c->synced_seq);
-        while (cur < s.written_seq &&
-               !__atomic_compare_exchange_n(&c->synced_seq, &cur, s.written_seq, 0,
-                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-            ;
-        pthread_mutex_unlock(&c->slock);
+        if (r != EBUSY) {
+            errno = r;
+            return log_fail(log, QLOG_EIO);
+        }
+        __atomic_add_fetch(&c->sync_waiters, 1, __ATOMIC_ACQ_REL);
+        if (LOAD(&c->sync_gen) == gen && LOAD(&c->synced_seq) < target)
+            futex(&c->sync_gen, FUTEX_WAIT, gen, &nap);
+        __atomic_sub_fetch(&c->sync_waiters, 1, __ATOMIC_ACQ_REL);
     }
     return QLOG_OK;
 }

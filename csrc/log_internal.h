@@ -18,6 +18,13 @@
  * reserved before any record is stored through the mapping. */
 #define QLOG_ALLOC_CHUNK (4u << 20)
 
+/* Batches of at least this many bytes are framed in memory and written
+ * with one pwrite (the kernel copies into the page cache faster than
+ * stores through a fresh mapping fault pages in); smaller ones are framed
+ * straight into the mapping, with no system call at all. */
+#define QLOG_PWRITE_MIN (16u << 10)
+#define QLOG_SCRATCH_KEEP (8u << 20)   /* larger framing buffers are freed after use */
+
 /*
  * The control block: the file `ctl` in the log directory, mapped shared by
  * every process that has the log open.  It is coordination, not data: it
@@ -29,14 +36,15 @@
  *                Robust: a writer killed while holding it is detected by the
  *                next one, which undoes its unfinished batch.
  *   slock        the group-commit lock: the holder is the leader that runs
- *                fdatasync for everyone waiting.
+ *                fdatasync for everyone waiting; the others sleep on the
+ *                sync_gen futex until a commit covers them.
  *   seqlock      readers (which never take wlock) read active_base,
  *                active_cap, write_end and written_seq as one consistent
  *                snapshot: odd while a writer is changing them.
  */
 #define QLOG_CTL_MAGIC "QLOGCTL\0"
 #define QLOG_CTL_SIZE 4096
-#define QLOG_CTL_VERSION 1
+#define QLOG_CTL_VERSION 2
 
 typedef struct qlog_ctl {
     char magic[8];
@@ -46,6 +54,8 @@ typedef struct qlog_ctl {
     uint32_t initialized;       /* set last by the process that built it */
     uint32_t notify;            /* futex word: bumped at every publish */
     uint32_t waiters;           /* threads blocked on notify */
+    uint32_t sync_gen;          /* futex word: bumped after each group commit */
+    uint32_t sync_waiters;      /* threads blocked on sync_gen */
     uint32_t pad0;
     pthread_mutex_t wlock;
     pthread_mutex_t slock;
@@ -113,6 +123,8 @@ struct qlog_log {
     int w_fd;
     uint8_t *w_map;
     uint64_t w_base, w_maplen;
+    uint8_t *scratch;           /* large batches are framed here, then pwritten */
+    uint64_t scratch_cap;
 
     /* the sync leader's file: only under ctl->slock */
     int s_fd;
@@ -139,7 +151,6 @@ int  list_segments(const char *dir, uint64_t **bases, size_t *n);
 int  fsync_dir(qlog_log *log);
 int  meta_write(qlog_log *log, uint64_t reserved_upto);
 int  lock_writer(qlog_log *log);
-int  lock_sync(qlog_log *log);
 void take_snapshot(qlog_log *log, snapshot *s);
 int64_t now_ns(void);
 uint64_t random_salt(void);

@@ -181,6 +181,23 @@ static void repair_writer(qlog_log *log)
         return;
     }
     char path[4200];
+    /* A roll that died after creating the next segment's file but before
+     * publishing it leaves that file behind: it holds no records (none are
+     * framed before the publish), so it goes. */
+    uint64_t *bases;
+    size_t n;
+    if (list_segments(log->dir, &bases, &n) == QLOG_OK) {
+        int removed = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (bases[i] <= c->active_base)
+                continue;
+            log_path(log, bases[i], ".seg", path, sizeof path);
+            removed += qlog_sys.unlink(path) == 0;
+        }
+        free(bases);
+        if (removed)
+            fsync_dir(log);
+    }
     log_path(log, c->active_base, ".seg", path, sizeof path);
     int fd = qlog_sys.open(path, O_RDWR, 0);
     if (fd < 0) {
@@ -262,7 +279,6 @@ static int lock_robust(qlog_log *log, pthread_mutex_t *m, int writer)
 }
 
 int lock_writer(qlog_log *log) { return lock_robust(log, &log->ctl->wlock, 1); }
-int lock_sync(qlog_log *log) { return lock_robust(log, &log->ctl->slock, 0); }
 
 static int init_mutex(pthread_mutex_t *m)
 {
@@ -355,7 +371,7 @@ typedef struct recovered {
  * Records damaged in the middle, with valid records after them, are kept
  * as they are (readers skip and count them): only the tail is dropped.
  */
-static int recover_active(qlog_log *log, uint64_t base, recovered *out)
+static int recover_active(qlog_log *log, uint64_t base, int rebooted, recovered *out)
 {
     char path[4200];
     log_path(log, base, ".seg", path, sizeof path);
@@ -385,17 +401,38 @@ static int recover_active(qlog_log *log, uint64_t base, recovered *out)
     }
     uint32_t salt32 = (uint32_t)h.salt;
     uint64_t off = QLOG_SEG_HEADER_SIZE, valid_end = off, batch_recs = 0;
-    uint64_t last = 0, committed_last = 0;
-    int have_last = 0, have_committed = 0;
+    uint64_t last = 0, committed_last = 0, batch_start = off;
+    int have_last = 0, have_committed = 0, in_batch = 0, orphans_follow = 0;
+    /* Ranges to zero: parts of batches broken by damage after a reboot. */
+    uint64_t zero_off[64], zero_len[64];
+    size_t nzero = 0;
+    uint64_t orphan_bytes = 0, orphan_recs = 0;
     while (off + QLOG_REC_HEADER_SIZE <= fsize) {
         rec_view rv;
         uint64_t sz = fmt_rec_check(map + off, fsize - off, salt32, have_last, last, &rv);
         if (sz) {
             last = rv.seq;
             have_last = 1;
+            if (!(rv.flags & QLOG_REC_FLAG_BATCH_CONT)) {
+                orphans_follow = 0;
+                batch_start = off;
+                batch_recs = 0;
+            } else if (orphans_follow && rebooted) {
+                /* The rest of a batch whose start was lost with the
+                 * damage before it. */
+                if (rebooted && nzero < 64) {
+                    zero_off[nzero] = off;
+                    zero_len[nzero++] = sz;
+                    orphan_bytes += sz;
+                    orphan_recs++;
+                }
+                off += sz;
+                continue;
+            }
             off += sz;
             batch_recs++;
-            if (!(rv.flags & QLOG_REC_FLAG_BATCH_MORE)) {
+            in_batch = (rv.flags & QLOG_REC_FLAG_BATCH_MORE) != 0;
+            if (!in_batch) {
                 valid_end = off;
                 committed_last = rv.seq;
                 have_committed = 1;
@@ -404,19 +441,45 @@ static int recover_active(qlog_log *log, uint64_t base, recovered *out)
             continue;
         }
         /* Not a record.  If a valid record follows, this is damage in the
-         * middle (bit rot): keep going past it.  If none does, it is the
-         * torn tail of an interrupted write: stop. */
+         * middle: keep going past it.  If none does, it is the torn tail of
+         * an interrupted write: stop. */
         uint64_t nx = fmt_resync(map, off, fsize, salt32, have_last, last);
         if (nx >= fsize)
             break;
+        /* After a reboot, damage in the active segment may be a power cut
+         * that wrote back some pages of the unsynced tail and not others
+         * (bit rot of synced data cannot be told apart from it).  A batch
+         * is all or nothing: the parts of a batch the damage broke are
+         * dropped.  Without a reboot only bit rot damages data in the
+         * middle, and then only the damaged record is skipped. */
+        if (in_batch && rebooted && nzero < 64) {
+            zero_off[nzero] = batch_start;
+            zero_len[nzero++] = off - batch_start;
+            orphan_bytes += off - batch_start;
+            orphan_recs += batch_recs;
+        }
+        in_batch = 0;
+        batch_recs = 0;
+        orphans_follow = 1;
         __atomic_add_fetch(&log->n_corrupt, 1, __ATOMIC_RELAXED);
         off = nx;
     }
     uint64_t dropped_end = last_nonzero(map, valid_end, fsize);
     uint64_t dropped = dropped_end - valid_end;
-    log->rec_bytes_dropped += dropped;
-    log->rec_records_dropped += batch_recs;
+    log->rec_bytes_dropped += dropped + orphan_bytes;
+    log->rec_records_dropped += batch_recs + orphan_recs;
     qlog_sys.munmap(map, fsize);
+    for (size_t i = 0; i < nzero; i++) {
+        uint8_t zeros[4096] = {0};
+        for (uint64_t done = 0; done < zero_len[i];) {
+            uint64_t k = zero_len[i] - done < sizeof zeros ? zero_len[i] - done : sizeof zeros;
+            if (qlog_sys.pwrite(fd, zeros, k, (int64_t)(zero_off[i] + done)) != (int64_t)k) {
+                qlog_sys.close(fd);
+                return log_fail(log, QLOG_EIO);
+            }
+            done += k;
+        }
+    }
 
     /* Drop the torn tail: the file is cut at the last complete batch; the
      * space is then allocated again and reads back as zeros. */
@@ -487,7 +550,8 @@ static int rebuild(qlog_log *log)
     /* After a reboot, records the kernel had not written may be gone while
      * their numbers were already seen; skip past every number that could
      * have been handed out. */
-    uint64_t floor = (have_meta && strcmp(mboot, log->boot_id) != 0) ? reserved : 0;
+    int floor_applies = !have_meta || strcmp(mboot, log->boot_id) != 0;
+    uint64_t floor = have_meta && floor_applies ? reserved : 0;
 
     uint64_t *bases = NULL;
     size_t n = 0;
@@ -498,7 +562,26 @@ static int rebuild(qlog_log *log)
     recovered rec;
     int have = 0;
     while (n > 0 && !have) {
-        r = recover_active(log, bases[n - 1], &rec);
+        r = recover_active(log, bases[n - 1], floor_applies, &rec);
+        if (r == QLOG_OK && n >= 2 && rec.valid_end == QLOG_SEG_HEADER_SIZE &&
+            rec.next_seq == bases[n - 1]) {
+            /* An empty last segment: a roll made it and may have died
+             * before sealing the one before.  Remove it; the one before
+             * becomes the active segment again (sealed anew at its roll). */
+            char path[4200];
+            log_path(log, bases[n - 1], ".seg", path, sizeof path);
+            if (qlog_sys.unlink(path) != 0) {
+                free(bases);
+                return log_fail(log, QLOG_EIO);
+            }
+            r = fsync_dir(log);
+            if (r) {
+                free(bases);
+                return r;
+            }
+            n--;
+            continue;
+        }
         if (r == QLOG_OK) {
             have = 1;
             break;
@@ -700,6 +783,7 @@ int qlog_close(qlog_log *log)
         qlog_sys.munmap(log->w_map, log->w_maplen);
     if (log->w_fd >= 0)
         qlog_sys.close(log->w_fd);
+    free(log->scratch);
     if (log->s_fd >= 0)
         qlog_sys.close(log->s_fd);
     qlog_sys.munmap(log->ctl, QLOG_CTL_SIZE);

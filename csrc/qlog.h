@@ -50,6 +50,7 @@
 #define QLOG_REC_ALIGN             8   /* records start on 8-byte boundaries */
 #define QLOG_REC_TYPE_DATA         1
 #define QLOG_REC_FLAG_BATCH_MORE   1   /* another record of this batch follows */
+#define QLOG_REC_FLAG_BATCH_CONT   2   /* an earlier record of this batch precedes */
 #define QLOG_CRC_MASK_DELTA 0xa282ead8 /* masked = rotr15(crc) + delta */
 #define QLOG_MAX_RECORD   1073741824   /* largest payload: 1 GiB */
 #define QLOG_IDX_HEADER_SIZE      48

@@ -172,7 +172,18 @@ static void idx_load(qlog_log *log, seginfo *s)
     }
     s->scanned_to = s->size;
     s->scan_have_last = count > 0;
-    s->scan_last = count ? s->iseq[count - 1] : 0;  /* only a lower bound */
+    s->scan_last = count ? s->iseq[count - 1] : 0;
+    /* The last record's number: walk the last stride (at most ~4 KiB). */
+    if (count && s->map) {
+        uint64_t off = s->ioff[count - 1];
+        rec_view rv;
+        uint64_t sz;
+        while (off + QLOG_REC_HEADER_SIZE <= s->size &&
+               (sz = fmt_rec_check(s->map + off, s->size - off, (uint32_t)s->salt, 0, 0, &rv))) {
+            s->scan_last = rv.seq;
+            off += sz;
+        }
+    }
     s->idx_saved = 1;
 out:
     free(buf);
@@ -352,6 +363,33 @@ int64_t qlog_read(qlog_log *log, uint64_t from_seq, size_t max_records, size_t m
     size_t i = 0;
     while (i + 1 < log->nsegs && log->segs[i + 1].base <= from_seq)
         i++;
+    /* A file's name says where its records start, not that the segment
+     * before it ends there: a segment left empty by a roll that died, or a
+     * stray file, must not hide records of the one before.  Step back while
+     * the previous segment holds records at or past from_seq. */
+    while (i > 0) {
+        seginfo *p = &log->segs[i - 1];
+        int complete = p->sealed && p->scanned_to >= p->size && p->size > 0;
+        if (!complete) {
+            int ready = seg_ready(log, p, &snap);
+            if (ready == 1)
+                break;
+            if (ready) {
+                r = ready;
+                goto out;
+            }
+            uint64_t b = p->base == snap.active_base ? snap.write_end : p->size;
+            if (b > p->maplen)
+                b = p->maplen;
+            r = idx_extend(log, p, b);
+            if (r)
+                goto out;
+        }
+        if (p->scan_have_last && p->scan_last >= from_seq)
+            i--;
+        else
+            break;
+    }
     size_t last_used = i;
     int done = 0;
     for (; i < log->nsegs && !done; i++) {

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import errors
+from ._glue import pack as _pack, unpack as _unpack
 from ._qlog_c import ffi, lib
 
 __all__ = ["Log", "LogStats", "Damage", "MAX_RECORD", "DURABILITY_MODES"]
@@ -205,9 +206,13 @@ class Log:
         n = len(payloads)
         if n == 0:
             raise ValueError("append_batch needs at least one record, got an empty batch")
-        buf = b"".join(payloads)
         try:
-            lens = array("I", map(len, payloads))
+            packed = _pack(payloads)
+            if packed is not None:
+                buf, lens = packed
+            else:  # not all `bytes`: bytearray, memoryview, ...
+                buf = b"".join(payloads)
+                lens = array("I", map(len, payloads)).tobytes()
         except OverflowError:
             big = max(map(len, payloads))
             raise errors.RecordTooLargeError(
@@ -215,7 +220,7 @@ class Log:
             ) from None
         seq = lib.qlog_append(h, buf, ffi.from_buffer("uint32_t[]", lens), n)
         if seq < 0:
-            self._append_error(seq, max(lens))
+            self._append_error(seq, max(map(len, payloads)))
         return seq
 
     def _append_error(self, rc: int, size: int) -> None:
@@ -288,10 +293,12 @@ class Log:
                 _raise(n, f"read of {self.path!r} failed", self._h)
             if n == 0:
                 return []
-            offs = ffi.unpack(self._roffs, n + 1)
-            data = ffi.buffer(self._rbuf, offs[n])[:]
-            seqs = ffi.unpack(self._rseqs, n)
-        return list(zip(seqs, map(data.__getitem__, map(slice, offs, offs[1:]))))
+            return _unpack(
+                ffi.buffer(self._rbuf, self._rcap),
+                ffi.buffer(self._rseqs, 8 * n),
+                ffi.buffer(self._roffs, 8 * (n + 1)),
+                n,
+            )
 
     def wait(self, seq: int, timeout: Optional[float] = None) -> bool:
         """Block until a record with sequence number >= ``seq`` exists (appended

@@ -41,6 +41,7 @@ REC_HEADER_SIZE = 32
 REC_ALIGN = 8
 REC_TYPE_DATA = 1
 FLAG_BATCH_MORE = 1
+FLAG_BATCH_CONT = 2
 MAX_RECORD = 1073741824
 CRC_MASK_DELTA = 0xA282EAD8
 IDX_HEADER_SIZE = 48
@@ -178,7 +179,9 @@ def record_size(length: int) -> int:
     return (REC_HEADER_SIZE + length + REC_ALIGN - 1) & ~(REC_ALIGN - 1)
 
 
-def encode_record(payload: BytesLike, seq: int, ts_ns: int, salt: int, more: bool = False) -> bytes:
+def encode_record(
+    payload: BytesLike, seq: int, ts_ns: int, salt: int, more: bool = False, cont: bool = False
+) -> bytes:
     """One framed record: header, payload, zero padding; the CRC covers all but itself.
 
     ``salt`` is the segment's salt (only its low 32 bits are stored);
@@ -188,7 +191,7 @@ def encode_record(payload: BytesLike, seq: int, ts_ns: int, salt: int, more: boo
         raise RecordTooLargeError(f"record of {n} bytes is larger than the limit of {MAX_RECORD} bytes")
     if salt & _U32 == 0:
         raise ValueError(f"the low 32 bits of a segment salt must not be 0, got {salt:#x}")
-    flags = FLAG_BATCH_MORE if more else 0
+    flags = (FLAG_BATCH_MORE if more else 0) | (FLAG_BATCH_CONT if cont else 0)
     body = bytearray(_REC_HEADER.pack(0, n, seq, ts_ns, salt & _U32, REC_TYPE_DATA, flags, 0))
     body += payload
     body += bytes(record_size(n) - REC_HEADER_SIZE - n)
@@ -372,7 +375,7 @@ def write_segment(directory: Union[str, "os.PathLike[str]"], base: int,
             raise ValueError("a batch needs at least one record, got an empty one")
         ts = time.time_ns()
         for i, payload in enumerate(batch):
-            out += encode_record(payload, seq, ts, salt, more=i + 1 < len(batch))
+            out += encode_record(payload, seq, ts, salt, more=i + 1 < len(batch), cont=i > 0)
             seq += 1
     path = os.path.join(os.fspath(directory), f"{base:020d}.seg")
     if os.path.exists(path):

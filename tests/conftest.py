@@ -87,4 +87,10 @@ def spawn_python():
     for p in procs:
         if p.poll() is None:
             p.kill()
-        p.communicate()
+        p.wait()
+        for stream in (p.stdin, p.stdout, p.stderr):
+            if stream is not None and not stream.closed:
+                try:
+                    stream.close()
+                except OSError:
+                    pass  # a pipe to a dead child

@@ -99,7 +99,9 @@ def _fill(log: qlog.Log, batches: Sequence[Sequence[int]]) -> Tuple[List[Tuple[i
         assert first == len(expected)
         for k, p in enumerate(payloads):
             expected.append((first + k, p))
-            flags[first + k] = lib.QLOG_REC_FLAG_BATCH_MORE if k + 1 < len(payloads) else 0
+            flags[first + k] = (lib.QLOG_REC_FLAG_BATCH_MORE if k + 1 < len(payloads) else 0) | (
+                lib.QLOG_REC_FLAG_BATCH_CONT if k > 0 else 0
+            )
     return expected, flags
 
 
@@ -124,6 +126,7 @@ CONSTANTS = {
     "record alignment": ("QLOG_REC_ALIGN", _pure.REC_ALIGN),
     "record type data": ("QLOG_REC_TYPE_DATA", _pure.REC_TYPE_DATA),
     "flag BATCH_MORE": ("QLOG_REC_FLAG_BATCH_MORE", _pure.FLAG_BATCH_MORE),
+    "flag BATCH_CONT": ("QLOG_REC_FLAG_BATCH_CONT", _pure.FLAG_BATCH_CONT),
     "largest payload": ("QLOG_MAX_RECORD", _pure.MAX_RECORD),
     "CRC mask delta": ("QLOG_CRC_MASK_DELTA", _pure.CRC_MASK_DELTA),
     "index header size": ("QLOG_IDX_HEADER_SIZE", _pure.IDX_HEADER_SIZE),
@@ -192,6 +195,7 @@ def test_record_table_agrees_with_format_h() -> None:
     assert f"at most {lib.QLOG_MAX_RECORD}" in by_field["length"][3]
     assert by_field["type"][3].startswith(f"`{lib.QLOG_REC_TYPE_DATA}` = data")
     assert f"bit 0 (`{lib.QLOG_REC_FLAG_BATCH_MORE}`): BATCH_MORE" in by_field["flags"][3]
+    assert f"bit 1 (`{lib.QLOG_REC_FLAG_BATCH_CONT}`): BATCH_CONT" in by_field["flags"][3]
     assert (f"Record size = `({lib.QLOG_REC_HEADER_SIZE} + length + {lib.QLOG_REC_ALIGN - 1})"
             f" & ~{lib.QLOG_REC_ALIGN - 1}`") in FORMAT_MD
 
@@ -297,7 +301,8 @@ def test_engine_segments_are_byte_identical_to_pure_encoding(tmp_path: pathlib.P
         rebuilt = _pure.encode_segment_header(h.base, h.salt, h.created_ns)
         for rec in _pure.iter_segment(data):
             rebuilt += _pure.encode_record(rec.payload, rec.seq, rec.timestamp, h.salt,
-                                           more=bool(rec.flags & _pure.FLAG_BATCH_MORE))
+                                           more=bool(rec.flags & _pure.FLAG_BATCH_MORE),
+                                           cont=bool(rec.flags & _pure.FLAG_BATCH_CONT))
         assert rebuilt == data, f"segment {base} differs from its pure-Python encoding"
 
 
@@ -336,7 +341,8 @@ def test_pure_segment_with_an_unfinished_last_batch_loses_that_batch_on_open(tmp
     salt = 0x1234_5678_9ABC_DEF1
     seg = bytearray(_pure.encode_segment_header(0, salt, time.time_ns()))
     seg += _pure.encode_record(b"whole", 0, 1, salt)
-    torn = [_pure.encode_record(b"part%d" % i, 1 + i, 2, salt, more=True) for i in range(3)]
+    torn = [_pure.encode_record(b"part%d" % i, 1 + i, 2, salt, more=True, cont=i > 0)
+            for i in range(3)]
     for rec in torn:
         seg += rec
     (d / f"{0:020d}.seg").write_bytes(bytes(seg))

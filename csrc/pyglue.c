@@ -1,0 +1,121 @@
+/*
+ * pyglue.c — the Python side of the seam, module qlog._glue.
+ *
+ * Not part of the engine (which holds no Python objects): two helpers that
+ * turn a batch into the engine's shape and back in one pass each, where
+ * doing it with Python built-ins costs more than the engine's own work.
+ *
+ *   pack(payloads)  -> (joined: bytes, lengths: bytes of uint32) or None
+ *                      when an item is not `bytes` (the caller then falls
+ *                      back to the buffer protocol path)
+ *   unpack(data, seqs, offs, n) -> [(seq, payload bytes), ...]
+ *                      data/seqs/offs are buffers as qlog_read fills them
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+static PyObject *pack(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    PyObject *seq = PySequence_Fast(arg, "payloads must be a sequence of bytes-like objects");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyBytes_CheckExact(items[i])) {
+            Py_DECREF(seq);
+            Py_RETURN_NONE;
+        }
+        Py_ssize_t len = PyBytes_GET_SIZE(items[i]);
+        if ((uint64_t)len > UINT32_MAX) {
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_OverflowError, "record of %zd bytes does not fit a 32-bit length", len);
+            return NULL;
+        }
+        total += len;
+    }
+    PyObject *joined = PyBytes_FromStringAndSize(NULL, total);
+    PyObject *lens = PyBytes_FromStringAndSize(NULL, n * 4);
+    if (!joined || !lens) {
+        Py_XDECREF(joined);
+        Py_XDECREF(lens);
+        Py_DECREF(seq);
+        return NULL;
+    }
+    char *dst = PyBytes_AS_STRING(joined);
+    char *lp = PyBytes_AS_STRING(lens);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t len = PyBytes_GET_SIZE(items[i]);
+        uint32_t l32 = (uint32_t)len;
+        memcpy(dst, PyBytes_AS_STRING(items[i]), (size_t)len);
+        memcpy(lp + 4 * i, &l32, 4);
+        dst += len;
+    }
+    Py_DECREF(seq);
+    PyObject *t = PyTuple_Pack(2, joined, lens);
+    Py_DECREF(joined);
+    Py_DECREF(lens);
+    return t;
+}
+
+static PyObject *unpack(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer data, seqs, offs;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*y*y*n", &data, &seqs, &offs, &n))
+        return NULL;
+    PyObject *list = NULL;
+    if (n < 0 || seqs.len < n * 8 || offs.len < (n + 1) * 8) {
+        PyErr_SetString(PyExc_ValueError, "unpack: buffers shorter than n records");
+        goto out;
+    }
+    const char *d = data.buf;
+    const uint64_t *sq = seqs.buf, *of = offs.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (of[i] > of[i + 1] || of[i + 1] > (uint64_t)data.len) {
+            PyErr_SetString(PyExc_ValueError, "unpack: offsets out of range");
+            goto out;
+        }
+    }
+    list = PyList_New(n);
+    if (!list)
+        goto out;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *s = PyLong_FromUnsignedLongLong(sq[i]);
+        PyObject *b = PyBytes_FromStringAndSize(d + of[i], (Py_ssize_t)(of[i + 1] - of[i]));
+        PyObject *t = PyTuple_New(2);
+        if (!s || !b || !t) {
+            Py_XDECREF(s);
+            Py_XDECREF(b);
+            Py_XDECREF(t);
+            Py_CLEAR(list);
+            goto out;
+        }
+        PyTuple_SET_ITEM(t, 0, s);
+        PyTuple_SET_ITEM(t, 1, b);
+        PyList_SET_ITEM(list, i, t);
+    }
+out:
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&seqs);
+    PyBuffer_Release(&offs);
+    return list;
+}
+
+static PyMethodDef methods[] = {
+    {"pack", pack, METH_O, "pack(payloads) -> (joined, uint32 lengths) or None"},
+    {"unpack", unpack, METH_VARARGS, "unpack(data, seqs, offs, n) -> [(seq, bytes), ...]"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "qlog._glue", "Batch packing helpers for qlog.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__glue(void) { return PyModule_Create(&module); }
