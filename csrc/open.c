@@ -559,7 +559,7 @@ static int rebuild(qlog_log *log)
     if (r)
         return log_fail(log, r == QLOG_ENOMEM ? r : QLOG_EIO);
 
-    recovered rec;
+    recovered rec = {0, 0, 0, 0, 0};
     int have = 0;
     while (n > 0 && !have) {
         r = recover_active(log, bases[n - 1], floor_applies, &rec);

@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 
 import pytest
 
+import qlog
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -44,7 +46,11 @@ def wait_until() -> Callable[..., object]:
 
 def _child_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    # Children import the same qlog as this process: the installed package,
+    # not the source tree (which holds no compiled modules after a plain
+    # `pip install .`).
+    qlog_parent = os.path.dirname(os.path.dirname(os.path.abspath(qlog.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [qlog_parent, env.get("PYTHONPATH", "")]))
     env.pop("PYTHONHASHSEED", None)
     return env
 
