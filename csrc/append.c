@@ -198,6 +198,12 @@ static int append_locked(qlog_log *log, const char *buf, const uint32_t *lens, s
             log_fail(log, QLOG_EIO);
             return e == ENOSPC ? QLOG_ENOSPC : QLOG_EIO;
         }
+        /* Start writing back the chunk just filled, without waiting: the
+         * disk works while appends go on, and the fdatasync that seals the
+         * segment (or a group commit) finds little left to write. */
+        if (c->alloc_end > QLOG_ALLOC_CHUNK)
+            qlog_sys.writeback(log->w_fd, (int64_t)(c->alloc_end - QLOG_ALLOC_CHUNK),
+                               QLOG_ALLOC_CHUNK);
         c->alloc_end = got;
     }
     uint64_t seq = c->next_seq;

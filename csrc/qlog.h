@@ -81,6 +81,9 @@ typedef struct qlog_vfs {
     void   *(*mmap)(void *addr, size_t len, int prot, int flags, int fd, int64_t off);
     int     (*munmap)(void *addr, size_t len);
     int     (*boot_id)(char *out, size_t n);  /* this boot's id, NUL-terminated */
+    int     (*writeback)(int fd, int64_t off, int64_t len);  /* start writeback
+                                           of a range, do not wait (a hint:
+                                           makes nothing durable) */
 } qlog_vfs;
 
 void qlog_vfs_get(qlog_vfs *out);            /* the table in use */

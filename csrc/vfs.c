@@ -100,16 +100,21 @@ static int sys_boot_id(char *out, size_t n)
     return 0;
 }
 
+static int sys_writeback(int fd, int64_t off, int64_t len)
+{
+    return sync_file_range(fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE);
+}
+
 static const qlog_vfs default_table = {
     sys_open, sys_close, sys_pread, sys_pwrite, sys_fdatasync, sys_fsync,
     sys_rename, sys_unlink, sys_ftruncate, sys_fallocate, sys_mkdir,
-    sys_mmap, sys_munmap, sys_boot_id,
+    sys_mmap, sys_munmap, sys_boot_id, sys_writeback,
 };
 
 qlog_vfs qlog_sys = {
     sys_open, sys_close, sys_pread, sys_pwrite, sys_fdatasync, sys_fsync,
     sys_rename, sys_unlink, sys_ftruncate, sys_fallocate, sys_mkdir,
-    sys_mmap, sys_munmap, sys_boot_id,
+    sys_mmap, sys_munmap, sys_boot_id, sys_writeback,
 };
 
 void qlog_vfs_get(qlog_vfs *out) { *out = qlog_sys; }
@@ -133,5 +138,6 @@ void qlog_vfs_set(const qlog_vfs *t)
     if (!n.mmap) n.mmap = default_table.mmap;
     if (!n.munmap) n.munmap = default_table.munmap;
     if (!n.boot_id) n.boot_id = default_table.boot_id;
+    if (!n.writeback) n.writeback = default_table.writeback;
     qlog_sys = n;
 }

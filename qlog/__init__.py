@@ -4,6 +4,26 @@ CRC-checked, segmented log.
 This release provides the log engine, :class:`Log`.
 """
 
+import os as _os
+import sys as _sys
+
+try:
+    from . import _glue, _qlog_c  # noqa: F401  (the compiled modules)
+except ImportError:  # pragma: no cover - depends on how Python was started
+    # Imported from a source checkout (the current directory comes first on
+    # sys.path, e.g. `python -c` at the top of the tree) after a plain
+    # `pip install .`: the compiled modules live in the installed copy.
+    # Let this package find them there.
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    for _entry in _sys.path:
+        _cand = _os.path.join(_entry or ".", "qlog")
+        if _os.path.abspath(_cand) != _here and _os.path.isdir(_cand) and any(
+            _f.startswith("_qlog_c") for _f in _os.listdir(_cand)
+        ):
+            __path__.append(_cand)
+            break
+    from . import _glue, _qlog_c  # noqa: F401
+
 from ._log import DURABILITY_MODES, MAX_RECORD, Damage, Log, LogStats, VerifyReport
 from .errors import (
     CorruptStateError,
