@@ -40,6 +40,7 @@ extern "Python" {
     int     qlog_py_ftruncate(int fd, int64_t len);
     int     qlog_py_fallocate(int fd, int64_t off, int64_t len);
     int     qlog_py_boot_id(char *out, size_t n);
+    int     qlog_py_writeback(int fd, int64_t off, int64_t len);
 }
 """
 
