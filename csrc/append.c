@@ -100,6 +100,8 @@ static int roll(qlog_log *log, uint64_t need)
         int r = writer_map(log);
         if (r)
             return r;
+        c->pending_cap = cap;
+        __atomic_thread_fence(__ATOMIC_RELEASE);
         STORE(&c->seqlock, c->seqlock + 1);
         STORE(&c->active_cap, cap);
         STORE(&c->seqlock, c->seqlock + 1);
@@ -141,15 +143,21 @@ static int roll(qlog_log *log, uint64_t need)
     log->w_fd = fd;
     log->w_base = base;
 
+    /* Everything the publish will store, first: a writer killed in the
+     * middle of the publish is completed by the next one (repair_writer). */
+    c->alloc_end = alloc;
+    c->pending_end = QLOG_SEG_HEADER_SIZE;
+    c->pending_next = c->next_seq;
+    c->pending_base = base;
+    c->pending_salt = salt;
+    c->pending_cap = cap;
+    __atomic_thread_fence(__ATOMIC_RELEASE);
     STORE(&c->seqlock, c->seqlock + 1);
     STORE(&c->active_base, base);
     STORE(&c->active_salt, salt);
     STORE(&c->active_cap, cap);
     STORE(&c->write_end, (uint64_t)QLOG_SEG_HEADER_SIZE);
     STORE(&c->seqlock, c->seqlock + 1);
-    c->alloc_end = alloc;
-    c->pending_end = QLOG_SEG_HEADER_SIZE;
-    c->pending_next = c->next_seq;
     uint64_t s = LOAD(&c->synced_seq);
     while (s < sealed_upto &&
            !__atomic_compare_exchange_n(&c->synced_seq, &s, sealed_upto, 0,

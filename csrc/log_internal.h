@@ -44,7 +44,7 @@
  */
 #define QLOG_CTL_MAGIC "QLOGCTL\0"
 #define QLOG_CTL_SIZE 4096
-#define QLOG_CTL_VERSION 2
+#define QLOG_CTL_VERSION 3
 
 typedef struct qlog_ctl {
     char magic[8];
@@ -65,6 +65,9 @@ typedef struct qlog_ctl {
     uint64_t alloc_end;         /* bytes of the active file allocated */
     uint64_t pending_end;       /* end of the batch being framed */
     uint64_t pending_next;      /* next_seq once that batch is published */
+    uint64_t pending_base;      /* active segment once published: changes in a roll */
+    uint64_t pending_salt;
+    uint64_t pending_cap;
     uint64_t reserved_upto;     /* durable high-water mark (file `meta`) */
 
     /* under wlock for writers, seqlock for readers */

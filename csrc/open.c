@@ -164,8 +164,10 @@ static int meta_read(qlog_log *log, uint64_t *reserved, char *boot)
 }
 
 /* A writer died holding wlock.  Finish or undo what it left:
- *  - seqlock odd: it died while publishing a batch whose bytes were all
- *    framed (publishing starts after framing), so the publish is completed;
+ *  - seqlock odd: it died while publishing a batch or a new segment whose
+ *    bytes were all written (publishing starts after that, with every
+ *    value to publish stored in pending_* first), so the publish is
+ *    completed;
  *  - pending_end past write_end: it died while framing; the partial bytes
  *    are zeroed so no reader or later recovery mistakes them for records;
  *  - the active file shorter than alloc_end: it died in a roll after
@@ -174,6 +176,9 @@ static void repair_writer(qlog_log *log)
 {
     qlog_ctl *c = log->ctl;
     if (c->seqlock & 1) {
+        c->active_base = c->pending_base;
+        c->active_salt = c->pending_salt;
+        c->active_cap = c->pending_cap;
         c->write_end = c->pending_end;
         c->written_seq = c->pending_next;
         c->next_seq = c->pending_next;
@@ -348,11 +353,12 @@ int qlog_seg_create_for_roll(qlog_log *log, uint64_t base, uint64_t cap, int *fd
     return seg_create(log, base, cap, fd_out, salt_out, alloc_out);
 }
 
-/* Where the last nonzero 8-byte word in [from, to) ends (from if none). */
+/* Where the last nonzero byte in [from, to) ends, rounded up to an 8-byte
+ * boundary within the range (from if every byte is zero). */
 static uint64_t last_nonzero(const uint8_t *map, uint64_t from, uint64_t to)
 {
     while (to > from) {
-        uint64_t start = to - 8 >= from && to >= 8 ? to - 8 : from;
+        uint64_t start = to - from >= 8 ? to - 8 : from;
         for (uint64_t i = start; i < to; i++)
             if (map[i])
                 return to;
@@ -518,6 +524,31 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, recovered 
     return QLOG_OK;
 }
 
+/* 1 when the file at path has no nonzero byte past where the header
+ * would end: a segment whose creation was cut short. */
+static int seg_holds_no_data(const char *path)
+{
+    int fd = qlog_sys.open(path, O_RDONLY, 0);
+    if (fd < 0)
+        return 0;
+    struct stat st;
+    int empty = 0;
+    if (fstat(fd, &st) == 0) {
+        uint64_t size = (uint64_t)st.st_size;
+        if (size <= QLOG_SEG_HEADER_SIZE) {
+            empty = 1;
+        } else {
+            uint8_t *map = qlog_sys.mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
+            if (map != MAP_FAILED) {
+                empty = last_nonzero(map, QLOG_SEG_HEADER_SIZE, size) == QLOG_SEG_HEADER_SIZE;
+                qlog_sys.munmap(map, size);
+            }
+        }
+    }
+    qlog_sys.close(fd);
+    return empty;
+}
+
 /* Remove leftovers of interrupted renames (meta.tmp, *.idx.tmp). */
 static void remove_tmp_files(qlog_log *log)
 {
@@ -596,7 +627,14 @@ static int rebuild(qlog_log *log)
         char path[4200], aside[4300];
         log_path(log, bases[n - 1], ".seg", path, sizeof path);
         snprintf(aside, sizeof aside, "%s.damaged", path);
-        if (qlog_sys.rename(path, aside) != 0) {
+        if (seg_holds_no_data(path)) {
+            /* Created, never written (the header did not make it): there
+             * is nothing to keep. */
+            if (qlog_sys.unlink(path) != 0) {
+                free(bases);
+                return log_fail(log, QLOG_EIO);
+            }
+        } else if (qlog_sys.rename(path, aside) != 0) {
             free(bases);
             return log_fail(log, QLOG_EIO);
         }
@@ -636,6 +674,9 @@ static int rebuild(qlog_log *log)
     c->next_seq = next;
     c->pending_end = rec.valid_end;
     c->pending_next = next;
+    c->pending_base = rec.base;
+    c->pending_salt = rec.salt;
+    c->pending_cap = rec.cap;
     c->reserved_upto = next + QLOG_SEQ_RESERVE;
     c->active_base = rec.base;
     c->active_salt = rec.salt;
