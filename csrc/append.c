@@ -45,6 +45,7 @@ static int poisoned(const qlog_log *log)
  * the next writer starts a fresh segment. */
 static void poison(qlog_log *log)
 {
+    STORE(&log->ctl->rewrite_on_roll, 1);
     STORE(&log->ctl->need_roll, 1);
     __atomic_add_fetch(&log->ctl->poison_gen, 1, __ATOMIC_ACQ_REL);
 }
@@ -95,6 +96,7 @@ static int roll(qlog_log *log, uint64_t need)
          * an empty sealed file behind (same name, same salt). */
         if (cap <= c->active_cap) {
             STORE(&c->need_roll, 0);
+            STORE(&c->rewrite_on_roll, 0);   /* no record to rewrite */
             return QLOG_OK;
         }
         int r = writer_map(log);
@@ -106,12 +108,35 @@ static int roll(qlog_log *log, uint64_t need)
         STORE(&c->active_cap, cap);
         STORE(&c->seqlock, c->seqlock + 1);
         STORE(&c->need_roll, 0);
+        STORE(&c->rewrite_on_roll, 0);
         return writer_map(log);
     }
 
     int r = writer_map(log);
     if (r)
         return r;
+    if (LOAD(&c->rewrite_on_roll)) {
+        /* An fsync of this segment failed: the kernel may have dropped the
+         * bytes it could not write and marked the pages clean, so a second
+         * fsync would report success for nothing.  Write the bytes again
+         * (through a bounce buffer, from what the page cache holds; records
+         * that did not survive fail their CRC and are skipped), so that
+         * the seal's fdatasync below really makes them durable. */
+        uint8_t *bounce = malloc(1u << 20);
+        if (!bounce)
+            return QLOG_ENOMEM;
+        for (uint64_t off = QLOG_SEG_HEADER_SIZE; off < c->write_end;) {
+            uint64_t k = c->write_end - off < (1u << 20) ? c->write_end - off : (1u << 20);
+            memcpy(bounce, log->w_map + off, k);
+            if (qlog_sys.pwrite(log->w_fd, bounce, k, (int64_t)off) != (int64_t)k) {
+                free(bounce);
+                log_fail(log, QLOG_EIO);
+                return QLOG_EIO;
+            }
+            off += k;
+        }
+        free(bounce);
+    }
     /* The next segment first: if it cannot be made (disk full), the old
      * one is untouched and stays the active segment. */
     int fd;
@@ -165,6 +190,7 @@ static int roll(qlog_log *log, uint64_t need)
         ;
     __atomic_add_fetch(&c->seg_gen, 1, __ATOMIC_ACQ_REL);
     STORE(&c->need_roll, 0);
+    STORE(&c->rewrite_on_roll, 0);
     return writer_map(log);
 }
 
@@ -283,11 +309,9 @@ static int append_locked(qlog_log *log, const char *buf, const uint32_t *lens, s
     return QLOG_OK;
 }
 
-int64_t qlog_append(qlog_log *log, const char *buf, const uint32_t *lens, size_t n)
+static int64_t append_impl(qlog_log *log, const char *buf, const uint32_t *lens, size_t n)
 {
     uint64_t first = 0, *first_seq = &first;
-    if (!log || log->closed)
-        return QLOG_ECLOSED;
     if (n == 0)
         return QLOG_EINVAL;
     uint64_t need = 0;
@@ -319,6 +343,15 @@ int64_t qlog_append(qlog_log *log, const char *buf, const uint32_t *lens, size_t
     return (int64_t)first;
 }
 
+int64_t qlog_append(qlog_log *log, const char *buf, const uint32_t *lens, size_t n)
+{
+    if (log_enter(log))
+        return QLOG_ECLOSED;
+    int64_t r = append_impl(log, buf, lens, n);
+    log_leave(log);
+    return r;
+}
+
 int64_t qlog_append1(qlog_log *log, const char *payload, size_t len)
 {
     if (len > QLOG_MAX_RECORD)
@@ -332,6 +365,18 @@ int64_t qlog_append1(qlog_log *log, const char *payload, size_t len)
 static int commit_as_leader(qlog_log *log)
 {
     qlog_ctl *c = log->ctl;
+    if (LOAD(&c->rewrite_on_roll)) {
+        /* After a failed fsync the active segment is only trusted again
+         * once rewritten and sealed (see roll). */
+        int r = lock_writer(log);
+        if (r)
+            return r;
+        if (LOAD(&c->rewrite_on_roll))
+            r = roll(log, 0);
+        pthread_mutex_unlock(&c->wlock);
+        if (r)
+            return r;
+    }
     snapshot s;
     take_snapshot(log, &s);
     if (log->s_fd < 0 || log->s_base != s.active_base) {
@@ -409,10 +454,8 @@ int group_sync(qlog_log *log, uint64_t target)
     return QLOG_OK;
 }
 
-int qlog_sync(qlog_log *log)
+int sync_impl(qlog_log *log)
 {
-    if (!log || log->closed)
-        return QLOG_ECLOSED;
     if (poisoned(log))
         return QLOG_EPOISONED;
     snapshot s;
@@ -420,12 +463,36 @@ int qlog_sync(qlog_log *log)
     return group_sync(log, s.written_seq);
 }
 
-int qlog_dirty(qlog_log *log)
+int qlog_sync(qlog_log *log)
 {
-    return LOAD(&log->ctl->synced_seq) < LOAD(&log->ctl->written_seq);
+    if (log_enter(log))
+        return QLOG_ECLOSED;
+    int r = sync_impl(log);
+    log_leave(log);
+    return r;
 }
 
+int qlog_dirty(qlog_log *log)
+{
+    if (log_enter(log))
+        return 0;
+    int r = LOAD(&log->ctl->synced_seq) < LOAD(&log->ctl->written_seq);
+    log_leave(log);
+    return r;
+}
+
+static int wait_impl(qlog_log *log, uint64_t seq, int64_t timeout_ms);
+
 int qlog_wait(qlog_log *log, uint64_t seq, int64_t timeout_ms)
+{
+    if (log_enter(log))
+        return QLOG_ECLOSED;
+    int r = wait_impl(log, seq, timeout_ms);
+    log_leave(log);
+    return r;
+}
+
+static int wait_impl(qlog_log *log, uint64_t seq, int64_t timeout_ms)
 {
     qlog_ctl *c = log->ctl;
     struct timespec deadline, now, rel;
@@ -442,6 +509,8 @@ int qlog_wait(qlog_log *log, uint64_t seq, int64_t timeout_ms)
         uint32_t v = LOAD(&c->notify);
         if (LOAD(&c->written_seq) > seq)
             return 1;
+        if (LOAD(&log->closed))
+            return QLOG_ECLOSED;
         const struct timespec *tp = NULL;
         if (timeout_ms >= 0) {
             clock_gettime(CLOCK_MONOTONIC, &now);

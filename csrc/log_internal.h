@@ -44,7 +44,7 @@
  */
 #define QLOG_CTL_MAGIC "QLOGCTL\0"
 #define QLOG_CTL_SIZE 4096
-#define QLOG_CTL_VERSION 3
+#define QLOG_CTL_VERSION 4
 
 typedef struct qlog_ctl {
     char magic[8];
@@ -82,6 +82,8 @@ typedef struct qlog_ctl {
     uint64_t synced_seq;        /* every record below this is on stable storage */
     uint64_t poison_gen;        /* bumped when an fsync or write fails */
     uint64_t need_roll;         /* the next append starts a new segment */
+    uint64_t rewrite_on_roll;   /* an fsync failed: rewrite the active segment's
+                                   bytes before sealing it */
     uint64_t seg_gen;           /* bumped when segments are added or deleted */
 } qlog_ctl;
 
@@ -113,6 +115,7 @@ typedef struct seginfo {
 } seginfo;
 
 struct qlog_log {
+    pthread_rwlock_t life;      /* every call holds it shared; close exclusively */
     char *dir;
     int dirfd;
     int ctl_fd;
@@ -162,8 +165,17 @@ uint64_t random_salt(void);
 int  group_sync(qlog_log *log, uint64_t target);
 void notify_readers(qlog_ctl *c);
 
+/* Enter/leave a public call: 0 when the handle is open (and stays open
+ * until log_leave), else QLOG_ECLOSED with nothing held. */
+int  log_enter(qlog_log *log);
+void log_leave(qlog_log *log);
+int  sync_impl(qlog_log *log);
+
 /* read.c */
 void reader_free(qlog_log *log);
+/* The salt of a segment whose header is damaged, from its first record
+ * that checks out under the salt32 it names; 0 when no record does. */
+int  infer_salt(const uint8_t *map, uint64_t end, uint64_t *salt);
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)

@@ -14,7 +14,10 @@
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/vfs.h>
+#include <linux/futex.h>
+#include <limits.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -183,6 +186,7 @@ static void repair_writer(qlog_log *log)
         c->written_seq = c->pending_next;
         c->next_seq = c->pending_next;
         STORE(&c->seqlock, c->seqlock + 1);
+        notify_readers(c);
         return;
     }
     char path[4200];
@@ -210,8 +214,11 @@ static void repair_writer(qlog_log *log)
         return;
     }
     struct stat st;
-    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size < c->alloc_end)
-        qlog_sys.fallocate(fd, 0, (int64_t)c->alloc_end);
+    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size < c->alloc_end &&
+        qlog_sys.fallocate(fd, 0, (int64_t)c->alloc_end) != 0)
+        /* No space back: appends must allocate again (and report ENOSPC
+         * cleanly) instead of storing past the end of the file. */
+        c->alloc_end = (uint64_t)st.st_size > c->write_end ? (uint64_t)st.st_size : c->write_end;
     if (c->pending_end > c->write_end) {
         uint64_t len = c->pending_end - c->write_end;
         uint8_t *z = calloc(1, len < (1u << 20) ? len : (1u << 20));
@@ -399,11 +406,22 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, recovered 
         }
     }
     seg_header h;
+    int header_bad = 0;
     if (!map || fmt_seg_header_decode(map, fsize, &h) != QLOG_OK || h.base != base) {
-        if (map)
-            qlog_sys.munmap(map, fsize);
-        qlog_sys.close(fd);
-        return QLOG_EFORMAT;
+        /* A damaged header costs no record: the records name the salt
+         * (covered by their CRCs).  The header is written again below. */
+        uint64_t salt = 0;
+        if (!map || !infer_salt(map, fsize, &salt)) {
+            if (map)
+                qlog_sys.munmap(map, fsize);
+            qlog_sys.close(fd);
+            return QLOG_EFORMAT;
+        }
+        h.base = base;
+        h.salt = salt;
+        h.created = now_ns();
+        header_bad = 1;
+        __atomic_add_fetch(&log->n_corrupt, 1, __ATOMIC_RELAXED);
     }
     uint32_t salt32 = (uint32_t)h.salt;
     uint64_t off = QLOG_SEG_HEADER_SIZE, valid_end = off, batch_recs = 0;
@@ -508,8 +526,16 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, recovered 
         qlog_sys.close(fd);
         return log_fail(log, QLOG_EIO);
     }
-    /* The cut is durable: a power cut cannot bring the torn bytes back in
-     * front of records appended after this open. */
+    if (header_bad) {
+        uint8_t hdr[QLOG_SEG_HEADER_SIZE];
+        fmt_seg_header_encode(hdr, base, h.salt, h.created);
+        if (qlog_sys.pwrite(fd, hdr, sizeof hdr, 0) != (int64_t)sizeof hdr) {
+            qlog_sys.close(fd);
+            return log_fail(log, QLOG_EIO);
+        }
+    }
+    /* The cut (and a rewritten header) is durable: a power cut cannot bring
+     * the torn bytes back in front of records appended after this open. */
     if (qlog_sys.fdatasync(fd) != 0) {
         qlog_sys.close(fd);
         return log_fail(log, QLOG_EIO);
@@ -581,7 +607,9 @@ static int rebuild(qlog_log *log)
     /* After a reboot, records the kernel had not written may be gone while
      * their numbers were already seen; skip past every number that could
      * have been handed out. */
-    int floor_applies = !have_meta || strcmp(mboot, log->boot_id) != 0;
+    /* No boot id (no procfs) cannot prove there was no reboot: skip ahead. */
+    int floor_applies = !have_meta || !mboot[0] || !log->boot_id[0] ||
+                        strcmp(mboot, log->boot_id) != 0;
     uint64_t floor = have_meta && floor_applies ? reserved : 0;
 
     uint64_t *bases = NULL;
@@ -715,6 +743,7 @@ int qlog_open(const char *dir, int durability, uint64_t segment_bytes, qlog_log 
     log->durability = durability;
     log->segment_bytes = segment_bytes;
     pthread_mutex_init(&log->rmu, NULL);
+    pthread_rwlock_init(&log->life, NULL);
     qlog_sys.boot_id(log->boot_id, sizeof log->boot_id);
     log->boot_id[QLOG_BOOT_ID_SIZE] = '\0';
     int r = QLOG_EIO, lockfd = -1;
@@ -805,20 +834,42 @@ fail:;
     if (log->dirfd >= 0)
         qlog_sys.close(log->dirfd);
     pthread_mutex_destroy(&log->rmu);
+    pthread_rwlock_destroy(&log->life);
     free(log->dir);
     free(log);
     errno = saved;
     return r;
 }
 
+int log_enter(qlog_log *log)
+{
+    if (!log)
+        return QLOG_ECLOSED;
+    pthread_rwlock_rdlock(&log->life);
+    if (LOAD(&log->closed)) {
+        pthread_rwlock_unlock(&log->life);
+        return QLOG_ECLOSED;
+    }
+    return QLOG_OK;
+}
+
+void log_leave(qlog_log *log) { pthread_rwlock_unlock(&log->life); }
+
 int qlog_close(qlog_log *log)
 {
     if (!log)
         return QLOG_OK;
+    if (__atomic_exchange_n(&log->closed, 1, __ATOMIC_ACQ_REL))
+        return QLOG_OK;
+    /* Wake this handle's waiters (they see `closed` and return), then wait
+     * for every call in flight to leave. */
+    __atomic_add_fetch(&log->ctl->notify, 1, __ATOMIC_RELEASE);
+    syscall(SYS_futex, &log->ctl->notify, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    pthread_rwlock_wrlock(&log->life);
     int r = QLOG_OK;
     if (log->durability == QLOG_DURABILITY_INTERVAL &&
         LOAD(&log->ctl->poison_gen) == log->poison_gen)
-        r = qlog_sync(log);
+        r = sync_impl(log);
     reader_free(log);
     if (log->w_map)
         qlog_sys.munmap(log->w_map, log->w_maplen);
@@ -830,10 +881,23 @@ int qlog_close(qlog_log *log)
     qlog_sys.munmap(log->ctl, QLOG_CTL_SIZE);
     qlog_sys.close(log->ctl_fd);   /* drops the shared flock */
     qlog_sys.close(log->dirfd);
+    log->w_map = NULL;
+    log->scratch = NULL;
+    log->ctl = NULL;
+    log->w_fd = log->s_fd = log->ctl_fd = log->dirfd = -1;
+    pthread_rwlock_unlock(&log->life);
+    return r;
+}
+
+void qlog_free(qlog_log *log)
+{
+    if (!log)
+        return;
+    qlog_close(log);
+    pthread_rwlock_destroy(&log->life);
     pthread_mutex_destroy(&log->rmu);
     free(log->dir);
     free(log);
-    return r;
 }
 
 int qlog_errno(qlog_log *log) { return __atomic_load_n(&log->last_errno, __ATOMIC_RELAXED); }

@@ -129,7 +129,11 @@ typedef struct qlog_damage {
 #define QLOG_DAMAGE_NOT_SEGMENT 4   /* a .seg file too short or not a segment */
 
 int  qlog_open(const char *dir, int durability, uint64_t segment_bytes, qlog_log **out);
+/* Close: calls in other threads finish first (a blocked qlog_wait returns
+ * QLOG_ECLOSED), later calls return QLOG_ECLOSED.  The handle's memory
+ * stays valid until qlog_free, so a racing call never touches freed memory. */
 int  qlog_close(qlog_log *log);
+void qlog_free(qlog_log *log);     /* closes if needed, then frees */
 
 /* Append n records whose payloads lie back to back in buf with the given
  * lengths, as one atomic batch: after a crash either all of them are there
@@ -173,7 +177,7 @@ int  qlog_errno(qlog_log *log);
 
 /* Block until a record with seq >= seq has been published by any process,
  * or timeout_ms passes (negative: forever).  Returns 1 when one is there,
- * 0 on timeout.  Uses a futex in the shared control file: no polling. */
+ * 0 on timeout, QLOG_ECLOSED when the handle is closed meanwhile.  Uses a futex in the shared control file: no polling. */
 int  qlog_wait(qlog_log *log, uint64_t seq, int64_t timeout_ms);
 
 /* A short English name for a status code. */

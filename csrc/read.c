@@ -106,7 +106,7 @@ static int reader_refresh(qlog_log *log, uint64_t gen)
 /* A header that fails its CRC costs the segment nothing: each record
  * carries the salt's low half and covers it with its own CRC, so the first
  * record that checks out under the salt it names gives the salt. */
-static int infer_salt(const uint8_t *map, uint64_t end, uint64_t *salt)
+int infer_salt(const uint8_t *map, uint64_t end, uint64_t *salt)
 {
     for (uint64_t off = QLOG_SEG_HEADER_SIZE; off + QLOG_REC_HEADER_SIZE <= end;
          off += QLOG_REC_ALIGN) {
@@ -339,11 +339,24 @@ static uint64_t idx_lookup(const seginfo *s, uint64_t from)
     return s->ioff[lo];
 }
 
+static int64_t read_impl(qlog_log *log, uint64_t from_seq, size_t max_records, size_t max_bytes,
+                         char *out, size_t out_cap, uint64_t *seqs, uint64_t *offs,
+                         uint64_t *needed);
+
 int64_t qlog_read(qlog_log *log, uint64_t from_seq, size_t max_records, size_t max_bytes,
                   char *out, size_t out_cap, uint64_t *seqs, uint64_t *offs, uint64_t *needed)
 {
-    if (!log || log->closed)
+    if (log_enter(log))
         return QLOG_ECLOSED;
+    int64_t r = read_impl(log, from_seq, max_records, max_bytes, out, out_cap, seqs, offs, needed);
+    log_leave(log);
+    return r;
+}
+
+static int64_t read_impl(qlog_log *log, uint64_t from_seq, size_t max_records, size_t max_bytes,
+                         char *out, size_t out_cap, uint64_t *seqs, uint64_t *offs,
+                         uint64_t *needed)
+{
     if (max_records == 0)
         return 0;
     pthread_mutex_lock(&log->rmu);
@@ -363,6 +376,11 @@ int64_t qlog_read(qlog_log *log, uint64_t from_seq, size_t max_records, size_t m
     size_t i = 0;
     while (i + 1 < log->nsegs && log->segs[i + 1].base <= from_seq)
         i++;
+    /* Never past the snapshot's active segment: a file above it belongs to
+     * a roll this snapshot does not see, and the one below it is not
+     * sealed (cut to length) yet as far as this read knows. */
+    while (i > 0 && log->segs[i].base > snap.active_base)
+        i--;
     /* A file's name says where its records start, not that the segment
      * before it ends there: a segment left empty by a roll that died, or a
      * stray file, must not hide records of the one before.  Step back while
@@ -470,10 +488,19 @@ out:
     return r;
 }
 
+static int64_t truncate_impl(qlog_log *log, uint64_t seq);
+
 int64_t qlog_truncate_before(qlog_log *log, uint64_t seq)
 {
-    if (!log || log->closed)
+    if (log_enter(log))
         return QLOG_ECLOSED;
+    int64_t r = truncate_impl(log, seq);
+    log_leave(log);
+    return r;
+}
+
+static int64_t truncate_impl(qlog_log *log, uint64_t seq)
+{
     int r = lock_writer(log);
     if (r)
         return r;
@@ -512,10 +539,19 @@ int64_t qlog_truncate_before(qlog_log *log, uint64_t seq)
     return r ? r : deleted;
 }
 
+static int stats_impl(qlog_log *log, qlog_stats *out);
+
 int qlog_get_stats(qlog_log *log, qlog_stats *out)
 {
-    if (!log || log->closed)
+    if (log_enter(log))
         return QLOG_ECLOSED;
+    int r = stats_impl(log, out);
+    log_leave(log);
+    return r;
+}
+
+static int stats_impl(qlog_log *log, qlog_stats *out)
+{
     memset(out, 0, sizeof *out);
     uint64_t *bases;
     size_t n;
@@ -556,10 +592,19 @@ static void damage_add(qlog_damage *out, size_t max, int64_t *found, uint64_t ba
     (*found)++;
 }
 
+static int64_t verify_impl(qlog_log *log, qlog_damage *out, size_t max, uint64_t *records);
+
 int64_t qlog_verify(qlog_log *log, qlog_damage *out, size_t max, uint64_t *records)
 {
-    if (!log || log->closed)
+    if (log_enter(log))
         return QLOG_ECLOSED;
+    int64_t r = verify_impl(log, out, max, records);
+    log_leave(log);
+    return r;
+}
+
+static int64_t verify_impl(qlog_log *log, qlog_damage *out, size_t max, uint64_t *records)
+{
     uint64_t *bases;
     size_t n;
     int r = list_segments(log->dir, &bases, &n);

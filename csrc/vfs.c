@@ -39,13 +39,23 @@ static int64_t sys_pread(int fd, void *buf, size_t n, int64_t off)
     return r;
 }
 
+/* Writes all n bytes unless an error stops it: Linux moves at most about
+ * 2 GiB per call, and a signal may cut a write short. */
 static int64_t sys_pwrite(int fd, const void *buf, size_t n, int64_t off)
 {
-    ssize_t r;
-    do
-        r = pwrite(fd, buf, n, (off_t)off);
-    while (r < 0 && errno == EINTR);
-    return r;
+    size_t done = 0;
+    while (done < n) {
+        ssize_t r = pwrite(fd, (const char *)buf + done, n - done, (off_t)(off + (int64_t)done));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return done ? (int64_t)done : -1;
+        }
+        if (r == 0)
+            break;
+        done += (size_t)r;
+    }
+    return (int64_t)done;
 }
 
 static int sys_fdatasync(int fd) { return fdatasync(fd); }

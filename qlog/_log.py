@@ -158,7 +158,8 @@ class Log:
                 err = ffi.errno
                 raise errors.StorageError(err, f"cannot open log {self.path!r}: {os.strerror(err)}")
             _raise(rc, f"cannot open log {self.path!r}")
-        self._h = out[0]
+        # Freed when the last reference goes (a call racing close() holds one).
+        self._h = ffi.gc(out[0], lib.qlog_free)
         self._read_lock = threading.Lock()
         self._rcap = 0
         self._rbuf = None
@@ -187,10 +188,13 @@ class Log:
             raise errors.LogClosedError(f"log {self.path!r} is closed")
         if type(payload) is bytes:
             seq = lib.qlog_append1(h, payload, len(payload))
+            if seq < 0:
+                self._append_error(seq, len(payload))
         else:
-            seq = lib.qlog_append1(h, ffi.from_buffer(payload), len(payload))
-        if seq < 0:
-            self._append_error(seq, len(payload))
+            size = memoryview(payload).nbytes
+            seq = lib.qlog_append1(h, ffi.from_buffer(payload), size)
+            if seq < 0:
+                self._append_error(seq, size)
         return seq
 
     def append_batch(self, payloads: Sequence[BytesLike]) -> int:
@@ -212,15 +216,15 @@ class Log:
                 buf, lens = packed
             else:  # not all `bytes`: bytearray, memoryview, ...
                 buf = b"".join(payloads)
-                lens = array("I", map(len, payloads)).tobytes()
+                lens = array("I", [memoryview(p).nbytes for p in payloads]).tobytes()
         except OverflowError:
-            big = max(map(len, payloads))
+            big = max(memoryview(p).nbytes for p in payloads)
             raise errors.RecordTooLargeError(
                 f"record of {big} bytes is larger than the limit of {MAX_RECORD} bytes"
             ) from None
         seq = lib.qlog_append(h, buf, ffi.from_buffer("uint32_t[]", lens), n)
         if seq < 0:
-            self._append_error(seq, max(map(len, payloads)))
+            self._append_error(seq, max(memoryview(p).nbytes for p in payloads))
         return seq
 
     def _append_error(self, rc: int, size: int) -> None:
@@ -228,16 +232,16 @@ class Log:
             raise errors.RecordTooLargeError(
                 f"record of {size} bytes is larger than the limit of {MAX_RECORD} bytes"
             )
-        _raise(rc, f"append to {self.path!r} failed", self._h)
+        _raise(rc, f"append to {self.path!r} failed", self._h)  # None once closed: no errno
 
     def sync(self) -> None:
         """Make every record appended so far, by any process, durable.
 
         Returns after fdatasync."""
-        self._check()
-        rc = lib.qlog_sync(self._h)
+        h = self._handle()
+        rc = lib.qlog_sync(h)
         if rc:
-            _raise(rc, f"sync of {self.path!r} failed", self._h)
+            _raise(rc, f"sync of {self.path!r} failed", h)
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.flush_interval):
@@ -269,6 +273,9 @@ class Log:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         with self._read_lock:
+            h = self._h
+            if h is None:
+                raise errors.LogClosedError(f"log {self.path!r} is closed")
             if self._rmax < max_records:
                 self._rmax = max_records
                 self._rseqs = _alloc("uint64_t[]", max_records)
@@ -278,7 +285,7 @@ class Log:
                 self._rbuf = _alloc("char[]", self._rcap)
             while True:
                 n = lib.qlog_read(
-                    self._h, from_seq, max_records, max_bytes, self._rbuf, self._rcap,
+                    h, from_seq, max_records, max_bytes, self._rbuf, self._rcap,
                     self._rseqs, self._roffs, self._needed,
                 )
                 needed = self._needed[0]
@@ -290,7 +297,7 @@ class Log:
                     continue
                 break
             if n < 0:
-                _raise(n, f"read of {self.path!r} failed", self._h)
+                _raise(n, f"read of {self.path!r} failed", h)
             if n == 0:
                 return []
             return _unpack(
@@ -306,7 +313,13 @@ class Log:
         Sleeps on a futex: no polling."""
         self._check()
         ms = -1 if timeout is None else max(0, int(timeout * 1000))
-        return bool(lib.qlog_wait(self._h, seq, ms))
+        h = self._h
+        if h is None:
+            raise errors.LogClosedError(f"log {self.path!r} is closed")
+        rc = lib.qlog_wait(h, seq, ms)
+        if rc < 0:
+            _raise(rc, f"wait on {self.path!r} ended")
+        return bool(rc)
 
     # -- space -----------------------------------------------------------
 
@@ -315,10 +328,10 @@ class Log:
 
         Oldest first, so a crash part-way leaves a shorter log, never a
         hole.  Returns how many segments were deleted."""
-        self._check()
-        rc = lib.qlog_truncate_before(self._h, seq)
+        h = self._handle()
+        rc = lib.qlog_truncate_before(h, seq)
         if rc < 0:
-            _raise(rc, f"truncate_before({seq}) on {self.path!r} failed", self._h)
+            _raise(rc, f"truncate_before({seq}) on {self.path!r} failed", h)
         return rc
 
     # -- state -----------------------------------------------------------
@@ -334,9 +347,9 @@ class Log:
     def stats(self) -> LogStats:
         self._check()
         st = ffi.new("qlog_stats *")
-        rc = lib.qlog_get_stats(self._h, st)
+        rc = lib.qlog_get_stats(self._handle(), st)
         if rc:
-            _raise(rc, "stats failed", self._h)
+            _raise(rc, "stats failed")
         return LogStats(
             first_seq=st.first_seq,
             next_seq=st.next_seq,
@@ -357,9 +370,10 @@ class Log:
         self._check()
         out = ffi.new("qlog_damage[]", max_damage)
         recs = ffi.new("uint64_t *")
-        rc = lib.qlog_verify(self._h, out, max_damage, recs)
+        h = self._handle()
+        rc = lib.qlog_verify(h, out, max_damage, recs)
         if rc < 0:
-            _raise(rc, f"verify of {self.path!r} failed", self._h)
+            _raise(rc, f"verify of {self.path!r} failed", h)
         damage = [
             Damage(
                 segment=out[i].segment_base,
@@ -375,8 +389,13 @@ class Log:
     # -- lifetime --------------------------------------------------------
 
     def _check(self) -> None:
-        if self._h is None:
+        self._handle()
+
+    def _handle(self):  # type: ignore[no-untyped-def]
+        h = self._h
+        if h is None:
             raise errors.LogClosedError(f"log {self.path!r} is closed")
+        return h
 
     def close(self) -> None:
         """Close the handle ("interval" logs are synced first).  Idempotent."""
