@@ -8,6 +8,7 @@ numbers and an array of offsets.  Python never parses a record header.
 from __future__ import annotations
 
 import errno as _errno
+import logging
 import os
 import threading
 from array import array
@@ -37,6 +38,7 @@ _DAMAGE_KINDS = {
     lib.QLOG_DAMAGE_NOT_SEGMENT: "not-a-segment",
 }
 _alloc = ffi.new_allocator(should_clear_after_alloc=False)
+logger = logging.getLogger("qlog")
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,18 @@ class Log:
         self._roffs = None
         self._rmax = 0
         self._needed = ffi.new("uint64_t *")
+        st = self.stats()
+        if st.recovered_bytes_dropped:
+            logger.info(
+                "log %r: recovery dropped a torn tail of %d bytes (%d complete records of an "
+                "unfinished batch)", self.path, st.recovered_bytes_dropped,
+                st.recovered_records_dropped,
+            )
+        if st.corrupt_records:
+            logger.warning(
+                "log %r: %d damaged record(s) found on open; they are skipped, never returned "
+                "(Log.verify() lists them)", self.path, st.corrupt_records,
+            )
         self._closed = False
         self._stop = threading.Event()
         self._flusher: Optional[threading.Thread] = None
