@@ -384,7 +384,8 @@ typedef struct recovered {
  * Records damaged in the middle, with valid records after them, are kept
  * as they are (readers skip and count them): only the tail is dropped.
  */
-static int recover_active(qlog_log *log, uint64_t base, int rebooted, recovered *out)
+static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrite,
+                          recovered *out)
 {
     char path[4200];
     log_path(log, base, ".seg", path, sizeof path);
@@ -526,6 +527,27 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, recovered 
         qlog_sys.close(fd);
         return log_fail(log, QLOG_EIO);
     }
+    if (rewrite) {
+        /* See roll(): after a failed fsync the page cache may hold bytes the
+         * disk lost while marked clean; write them again so the fdatasync
+         * below really makes them durable. */
+        uint8_t *m = qlog_sys.mmap(NULL, valid_end, PROT_READ, MAP_SHARED, fd, 0);
+        uint8_t *bounce = malloc(1u << 20);
+        int ok = m != MAP_FAILED && bounce;
+        for (uint64_t off = QLOG_SEG_HEADER_SIZE; ok && off < valid_end;) {
+            uint64_t k = valid_end - off < (1u << 20) ? valid_end - off : (1u << 20);
+            memcpy(bounce, m + off, k);
+            ok = qlog_sys.pwrite(fd, bounce, k, (int64_t)off) == (int64_t)k;
+            off += k;
+        }
+        free(bounce);
+        if (m != MAP_FAILED)
+            qlog_sys.munmap(m, valid_end);
+        if (!ok) {
+            qlog_sys.close(fd);
+            return log_fail(log, QLOG_EIO);
+        }
+    }
     if (header_bad) {
         uint8_t hdr[QLOG_SEG_HEADER_SIZE];
         fmt_seg_header_encode(hdr, base, h.salt, h.created);
@@ -593,11 +615,16 @@ static void remove_tmp_files(qlog_log *log)
     closedir(d);
 }
 
+static int ctl_valid(const qlog_log *log);
+
 /* Rebuild the control block from the files.  Called with the `lock` file
  * held exclusively and no other process having the log open. */
 static int rebuild(qlog_log *log)
 {
     qlog_ctl *c = log->ctl;
+    /* An fsync that failed in this boot is not forgotten by reopening: the
+     * active segment is written again before recovery syncs it. */
+    int rewrite = ctl_valid(log) && LOAD(&c->rewrite_on_roll);
     memset(c, 0, sizeof *c);
     remove_tmp_files(log);
 
@@ -621,7 +648,7 @@ static int rebuild(qlog_log *log)
     recovered rec = {0, 0, 0, 0, 0};
     int have = 0;
     while (n > 0 && !have) {
-        r = recover_active(log, bases[n - 1], floor_applies, &rec);
+        r = recover_active(log, bases[n - 1], floor_applies, rewrite, &rec);
         if (r == QLOG_OK && n >= 2 && rec.valid_end == QLOG_SEG_HEADER_SIZE &&
             rec.next_seq == bases[n - 1]) {
             /* An empty last segment: a roll made it and may have died
