@@ -219,6 +219,11 @@ static void repair_writer(qlog_log *log)
         /* No space back: appends must allocate again (and report ENOSPC
          * cleanly) instead of storing past the end of the file. */
         c->alloc_end = (uint64_t)st.st_size > c->write_end ? (uint64_t)st.st_size : c->write_end;
+    /* A roll that died before publishing leaves pending_* naming a segment
+     * that was never made active (and was removed above). */
+    c->pending_base = c->active_base;
+    c->pending_salt = c->active_salt;
+    c->pending_cap = c->active_cap;
     if (c->pending_end > c->write_end) {
         uint64_t len = c->pending_end - c->write_end;
         uint8_t *z = calloc(1, len < (1u << 20) ? len : (1u << 20));
@@ -374,6 +379,19 @@ static uint64_t last_nonzero(const uint8_t *map, uint64_t from, uint64_t to)
     return from;
 }
 
+/* Overwrite [off, off+len) of fd with zeros (pwrite). */
+static int zero_range(int fd, uint64_t off, uint64_t len)
+{
+    static const uint8_t zeros[4096];
+    for (uint64_t done = 0; done < len;) {
+        uint64_t k = len - done < sizeof zeros ? len - done : sizeof zeros;
+        if (qlog_sys.pwrite(fd, zeros, k, (int64_t)(off + done)) != (int64_t)k)
+            return -1;
+        done += k;
+    }
+    return 0;
+}
+
 typedef struct recovered {
     uint64_t base, salt, cap, valid_end, next_seq;
 } recovered;
@@ -428,9 +446,6 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
     uint64_t off = QLOG_SEG_HEADER_SIZE, valid_end = off, batch_recs = 0;
     uint64_t last = 0, committed_last = 0, batch_start = off;
     int have_last = 0, have_committed = 0, in_batch = 0, orphans_follow = 0;
-    /* Ranges to zero: parts of batches broken by damage after a reboot. */
-    uint64_t zero_off[64], zero_len[64];
-    size_t nzero = 0;
     uint64_t orphan_bytes = 0, orphan_recs = 0;
     while (off + QLOG_REC_HEADER_SIZE <= fsize) {
         rec_view rv;
@@ -445,12 +460,13 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
             } else if (orphans_follow && rebooted) {
                 /* The rest of a batch whose start was lost with the
                  * damage before it. */
-                if (rebooted && nzero < 64) {
-                    zero_off[nzero] = off;
-                    zero_len[nzero++] = sz;
-                    orphan_bytes += sz;
-                    orphan_recs++;
+                if (zero_range(fd, off, sz) != 0) {
+                    qlog_sys.munmap(map, fsize);
+                    qlog_sys.close(fd);
+                    return log_fail(log, QLOG_EIO);
                 }
+                orphan_bytes += sz;
+                orphan_recs++;
                 off += sz;
                 continue;
             }
@@ -477,9 +493,12 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
          * is all or nothing: the parts of a batch the damage broke are
          * dropped.  Without a reboot only bit rot damages data in the
          * middle, and then only the damaged record is skipped. */
-        if (in_batch && rebooted && nzero < 64) {
-            zero_off[nzero] = batch_start;
-            zero_len[nzero++] = off - batch_start;
+        if (in_batch && rebooted) {
+            if (zero_range(fd, batch_start, off - batch_start) != 0) {
+                qlog_sys.munmap(map, fsize);
+                qlog_sys.close(fd);
+                return log_fail(log, QLOG_EIO);
+            }
             orphan_bytes += off - batch_start;
             orphan_recs += batch_recs;
         }
@@ -494,17 +513,6 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
     log->rec_bytes_dropped += dropped + orphan_bytes;
     log->rec_records_dropped += batch_recs + orphan_recs;
     qlog_sys.munmap(map, fsize);
-    for (size_t i = 0; i < nzero; i++) {
-        uint8_t zeros[4096] = {0};
-        for (uint64_t done = 0; done < zero_len[i];) {
-            uint64_t k = zero_len[i] - done < sizeof zeros ? zero_len[i] - done : sizeof zeros;
-            if (qlog_sys.pwrite(fd, zeros, k, (int64_t)(zero_off[i] + done)) != (int64_t)k) {
-                qlog_sys.close(fd);
-                return log_fail(log, QLOG_EIO);
-            }
-            done += k;
-        }
-    }
 
     /* Drop the torn tail: the file is cut at the last complete batch; the
      * space is then allocated again and reads back as zeros. */
@@ -624,8 +632,20 @@ static int rebuild(qlog_log *log)
     qlog_ctl *c = log->ctl;
     /* An fsync that failed in this boot is not forgotten by reopening: the
      * active segment is written again before recovery syncs it. */
-    int rewrite = ctl_valid(log) && LOAD(&c->rewrite_on_roll);
+    int rewrite = memcmp(c->magic, QLOG_CTL_MAGIC, 8) == 0 && c->version == QLOG_CTL_VERSION &&
+                  c->struct_size == sizeof *c && log->boot_id[0] &&
+                  strncmp(c->boot_id, log->boot_id, sizeof c->boot_id) == 0 &&
+                  LOAD(&c->rewrite_on_roll);
     memset(c, 0, sizeof *c);
+    if (rewrite) {
+        /* Kept (with what identifies this boot) until recovery succeeds:
+         * an open that fails half-way must not forget it. */
+        memcpy(c->magic, QLOG_CTL_MAGIC, 8);
+        c->version = QLOG_CTL_VERSION;
+        c->struct_size = sizeof *c;
+        memcpy(c->boot_id, log->boot_id, sizeof c->boot_id);
+        STORE(&c->rewrite_on_roll, 1);
+    }
     remove_tmp_files(log);
 
     uint64_t reserved = 0;
@@ -740,6 +760,7 @@ static int rebuild(qlog_log *log)
     c->written_seq = next;
     c->synced_seq = next;   /* recovery synced what it kept */
     c->seg_gen = 1;
+    STORE(&c->rewrite_on_roll, 0);   /* recovery rewrote and synced it */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     STORE(&c->initialized, 1);
     return QLOG_OK;
