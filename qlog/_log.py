@@ -13,7 +13,7 @@ import os
 import threading
 from array import array
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from . import errors
 from ._glue import pack as _pack, unpack as _unpack
