@@ -173,3 +173,131 @@ def test_readers_racing_a_writer_that_rolls_on_every_append_neither_crash_nor_se
     with qlog.Log(log_dir, durability="none", segment_bytes=ROLL_SEGMENT) as log:
         assert [s for s, _ in read_all(log)] == list(range(ROLL_APPENDS))
         assert log.stats().corrupt_records == 0
+
+
+# ---- a pending rewrite survives a reopen that fails ---------------------------
+
+import os   # noqa: E402
+from typing import Callable, Dict   # noqa: E402
+
+from _simvfs import fd_path   # noqa: E402
+from test_lifecycle import DroppingWriteback   # noqa: E402
+
+REWRITE_BOOT = "20212223-2425-4627-8829-2a2b2c2d2e2f"
+AFTER_CUT_BOOT = "30313233-3435-4637-8839-3a3b3c3d3e3f"
+
+
+class SegmentSyscalls(DroppingWriteback):
+    """``DroppingWriteback`` that fails the next ``fail_segment_syncs``
+    fdatasyncs of segment files (EIO, pages dropped) and notes, in order,
+    every pwrite to a segment (``("pwrite", name, off, n)``) and every
+    fdatasync of one (``("sync", name, ok)``)."""
+
+    def __init__(self, log_dir: str, shadow: str, boot_id: str) -> None:
+        super().__init__(log_dir, shadow, boot_id)
+        self.fail_segment_syncs = 0
+        self.events: List[tuple] = []
+
+    def hooks(self) -> Dict[str, Callable]:
+        return dict(super().hooks(), pwrite=self.pwrite)
+
+    def fdatasync(self, fd: int) -> int:
+        name = os.path.basename(fd_path(fd))
+        if name.endswith(".seg") and self.fail_segment_syncs > 0:
+            self.fail_segment_syncs -= 1
+            self.fail_next = True
+        r = super().fdatasync(fd)
+        if name.endswith(".seg"):
+            self.events.append(("sync", name, r == 0))
+        return r
+
+    def pwrite(self, fd: int, buf, n: int, off: int) -> int:
+        name = os.path.basename(fd_path(fd))
+        r = super().pwrite(fd, buf, n, off)
+        if name.endswith(".seg"):
+            self.events.append(("pwrite", name, off, r))
+        return r
+
+
+def test_reopen_after_a_reopen_failed_in_recovery_still_rewrites_the_segment_a_failed_fsync_dropped(
+        tmp_path) -> None:
+    """A failed fdatasync dropped the segment's dirty pages; an open whose
+    recovery then fails (its own fdatasync: EIO) must not forget that the
+    segment has to be written again.  The old engine cleared the control
+    block (and with it the pending rewrite) before recovery and lost it when
+    recovery failed, so the next open synced without a pwrite to the
+    segment and reported as synced a record that a power cut then lost."""
+    live, shadow, out = tmp_path / "live", tmp_path / "shadow", tmp_path / "after"
+    live.mkdir()
+    rec = SegmentSyscalls(str(live), str(shadow), REWRITE_BOOT)
+    with syscalls(**rec.hooks()):
+        log = qlog.Log(live, durability="sync")
+        acked = {log.append(b"acked-%d" % i): b"acked-%d" % i for i in range(3)}
+        rec.fail_segment_syncs = 1
+        with pytest.raises(qlog.StorageError):
+            log.append(b"raised" * 100)
+        assert rec.failed == 1 and rec.dropped, "the failed fdatasync dropped no page"
+        log.close()
+
+        rec.fail_segment_syncs = 1          # recovery's own fdatasync fails
+        with pytest.raises(qlog.StorageError):
+            qlog.Log(live, durability="sync")
+        assert rec.failed == 2, "the open did not fail in recovery's fdatasync of the segment"
+
+        rec.events.clear()
+        log = qlog.Log(live, durability="sync")
+        seen = dict(read_all(log))
+        st = log.stats()
+        events = list(rec.events)
+        materialise(str(live), str(shadow), str(out))   # the power goes now
+        log.close()
+    assert set(acked) <= set(seen), seen
+    assert st.synced_seq >= max(seen) + 1, st
+    ok_syncs = [i for i, e in enumerate(events) if e[0] == "sync" and e[2]]
+    assert ok_syncs, f"the open synced no segment: {events}"
+    rewrites = [e for e in events[:ok_syncs[0]] if e[0] == "pwrite" and e[3] > 0]
+    assert rewrites, f"the open synced the segment without writing it again first: {events}"
+    with syscalls(boot_id=boot_id_hook(AFTER_CUT_BOOT)):
+        with qlog.Log(out, durability="sync") as log:
+            after = dict(read_all(log))
+    lost = {seq: len(p) for seq, p in seen.items() if after.get(seq) != p}
+    assert not lost, f"records reported synced are gone after the power cut (seq: length): {lost}"
+
+
+# ---- more than 64 batches broken by damage after a reboot ---------------------
+
+
+@pytest.mark.parametrize("damaged", [0, 1, 2], ids=["first-record", "middle-record", "last-record"])
+def test_every_batch_broken_by_damage_after_a_reboot_is_dropped_whole_beyond_64_batches(
+        log_dir, damaged) -> None:
+    """After a reboot a batch broken by damage in the active segment is
+    dropped whole.  The old engine noted the broken parts in a fixed table
+    of 64 ranges and left every broken batch past it on disk, so its
+    intact records were served as half a batch."""
+    n_batches, per_batch = 160, 3
+    with qlog.Log(log_dir, durability="none") as log:
+        for i in range(n_batches):
+            assert log.append_batch([b"%04d-%d-" % (i, j) + b"x" * 90 for j in range(per_batch)]) == i * per_batch
+    (seg,) = segments(log_dir)
+    recs = records(seg)
+    assert len(recs) == n_batches * per_batch
+    broken = set(range(0, n_batches, 2))        # 80 broken batches, each with an intact neighbour after
+    for b in broken:
+        r = recs[b * per_batch + damaged]
+        flip_byte(seg, r.offset + r.size - 16, 0xFF)   # inside the payload
+    intact = [(r.seq, r.payload) for r in recs if r.seq // per_batch not in broken]
+
+    with syscalls(boot_id=boot_id_hook(BOOT_B)):      # the log was written under another boot id
+        with qlog.Log(log_dir, durability="none") as log:
+            st = log.stats()                          # what recovery found, before any read
+            got = read_all(log)
+            half = sorted({s // per_batch for s, _ in got if s // per_batch in broken})
+            assert not half, f"{len(half)} broken batches served in part, e.g. batches {half[:5]}"
+            assert got == intact
+            assert st.corrupt_records == len(broken), st
+            assert st.recovered_records_dropped == len(broken) * (per_batch - 1), st
+        with qlog.Log(log_dir, durability="none") as log:   # same boot: nothing comes back
+            assert read_all(log) == intact
+            seq = log.append(b"after")
+            assert seq >= n_batches * per_batch
+            assert log.read(seq) == [(seq, b"after")]
