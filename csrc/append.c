@@ -481,18 +481,46 @@ int qlog_dirty(qlog_log *log)
     return r;
 }
 
-static int wait_impl(qlog_log *log, uint64_t seq, int64_t timeout_ms);
+/* by_gen == 0: wait until a record >= seq is published;
+ * by_gen == 1: wait until the notify counter differs from gen. */
+static int wait_impl(qlog_log *log, uint64_t seq, int by_gen, uint32_t gen, int64_t timeout_ms);
 
 int qlog_wait(qlog_log *log, uint64_t seq, int64_t timeout_ms)
 {
     if (log_enter(log))
         return QLOG_ECLOSED;
-    int r = wait_impl(log, seq, timeout_ms);
+    int r = wait_impl(log, seq, 0, 0, timeout_ms);
     log_leave(log);
     return r;
 }
 
-static int wait_impl(qlog_log *log, uint64_t seq, int64_t timeout_ms)
+uint32_t qlog_notify_gen(qlog_log *log)
+{
+    if (log_enter(log))
+        return 0;
+    uint32_t v = LOAD(&log->ctl->notify);
+    log_leave(log);
+    return v;
+}
+
+void qlog_poke(qlog_log *log)
+{
+    if (log_enter(log))
+        return;
+    notify_readers(log->ctl);
+    log_leave(log);
+}
+
+int qlog_wait_gen(qlog_log *log, uint32_t gen, int64_t timeout_ms)
+{
+    if (log_enter(log))
+        return QLOG_ECLOSED;
+    int r = wait_impl(log, 0, 1, gen, timeout_ms);
+    log_leave(log);
+    return r;
+}
+
+static int wait_impl(qlog_log *log, uint64_t seq, int by_gen, uint32_t gen, int64_t timeout_ms)
 {
     qlog_ctl *c = log->ctl;
     struct timespec deadline, now, rel;
@@ -507,7 +535,7 @@ static int wait_impl(qlog_log *log, uint64_t seq, int64_t timeout_ms)
     }
     for (;;) {
         uint32_t v = LOAD(&c->notify);
-        if (LOAD(&c->written_seq) > seq)
+        if (by_gen ? v != gen : LOAD(&c->written_seq) > seq)
             return 1;
         if (LOAD(&log->closed))
             return QLOG_ECLOSED;
@@ -523,7 +551,7 @@ static int wait_impl(qlog_log *log, uint64_t seq, int64_t timeout_ms)
             tp = &rel;
         }
         __atomic_add_fetch(&c->waiters, 1, __ATOMIC_ACQ_REL);
-        if (LOAD(&c->written_seq) <= seq)
+        if (by_gen || LOAD(&c->written_seq) <= seq)
             futex(&c->notify, FUTEX_WAIT, v, tp);
         __atomic_sub_fetch(&c->waiters, 1, __ATOMIC_ACQ_REL);
     }

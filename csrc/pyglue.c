@@ -5,9 +5,12 @@
  * turn a batch into the engine's shape and back in one pass each, where
  * doing it with Python built-ins costs more than the engine's own work.
  *
- *   pack(payloads)  -> (joined: bytes, lengths: bytes of uint32) or None
+ *   pack(payloads, prefix=b"")
+ *                   -> (joined: bytes, lengths: bytes of uint32) or None
  *                      when an item is not `bytes` (the caller then falls
- *                      back to the buffer protocol path)
+ *                      back to the buffer protocol path); `prefix` is
+ *                      written before every payload (a queue's message
+ *                      header shared by a whole batch)
  *   unpack(data, seqs, offs, n) -> [(seq, payload bytes), ...]
  *                      data/seqs/offs are buffers as qlog_read fills them
  */
@@ -16,9 +19,14 @@
 #include <stdint.h>
 #include <string.h>
 
-static PyObject *pack(PyObject *self, PyObject *arg)
+static PyObject *pack(PyObject *self, PyObject *args)
 {
     (void)self;
+    PyObject *arg;
+    const char *pre = "";
+    Py_ssize_t plen = 0;
+    if (!PyArg_ParseTuple(args, "O|y#", &arg, &pre, &plen))
+        return NULL;
     PyObject *seq = PySequence_Fast(arg, "payloads must be a sequence of bytes-like objects");
     if (!seq)
         return NULL;
@@ -30,7 +38,7 @@ static PyObject *pack(PyObject *self, PyObject *arg)
             Py_DECREF(seq);
             Py_RETURN_NONE;
         }
-        Py_ssize_t len = PyBytes_GET_SIZE(items[i]);
+        Py_ssize_t len = PyBytes_GET_SIZE(items[i]) + plen;
         if ((uint64_t)len > UINT32_MAX) {
             Py_DECREF(seq);
             PyErr_Format(PyExc_OverflowError, "record of %zd bytes does not fit a 32-bit length", len);
@@ -50,10 +58,11 @@ static PyObject *pack(PyObject *self, PyObject *arg)
     char *lp = PyBytes_AS_STRING(lens);
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t len = PyBytes_GET_SIZE(items[i]);
-        uint32_t l32 = (uint32_t)len;
-        memcpy(dst, PyBytes_AS_STRING(items[i]), (size_t)len);
+        uint32_t l32 = (uint32_t)(len + plen);
+        memcpy(dst, pre, (size_t)plen);
+        memcpy(dst + plen, PyBytes_AS_STRING(items[i]), (size_t)len);
         memcpy(lp + 4 * i, &l32, 4);
-        dst += len;
+        dst += len + plen;
     }
     Py_DECREF(seq);
     PyObject *t = PyTuple_Pack(2, joined, lens);
@@ -108,7 +117,8 @@ out:
 }
 
 static PyMethodDef methods[] = {
-    {"pack", pack, METH_O, "pack(payloads) -> (joined, uint32 lengths) or None"},
+    {"pack", pack, METH_VARARGS,
+     "pack(payloads, prefix=b'') -> (joined, uint32 lengths) or None; prefix goes before each payload"},
     {"unpack", unpack, METH_VARARGS, "unpack(data, seqs, offs, n) -> [(seq, bytes), ...]"},
     {NULL, NULL, 0, NULL},
 };

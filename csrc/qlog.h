@@ -180,6 +180,16 @@ int  qlog_errno(qlog_log *log);
  * 0 on timeout, QLOG_ECLOSED when the handle is closed meanwhile.  Uses a futex in the shared control file: no polling. */
 int  qlog_wait(qlog_log *log, uint64_t seq, int64_t timeout_ms);
 
+/* Change notification, for waiting on more than new records (a queue's
+ * retries and acks): qlog_notify_gen reads the generation counter that every
+ * publish bumps; qlog_poke bumps it and wakes every waiter in every process;
+ * qlog_wait_gen blocks until the counter differs from gen or timeout_ms
+ * passes (negative: forever).  Returns 1 on a change, 0 on timeout,
+ * QLOG_ECLOSED when the handle is closed meanwhile. */
+uint32_t qlog_notify_gen(qlog_log *log);
+void qlog_poke(qlog_log *log);
+int  qlog_wait_gen(qlog_log *log, uint32_t gen, int64_t timeout_ms);
+
 /* A short English name for a status code. */
 const char *qlog_strerror(int code);
 

@@ -335,6 +335,26 @@ class Log:
             _raise(rc, f"wait on {self.path!r} ended")
         return bool(rc)
 
+    def notify_gen(self) -> int:
+        """The change counter that every append (by any process) and every
+        :meth:`poke` bumps; pass it to :meth:`wait_change`."""
+        return lib.qlog_notify_gen(self._handle())
+
+    def poke(self) -> None:
+        """Bump the change counter and wake every :meth:`wait_change` caller,
+        in every process."""
+        lib.qlog_poke(self._handle())
+
+    def wait_change(self, gen: int, timeout: Optional[float] = None) -> bool:
+        """Block until the change counter differs from ``gen`` (an append or a
+        :meth:`poke` by any process) or ``timeout`` seconds pass.  Returns
+        whether it changed.  Sleeps on a futex: no polling."""
+        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        rc = lib.qlog_wait_gen(self._handle(), gen, ms)
+        if rc < 0:
+            _raise(rc, f"wait on {self.path!r} ended")
+        return bool(rc)
+
     # -- space -----------------------------------------------------------
 
     def truncate_before(self, seq: int) -> int:
