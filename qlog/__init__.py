@@ -1,7 +1,8 @@
 """qlog: an embedded, durable message queue built on a C-accelerated,
 CRC-checked, segmented log.
 
-This release provides the log engine, :class:`Log`.
+``qlog.open(path)`` gives a :class:`Broker`, a directory of named queues
+with Cloudflare Queues' semantics; :class:`Log` is the engine beneath.
 """
 
 import os as _os
@@ -25,8 +26,19 @@ except ImportError:  # pragma: no cover - depends on how Python was started
     from . import _glue, _qlog_c  # noqa: F401
 
 from ._log import DURABILITY_MODES, MAX_RECORD, Damage, Log, LogStats, VerifyReport
+from ._message import DeadLetterInfo, Message, MessageBatch, MessageSendRequest
+from ._queue import Broker, Queue, QueueStats, open
+from ._settings import QueueSettings
 from .errors import (
+    BatchTooLargeError,
+    BodyTypeError,
+    ContentTypeError,
     CorruptStateError,
+    DelayOutOfRangeError,
+    InvalidQueueNameError,
+    MessageTooLargeError,
+    PickleNotAllowedError,
+    SettingsError,
     DiskFullError,
     FormatError,
     LogClosedError,
@@ -40,6 +52,15 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "open",
+    "Broker",
+    "Queue",
+    "QueueSettings",
+    "QueueStats",
+    "Message",
+    "MessageBatch",
+    "MessageSendRequest",
+    "DeadLetterInfo",
     "Log",
     "LogStats",
     "Damage",
@@ -55,4 +76,12 @@ __all__ = [
     "FormatError",
     "UnsupportedFilesystemError",
     "CorruptStateError",
+    "MessageTooLargeError",
+    "BatchTooLargeError",
+    "ContentTypeError",
+    "BodyTypeError",
+    "DelayOutOfRangeError",
+    "InvalidQueueNameError",
+    "SettingsError",
+    "PickleNotAllowedError",
 ]

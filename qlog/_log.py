@@ -211,11 +211,12 @@ class Log:
                 self._append_error(seq, size)
         return seq
 
-    def append_batch(self, payloads: Sequence[BytesLike]) -> int:
+    def append_batch(self, payloads: Sequence[BytesLike], prefix: bytes = b"") -> int:
         """Append records as one atomic batch; returns the first one's number.
 
         The others follow densely.  After any crash either the whole batch
-        is in the log or none of it is.  One call into C for the batch."""
+        is in the log or none of it is.  One call into C for the batch.
+        ``prefix``, when given, is stored before every payload."""
         h = self._h
         if h is None:
             raise errors.LogClosedError(f"log {self.path!r} is closed")
@@ -225,10 +226,12 @@ class Log:
         if n == 0:
             raise ValueError("append_batch needs at least one record, got an empty batch")
         try:
-            packed = _pack(payloads)
+            packed = _pack(payloads, prefix)
             if packed is not None:
                 buf, lens = packed
             else:  # not all `bytes`: bytearray, memoryview, ...
+                if prefix:
+                    payloads = [prefix + bytes(p) for p in payloads]
                 buf = b"".join(payloads)
                 lens = array("I", [memoryview(p).nbytes for p in payloads]).tobytes()
         except OverflowError:
@@ -238,7 +241,7 @@ class Log:
             ) from None
         seq = lib.qlog_append(h, buf, ffi.from_buffer("uint32_t[]", lens), n)
         if seq < 0:
-            self._append_error(seq, max(memoryview(p).nbytes for p in payloads))
+            self._append_error(seq, len(prefix) + max(memoryview(p).nbytes for p in payloads))
         return seq
 
     def _append_error(self, rc: int, size: int) -> None:

@@ -15,6 +15,14 @@ __all__ = [
     "UnsupportedFilesystemError",
     "CorruptStateError",
     "StorageError",
+    "MessageTooLargeError",
+    "BatchTooLargeError",
+    "ContentTypeError",
+    "BodyTypeError",
+    "DelayOutOfRangeError",
+    "InvalidQueueNameError",
+    "SettingsError",
+    "PickleNotAllowedError",
 ]
 
 
@@ -58,3 +66,38 @@ class UnsupportedFilesystemError(QlogError):
 
 class CorruptStateError(QlogError):
     """The shared control file is damaged while other processes use it."""
+
+
+class MessageTooLargeError(RecordTooLargeError):
+    """A message body is larger than its queue's ``max_message_size``."""
+
+
+class BatchTooLargeError(QlogError, ValueError):
+    """A ``send_batch`` or ``pull`` asked for more messages (or bytes) than the limit it names."""
+
+
+class ContentTypeError(QlogError, ValueError):
+    """An unknown ``content_type``; the message names the known ones."""
+
+
+class BodyTypeError(QlogError, TypeError):
+    """A body does not serialise for its content type (``text`` needs a
+    ``str``, ``bytes`` a bytes-like object, ``json`` a JSON-serialisable
+    value)."""
+
+
+class DelayOutOfRangeError(QlogError, ValueError):
+    """A ``delay_seconds`` outside 0 to 86,400 (24 hours)."""
+
+
+class InvalidQueueNameError(QlogError, ValueError):
+    """A queue name that is not 1 to 63 characters of ``[A-Za-z0-9_-]``."""
+
+
+class SettingsError(QlogError, ValueError):
+    """An unknown setting, a setting of the wrong type, or one out of range."""
+
+
+class PickleNotAllowedError(QlogError, ValueError):
+    """A ``pickle`` body sent to or received from a queue that has not opted
+    in with ``allow_pickle=True``."""

@@ -1,0 +1,294 @@
+"""Messages: the bytes a queue stores per message, and the objects a consumer gets.
+
+A message is one record of its queue's message log::
+
+    +---------+--------------+-----------+-----------+-------------------+
+    | version | content type | flags     | delay ms  | sent (µs, epoch)  |
+    | u8 = 1  | u8           | u16       | u32       | i64               |
+    +---------+--------------+-----------+-----------+-------------------+
+    then, when flags & DEAD_LETTER: u32 length + that many bytes of JSON
+    (original id, queue, attempts, timestamp, when dead-lettered),
+    then the body, encoded for its content type.
+
+All fields little-endian; the header is 16 bytes (docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+from . import errors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._queue import Queue
+
+HEADER = struct.Struct("<BBHIq")
+VERSION = 1
+FLAG_DEAD_LETTER = 1
+
+CONTENT_TYPES = {"json": 0, "text": 1, "bytes": 2, "pickle": 3}
+CT_JSON, CT_TEXT, CT_BYTES, CT_PICKLE = 0, 1, 2, 3
+_CT_NAMES = {v: k for k, v in CONTENT_TYPES.items()}
+
+_json_encode = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, check_circular=True, separators=(",", ":")
+).encode
+
+
+def content_type_code(content_type: object) -> int:
+    code = CONTENT_TYPES.get(content_type) if isinstance(content_type, str) else None
+    if code is None:
+        raise errors.ContentTypeError(
+            f"unknown content_type {content_type!r}: use one of 'json', 'text', 'bytes', 'pickle'"
+        )
+    return code
+
+
+def encode_body(body: Any, ct: int) -> bytes:
+    """The stored bytes of a body; :class:`~qlog.errors.BodyTypeError` when
+    the body does not fit its content type."""
+    if ct == CT_JSON:
+        try:
+            return _json_encode(body).encode("utf-8")
+        except (TypeError, ValueError, RecursionError) as e:
+            raise errors.BodyTypeError(
+                f"body is not JSON-serialisable for content_type 'json': {e}"
+            ) from None
+        except UnicodeEncodeError as e:
+            raise errors.BodyTypeError(f"body has text that is not valid Unicode: {e}") from None
+    if ct == CT_BYTES:
+        if type(body) is bytes:
+            return body
+        if isinstance(body, (bytearray, memoryview)):
+            return bytes(body)
+        raise errors.BodyTypeError(
+            f"content_type 'bytes' needs a bytes-like body, got {type(body).__name__}"
+        )
+    if ct == CT_TEXT:
+        if not isinstance(body, str):
+            raise errors.BodyTypeError(
+                f"content_type 'text' needs a str body, got {type(body).__name__}"
+            )
+        try:
+            return body.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise errors.BodyTypeError(f"text body is not valid Unicode: {e}") from None
+    try:
+        return pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:  # pickle raises many kinds
+        raise errors.BodyTypeError(f"body cannot be pickled: {e}") from None
+
+
+def decode_body(data: bytes, ct: int, allow_pickle: bool) -> Any:
+    if ct == CT_JSON:
+        return json.loads(data)
+    if ct == CT_BYTES:
+        return data
+    if ct == CT_TEXT:
+        return data.decode("utf-8")
+    if ct == CT_PICKLE:
+        if not allow_pickle:
+            raise errors.PickleNotAllowedError(
+                "message has content_type 'pickle' but the queue was opened without "
+                "allow_pickle=True (unpickling untrusted data can run arbitrary code)"
+            )
+        return pickle.loads(data)
+    raise errors.ContentTypeError(f"message has unknown content type code {ct}")
+
+
+def split(payload: bytes) -> Tuple[int, int, int, int, Optional[dict], int]:
+    """(content type, flags, delay ms, sent µs, dead-letter metadata, body offset)."""
+    ver, ct, flags, delay, sent = HEADER.unpack_from(payload)
+    if ver != VERSION:
+        raise errors.FormatError(f"message format version {ver} is not supported (only {VERSION})")
+    off = HEADER.size
+    meta = None
+    if flags & FLAG_DEAD_LETTER:
+        (n,) = struct.unpack_from("<I", payload, off)
+        meta = json.loads(payload[off + 4:off + 4 + n])
+        off += 4 + n
+    return ct, flags, delay, sent, meta, off
+
+
+@dataclass(frozen=True)
+class MessageSendRequest:
+    """One message of a ``send_batch`` with its own options."""
+
+    body: Any
+    content_type: Optional[str] = None
+    delay_seconds: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class DeadLetterInfo:
+    """Where a dead-lettered message came from (``Message.dead_letter``)."""
+
+    queue: str
+    """The queue the message failed on."""
+    attempts: int
+    """Deliveries made there."""
+    dead_lettered_at: datetime
+
+
+_ACK, _RETRY = 1, 2
+
+
+class Message:
+    """A message delivered by :meth:`Queue.pull` (or shown by :meth:`Queue.peek`).
+
+    ``id``, ``timestamp`` (when it was sent, UTC), ``body`` (decoded back to
+    what was sent), ``attempts`` (1 on the first delivery).  ``ack()`` and
+    ``retry()``: the first call wins."""
+
+    __slots__ = ("_q", "_seq", "attempts", "_payload", "_outcome", "_body", "_split", "_id")
+
+    def __init__(self, q: Optional["Queue"], seq: int, attempts: int, payload: bytes, idpre: str) -> None:
+        self._q = q
+        self._seq = seq
+        self.attempts = attempts
+        self._payload = payload
+        self._outcome = 0
+        self._split: Optional[tuple] = None
+        self._id = idpre
+
+    def _parts(self) -> tuple:
+        sp = self._split
+        if sp is None:
+            sp = self._split = split(self._payload)
+        return sp
+
+    @property
+    def id(self) -> str:
+        meta = self._parts()[4]
+        if meta is not None:
+            return meta["id"]
+        return f"{self._id}{self._seq:016x}"
+
+    @property
+    def timestamp(self) -> datetime:
+        meta = self._parts()[4]
+        us = meta["sent_us"] if meta is not None else self._parts()[3]
+        return datetime.fromtimestamp(us / 1e6, tz=timezone.utc)
+
+    @property
+    def content_type(self) -> str:
+        return _CT_NAMES.get(self._parts()[0], "unknown")
+
+    @property
+    def body(self) -> Any:
+        try:
+            return self._body
+        except AttributeError:
+            ct, _f, _d, _s, _m, off = self._parts()
+            allow = self._q.settings.allow_pickle if self._q is not None else False
+            b = self._body = decode_body(self._payload[off:], ct, allow)
+            return b
+
+    @property
+    def dead_letter(self) -> Optional[DeadLetterInfo]:
+        """Set on a message in a dead-letter queue: where it failed."""
+        meta = self._parts()[4]
+        if meta is None:
+            return None
+        return DeadLetterInfo(
+            queue=meta["queue"], attempts=meta["attempts"],
+            dead_lettered_at=datetime.fromtimestamp(meta["dead_us"] / 1e6, tz=timezone.utc),
+        )
+
+    def ack(self) -> None:
+        """Mark the message done: it is never delivered again (unless a
+        power cut takes the ack before it was synced).  Returns once the ack
+        is in the kernel.  A no-op after an earlier ``ack`` or ``retry``."""
+        if self._outcome:
+            return
+        q = self._live()
+        self._outcome = _ACK
+        q._ack([self._seq])
+
+    def retry(self, delay_seconds: Optional[float] = None) -> None:
+        """Deliver the message again after ``delay_seconds`` (default: the
+        queue's ``retry_delay``), with ``attempts + 1``; after ``max_retries``
+        retries it goes to the dead-letter queue.  A no-op after an earlier
+        ``ack`` or ``retry``."""
+        if self._outcome:
+            return
+        q = self._live()
+        delay = q._retry_delay_us(delay_seconds)
+        self._outcome = _RETRY
+        q._retry([self], delay)
+
+    def _live(self) -> "Queue":
+        if self._q is None:
+            raise errors.QlogError("a message shown by peek() cannot be acked or retried")
+        return self._q
+
+    def __repr__(self) -> str:
+        return f"Message(id={self.id!r}, attempts={self.attempts})"
+
+
+class MessageBatch:
+    """Messages delivered together; ``queue`` is the queue's name."""
+
+    __slots__ = ("queue", "messages", "_q")
+
+    def __init__(self, q: "Queue", messages: List[Message]) -> None:
+        self._q = q
+        self.queue = q.name
+        self.messages = messages
+
+    def ack_all(self) -> None:
+        """Ack every message not already acked or retried, in one journal write."""
+        todo = [m for m in self.messages if not m._outcome]
+        if not todo:
+            return
+        for m in todo:
+            m._outcome = _ACK
+        self._q._ack([m._seq for m in todo])
+
+    def retry_all(self, delay_seconds: Optional[float] = None) -> None:
+        """Retry every message not already acked or retried."""
+        todo = [m for m in self.messages if not m._outcome]
+        if not todo:
+            return
+        delay = self._q._retry_delay_us(delay_seconds)
+        for m in todo:
+            m._outcome = _RETRY
+        self._q._retry(todo, delay)
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.messages)
+
+    def __bool__(self) -> bool:
+        return bool(self.messages)
+
+    def __repr__(self) -> str:
+        return f"MessageBatch(queue={self.queue!r}, messages={len(self.messages)})"
+
+
+def dead_letter_payload(payload: bytes, msg_id: str, queue: str, attempts: int, now_us: int) -> bytes:
+    """The record a message becomes in its dead-letter queue: same body and
+    content type, the original id and timestamp in the metadata, `sent` set
+    to now (retention there counts from the move)."""
+    ct, flags, _delay, sent, meta, off = split(payload)
+    if meta is not None:  # a dead-letter queue's own dead letters keep the first origin
+        sent = meta["sent_us"]
+    info = json.dumps(
+        {"id": msg_id, "queue": queue, "attempts": attempts, "sent_us": sent, "dead_us": now_us},
+        separators=(",", ":"),
+    ).encode()
+    return (
+        HEADER.pack(VERSION, ct, FLAG_DEAD_LETTER, 0, now_us)
+        + struct.pack("<I", len(info)) + info + payload[off:]
+    )
+
+
+Encoder = Callable[[Any], bytes]
+Settings = Dict[str, Any]

@@ -1,0 +1,854 @@
+"""Broker and Queue: Cloudflare Queues' semantics on the log engine.
+
+A broker is a directory; each queue is a subdirectory holding::
+
+    messages/    the message log (one record per message, _message.py)
+    state/       the state journal: leases, acks, retries (_state.py)
+    checkpoint   the state at one journal position (so replay stays short)
+    lock         flock'd while pulling, purging or checkpointing
+    queue.json   the queue's id prefix and creation time
+
+Sending touches only the message log.  Pulling takes the queue's lock,
+brings this process's replica of the state up to date with the journal,
+picks the messages, and writes one journal record that leases them, so no
+two consumers (threads or processes) hold one message at once.  Acks and
+retries are journal records written without the lock; every replica applies
+every record in journal order, so all of them agree.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from . import errors
+from ._log import Log
+from ._message import (
+    CONTENT_TYPES,
+    CT_BYTES,
+    CT_JSON,
+    CT_PICKLE,
+    HEADER,
+    VERSION,
+    Message,
+    MessageBatch,
+    MessageSendRequest,
+    content_type_code,
+    dead_letter_payload,
+    encode_body,
+    split,
+)
+from ._settings import (
+    MAX_DELAY,
+    MAX_PULL_BATCH,
+    MAX_SEND_BATCH,
+    QueueSettings,
+    check_name,
+    load_toml,
+    resolve,
+    validate,
+)
+from ._state import ATT, DUE, LEASED, SENT, QueueState, encode, read_checkpoint, write_checkpoint
+
+logger = logging.getLogger("qlog")
+
+DATA_FORMAT = 1
+_FORMAT_FILE = "qlog-format"
+_JOURNAL_SEGMENT = 16 << 20
+_SCAN_LIMIT = 10_000  # messages a pull looks past (delayed ones) before returning
+_unpack_header = HEADER.unpack_from
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """A snapshot of a queue (``Queue.stats()``)."""
+
+    backlog: int
+    """Messages not yet done: waiting, in flight or delayed."""
+    in_flight: int
+    """Leased to a consumer whose visibility timeout has not run out."""
+    delayed: int
+    """Waiting out a retry delay or a delivery delay already seen by a consumer."""
+    acked: int
+    dead_lettered: int
+    """Moved to the dead-letter queue after max_retries."""
+    deleted: int
+    """Failed max_retries times with no dead-letter queue: deleted."""
+    expired: int
+    """Dropped by message_retention."""
+    purged: int
+    oldest_age: Optional[float]
+    """Seconds since the oldest message not yet done was sent; None when empty."""
+
+
+def _delay_us(value: Optional[float], default: float, what: str) -> int:
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_DELAY:
+        raise errors.DelayOutOfRangeError(
+            f"{what} must be a number of seconds from 0 to {MAX_DELAY} (24 hours), got {value!r}"
+        )
+    return int(value * 1_000_000)
+
+
+class Queue:
+    """A named, durable queue in a :class:`Broker`'s directory.  Safe to
+    share between threads; any number of processes may open it at once."""
+
+    def __init__(self, broker: "Broker", name: str, settings: QueueSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self._broker = broker
+        self._clock = broker._clock
+        self._dir = os.path.join(broker.path, "queues", name)
+        os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        self._idpre = self._identity()
+        self.durability = settings.durability or broker.durability
+        self._msgs = Log(
+            os.path.join(self._dir, "messages"),
+            durability=self.durability,
+            segment_bytes=settings.segment_bytes,
+        )
+        try:
+            # Acks and leases need no fsync of their own: losing one to a
+            # power cut means a redelivery, which at-least-once allows.
+            self._journal = Log(
+                os.path.join(self._dir, "state"),
+                durability="none" if self.durability == "none" else "interval",
+                segment_bytes=_JOURNAL_SEGMENT,
+            )
+        except BaseException:
+            self._msgs.close()
+            raise
+        self._lockfd = os.open(os.path.join(self._dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        self._mu = threading.RLock()
+        self._st: Optional[QueueState] = None
+        self._ckpt_path = os.path.join(self._dir, "checkpoint")
+        self._ckpt_pos = 0
+        self._next_sweep = 0.0
+        self._closed = False
+
+    def _identity(self) -> str:
+        """The queue's id prefix, created once (atomically, whoever is first)."""
+        path = os.path.join(self._dir, "queue.json")
+        try:
+            with io.open(path, "rb") as f:
+                return json.loads(f.read())["id_prefix"]
+        except FileNotFoundError:
+            pass
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        doc = {"id_prefix": secrets.token_hex(8), "created": time.time(), "format": DATA_FORMAT}
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(doc).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process made it first
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        _fsync_dir(self._dir)
+        with io.open(path, "rb") as f:
+            return json.loads(f.read())["id_prefix"]
+
+    def _now_us(self) -> int:
+        return int(self._clock() * 1_000_000)
+
+    # -- producing -------------------------------------------------------
+
+    def send(self, body: Any, *, content_type: str = "json", delay_seconds: Optional[float] = None) -> str:
+        """Send one message; returns its id.
+
+        Returns once the message is on stable storage (durability "sync",
+        shared fsync with every concurrent sender) or in the kernel
+        ("interval", "none").  Bad input raises before anything is written."""
+        ct = content_type_code(content_type)
+        if ct == CT_PICKLE and not self.settings.allow_pickle:
+            raise errors.PickleNotAllowedError(
+                f"queue {self.name!r} does not accept content_type 'pickle': open it with "
+                "allow_pickle=True (unpickling untrusted data can run arbitrary code)"
+            )
+        data = encode_body(body, ct)
+        limit = self.settings.max_message_size
+        if len(data) > limit:
+            raise errors.MessageTooLargeError(
+                f"message body of {len(data)} bytes is larger than max_message_size "
+                f"{limit} bytes of queue {self.name!r}"
+            )
+        delay = _delay_us(delay_seconds, self.settings.delivery_delay, "delay_seconds")
+        now = self._now_us()
+        seq = self._msgs.append(HEADER.pack(VERSION, ct, 0, delay // 1000, now) + data)
+        if now > self._next_sweep:
+            self._sweep(now)
+        return f"{self._idpre}{seq:016x}"
+
+    def send_batch(
+        self,
+        messages: Iterable[Union[Any, MessageSendRequest]],
+        *,
+        content_type: str = "json",
+        delay_seconds: Optional[float] = None,
+    ) -> List[str]:
+        """Send up to 1,000 messages as one atomic, durable write: after any
+        crash all of them are in the queue or none.  Items are bodies (of
+        ``content_type``) or :class:`MessageSendRequest` with their own
+        options.  Returns the ids in order."""
+        if not isinstance(messages, (list, tuple)):
+            messages = list(messages)
+        n = len(messages)
+        if n == 0:
+            raise errors.BatchTooLargeError("send_batch needs 1 to 1000 messages, got none")
+        if n > MAX_SEND_BATCH:
+            raise errors.BatchTooLargeError(
+                f"send_batch of {n} messages is more than the limit of {MAX_SEND_BATCH}"
+            )
+        ct = content_type_code(content_type)
+        delay = _delay_us(delay_seconds, self.settings.delivery_delay, "delay_seconds")
+        allow_pickle = self.settings.allow_pickle
+        limit = self.settings.max_message_size
+        now = self._now_us()
+        if ct == CT_PICKLE and not allow_pickle:
+            self._refuse_pickle()
+        plain = not any(type(m) is MessageSendRequest for m in messages)
+        if plain:
+            if ct == CT_BYTES and all(type(m) is bytes for m in messages):
+                bodies: Sequence[bytes] = messages  # type: ignore[assignment]
+            elif ct == CT_JSON:
+                bodies = [self._encode_at(m, ct, i) for i, m in enumerate(messages)]
+            else:
+                bodies = [self._encode_at(m, ct, i) for i, m in enumerate(messages)]
+            big = max(map(len, bodies))
+            if big > limit:
+                i = next(i for i, b in enumerate(bodies) if len(b) > limit)
+                self._too_large(i, len(bodies[i]), limit)
+            seq = self._msgs.append_batch(bodies, HEADER.pack(VERSION, ct, 0, delay // 1000, now))
+        else:
+            payloads = []
+            for i, m in enumerate(messages):
+                if type(m) is MessageSendRequest:
+                    mct = ct if m.content_type is None else content_type_code(m.content_type)
+                    if mct == CT_PICKLE and not allow_pickle:
+                        self._refuse_pickle()
+                    mdelay = delay if m.delay_seconds is None else _delay_us(
+                        m.delay_seconds, 0, f"delay_seconds of message {i}"
+                    )
+                    data = self._encode_at(m.body, mct, i)
+                else:
+                    mct, mdelay, data = ct, delay, self._encode_at(m, ct, i)
+                if len(data) > limit:
+                    self._too_large(i, len(data), limit)
+                payloads.append(HEADER.pack(VERSION, mct, 0, mdelay // 1000, now) + data)
+            seq = self._msgs.append_batch(payloads)
+        if now > self._next_sweep:
+            self._sweep(now)
+        pre = self._idpre
+        return [f"{pre}{s:016x}" for s in range(seq, seq + n)]
+
+    def _encode_at(self, body: Any, ct: int, i: int) -> bytes:
+        try:
+            return encode_body(body, ct)
+        except errors.BodyTypeError as e:
+            raise errors.BodyTypeError(f"message {i} of the batch: {e}") from None
+
+    def _too_large(self, i: int, size: int, limit: int) -> None:
+        raise errors.MessageTooLargeError(
+            f"message {i} of the batch has a body of {size} bytes, larger than "
+            f"max_message_size {limit} bytes of queue {self.name!r}; nothing was sent"
+        )
+
+    def _refuse_pickle(self) -> None:
+        raise errors.PickleNotAllowedError(
+            f"queue {self.name!r} does not accept content_type 'pickle': open it with "
+            "allow_pickle=True (unpickling untrusted data can run arbitrary code)"
+        )
+
+    # -- consuming -------------------------------------------------------
+
+    def pull(
+        self,
+        batch_size: Optional[int] = None,
+        visibility_timeout: Optional[float] = None,
+        *,
+        wait: float = 0.0,
+    ) -> MessageBatch:
+        """Lease up to ``batch_size`` visible messages (default
+        ``max_batch_size``, at most 1,000) for ``visibility_timeout``
+        seconds (default the queue's).  Returns at once, with an empty batch
+        when nothing is visible, unless ``wait`` seconds are given: then it
+        blocks until a message can be delivered (a send, retry or expiry in
+        any process wakes it) or the time is up.
+
+        A message neither acked nor retried before its lease runs out is
+        delivered again with ``attempts + 1``."""
+        n = self.settings.max_batch_size if batch_size is None else batch_size
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PULL_BATCH:
+            raise errors.BatchTooLargeError(
+                f"batch_size must be an integer from 1 to {MAX_PULL_BATCH}, got {batch_size!r}"
+            )
+        vt = self.settings.visibility_timeout if visibility_timeout is None else visibility_timeout
+        validate({"visibility_timeout": vt}, "passed to pull()")
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 43_200:
+            raise errors.SettingsError(f"wait must be from 0 to 43200 seconds, got {wait!r}")
+        vt_us = int(vt * 1_000_000)
+        end = time.monotonic() + wait
+        while True:
+            gen = self._msgs.notify_gen() if wait > 0 else 0
+            got, next_due = self._pull_once(n, vt_us)
+            if got or wait <= 0:
+                return MessageBatch(self, got)
+            left = end - time.monotonic()
+            if left <= 0:
+                return MessageBatch(self, got)
+            if next_due is not None:
+                left = min(left, max(0.0, (next_due - self._now_us()) / 1e6) + 0.001)
+            self._msgs.wait_change(gen, left)
+
+    def _pull_once(self, n: int, vt_us: int) -> Tuple[List[Message], Optional[int]]:
+        with self._mu, self._locked():
+            st = self._state()
+            now = self._now_us()
+            s = self.settings
+            ret_us = None if s.message_retention is None else int(s.message_retention * 1_000_000)
+            max_att = s.max_retries + 1
+            deadline = now + vt_us
+            pending = st.pending
+            re: List[int] = []
+            re_att: List[int] = []
+            exp: List[int] = []
+            dead: List[int] = []
+            dead_att: List[int] = []
+            cands = st.due_candidates(now, n)
+            for sq in cands:
+                e = pending[sq]
+                if ret_us is not None and e[SENT] + ret_us <= now:
+                    exp.append(sq)
+                elif e[ATT] >= max_att:
+                    dead.append(sq)
+                    dead_att.append(e[ATT])
+                else:
+                    re.append(sq)
+                    re_att.append(e[ATT] + 1)
+            new: List[int] = []
+            new_sent: List[int] = []
+            new_pl: List[bytes] = []
+            dfr: List[int] = []
+            dfr_due: List[int] = []
+            dfr_sent: List[int] = []
+            frm = cur = st.cursor
+            need = n - len(re)
+            scanned = 0
+            try:
+                while need > 0 and scanned < _SCAN_LIMIT:
+                    recs = self._msgs.read(cur, max_records=need)
+                    if not recs:
+                        break
+                    for sq, p in recs:
+                        _v, _ct, _f, dly, sent = _unpack_header(p)
+                        if ret_us is not None and sent + ret_us <= now:
+                            exp.append(sq)
+                        elif dly and sent + dly * 1000 > now:
+                            dfr.append(sq)
+                            dfr_due.append(sent + dly * 1000)
+                            dfr_sent.append(sent)
+                        else:
+                            new.append(sq)
+                            new_sent.append(sent)
+                            new_pl.append(p)
+                            need -= 1
+                    scanned += len(recs)
+                    cur = recs[-1][0] + 1
+                re_pl = [self._payload(sq) for sq in re]
+                to_dlq = 0
+                if dead:
+                    to_dlq = self._dead_letter(dead, dead_att, now)
+                if not (new or re or dfr or exp or dead) and cur == frm:
+                    return [], st.next_due()
+                rec = encode(
+                    b"P", (deadline, frm, cur, to_dlq),
+                    [new, new_sent, re, re_att, dfr, dfr_due, dfr_sent, exp, dead],
+                )
+                js = self._journal.append(rec)
+            except BaseException:
+                st.requeue(cands)
+                raise
+            if js == st.applied:
+                st.apply_pull(deadline, frm, cur, to_dlq, new, new_sent, re, re_att,
+                              dfr, dfr_due, dfr_sent, exp, dead)
+                st.applied = js + 1
+                got_new = new
+                got_re = re
+            else:
+                # Others' acks or retries landed in between: replay them in
+                # order, then deliver only the leases that took effect.
+                self._catch_up()
+                st = self._st  # type: ignore[assignment]
+                pending = st.pending
+                got_new = [q for q in new if _holds(pending.get(q), 1, deadline)]
+                keep = set(got_new)
+                new_pl = [p for q, p in zip(new, new_pl) if q in keep]
+                got_re = []
+                kept_pl = []
+                for q, a, p in zip(re, re_att, re_pl):
+                    if _holds(pending.get(q), a, deadline):
+                        got_re.append(q)
+                        kept_pl.append(p)
+                re_pl = kept_pl
+            out: List[Message] = []
+            pre = self._idpre
+            lost = []
+            for q, p in zip(got_re, re_pl):
+                if p is None:
+                    lost.append(q)
+                else:
+                    out.append(Message(self, q, pending[q][ATT], p, pre))
+            out.extend([Message(self, q, 1, p, pre) for q, p in zip(got_new, new_pl)])
+            if lost:
+                logger.warning("queue %r: messages %s are missing from the message log "
+                               "(damaged or deleted); dropping them", self.name, lost)
+                self._ack(lost)
+            if st.applied - self._ckpt_pos >= self._broker.checkpoint_every:
+                self._checkpoint_locked()
+            return out, st.next_due()
+
+    def _payload(self, seq: int) -> Optional[bytes]:
+        recs = self._msgs.read(seq, max_records=1)
+        if recs and recs[0][0] == seq:
+            return recs[0][1]
+        return None
+
+    def peek(self, n: int = 10) -> List[Message]:
+        """Up to ``n`` messages not yet done, oldest first, without leasing
+        or changing them.  Their ``attempts`` is the deliveries so far; they
+        cannot be acked or retried."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PULL_BATCH:
+            raise errors.BatchTooLargeError(f"peek takes 1 to {MAX_PULL_BATCH} messages, got {n!r}")
+        with self._mu:
+            st = self._state()
+            out: List[Message] = []
+            for sq in sorted(st.pending)[:n]:
+                p = self._payload(sq)
+                if p is not None:
+                    out.append(Message(None, sq, st.pending[sq][ATT], p, self._idpre))
+            cur = st.cursor
+            while len(out) < n:
+                recs = self._msgs.read(cur, max_records=n - len(out))
+                if not recs:
+                    break
+                out.extend(Message(None, sq, 0, p, self._idpre) for sq, p in recs)
+                cur = recs[-1][0] + 1
+            return out
+
+    def stats(self) -> QueueStats:
+        """Counts of the queue's messages as every process sees them."""
+        with self._mu:
+            st = self._state()
+            now = self._now_us()
+            in_flight = delayed = 0
+            oldest = None
+            for e in st.pending.values():
+                if e[DUE] > now:
+                    if e[LEASED]:
+                        in_flight += 1
+                    else:
+                        delayed += 1
+                if oldest is None or e[SENT] < oldest:
+                    oldest = e[SENT]
+            unscanned = max(0, self._msgs.next_seq - st.cursor)
+            if unscanned:
+                recs = self._msgs.read(st.cursor, max_records=1)
+                if recs:
+                    sent = _unpack_header(recs[0][1])[4]
+                    if oldest is None or sent < oldest:
+                        oldest = sent
+                else:
+                    unscanned = 0
+            return QueueStats(
+                backlog=len(st.pending) + unscanned,
+                in_flight=in_flight,
+                delayed=delayed,
+                acked=st.acked,
+                dead_lettered=st.dead_lettered,
+                deleted=st.deleted,
+                expired=st.expired,
+                purged=st.purged,
+                oldest_age=None if oldest is None else max(0.0, (now - oldest) / 1e6),
+            )
+
+    def purge(self) -> int:
+        """Delete every message sent so far; returns how many were not yet done."""
+        with self._mu, self._locked():
+            st = self._state()
+            upto = self._msgs.next_seq
+            before = st.purged
+            js = self._journal.append(encode(b"X", (upto,), []))
+            self._apply_own(js, lambda s: s.apply_purge(upto))
+            n = self._st.purged - before  # type: ignore[union-attr]
+            self._checkpoint_locked()
+            return n
+
+    # -- acks and retries (called by Message and MessageBatch) -----------
+
+    def _ack(self, seqs: List[int]) -> None:
+        rec = encode(b"A", (), [seqs])
+        with self._mu:
+            self._state()
+            js = self._journal.append(rec)
+            self._apply_own(js, lambda s: s.apply_ack(seqs))
+
+    def _retry_delay_us(self, delay_seconds: Optional[float]) -> int:
+        return _delay_us(delay_seconds, self.settings.retry_delay, "delay_seconds")
+
+    def _retry(self, messages: List[Message], delay_us: int) -> None:
+        max_att = self.settings.max_retries + 1
+        final = [m for m in messages if m.attempts >= max_att]
+        normal = [m for m in messages if m.attempts < max_att]
+        now = self._now_us()
+        with self._mu:
+            self._state()
+            if normal:
+                seqs = [m._seq for m in normal]
+                atts = [m.attempts for m in normal]
+                dues = [now + delay_us] * len(normal)
+                js = self._journal.append(encode(b"R", (), [seqs, atts, dues]))
+                self._apply_own(js, lambda s: s.apply_retry(seqs, atts, dues))
+            if final:
+                seqs = [m._seq for m in final]
+                atts = [m.attempts for m in final]
+                to_dlq = self._dead_letter(seqs, atts, now, [m._payload for m in final])
+                js = self._journal.append(encode(b"D", (to_dlq,), [seqs, atts]))
+                self._apply_own(js, lambda s: s.apply_dead(to_dlq, seqs, atts))
+        self._msgs.poke()  # a waiting pull recomputes what is due
+
+    def _dead_letter(
+        self, seqs: List[int], atts: List[int], now: int, payloads: Optional[List[bytes]] = None
+    ) -> int:
+        """Copy failed messages into the dead-letter queue, durably, before
+        the journal says they left (a crash in between leaves a duplicate
+        with the same id in the DLQ, never a loss).  Returns 1 when a DLQ
+        took them, 0 when they are simply deleted."""
+        name = self.settings.dead_letter_queue
+        if not name:
+            return 0
+        if payloads is None:
+            payloads = [self._payload(s) for s in seqs]
+        dlq = self._broker.queue(name)
+        out = []
+        for s, a, p in zip(seqs, atts, payloads):
+            if p is None:
+                continue
+            meta = split(p)[4]
+            mid = meta["id"] if meta is not None else f"{self._idpre}{s:016x}"
+            out.append(dead_letter_payload(p, mid, self.name, a, now))
+        if out:
+            dlq._msgs.append_batch(out)
+            dlq._msgs.sync()
+        return 1
+
+    # -- state replica ---------------------------------------------------
+
+    def _state(self) -> QueueState:
+        """This process's replica, brought up to date with the journal."""
+        if self._closed:
+            raise errors.LogClosedError(f"queue {self.name!r} is closed")
+        if self._st is None:
+            try:
+                st = read_checkpoint(self._ckpt_path)
+            except errors.QlogError as e:
+                raise type(e)(f"{self._ckpt_path}: {e}") from None
+            self._st = st if st is not None else QueueState()
+            self._ckpt_pos = self._st.applied
+        self._catch_up()
+        return self._st
+
+    def _catch_up(self) -> None:
+        st = self._st
+        assert st is not None
+        j = self._journal
+        while True:
+            recs = j.read(st.applied, max_records=4096)
+            if not recs:
+                return
+            if recs[0][0] != st.applied:
+                # The journal starts later: a newer checkpoint replaced the
+                # records this replica had not applied (load it), or numbers
+                # were skipped after a reboot (nothing was lost).
+                ck = read_checkpoint(self._ckpt_path)
+                if ck is not None and ck.applied > st.applied:
+                    self._st = st = ck
+                    self._ckpt_pos = ck.applied
+                    continue
+            for sq, p in recs:
+                st.applied = sq
+                st.apply(p)
+            st.applied = recs[-1][0] + 1
+
+    def _apply_own(self, js: int, fn: Callable[[QueueState], None]) -> None:
+        st = self._st
+        assert st is not None
+        if js == st.applied:
+            fn(st)
+            st.applied = js + 1
+        else:
+            self._catch_up()
+
+    def _locked(self) -> "_FileLock":
+        return _FileLock(self._lockfd)
+
+    def _checkpoint_locked(self) -> None:
+        """Write the state to the checkpoint, then drop what it makes
+        unneeded: journal records before it, message segments below the
+        oldest message not done.  Called with the lock held."""
+        st = self._st
+        assert st is not None
+        write_checkpoint(self._ckpt_path, st.snapshot())
+        self._ckpt_pos = st.applied
+        self._journal.truncate_before(st.applied)
+        self._msgs.truncate_before(st.floor())
+
+    def _sweep(self, now: int) -> None:
+        """Producers' share of upkeep, at most every 10 seconds: when the
+        oldest stored message is past retention, expire what is due."""
+        self._next_sweep = now + 10_000_000
+        ret = self.settings.message_retention
+        if ret is None:
+            return
+        recs = self._msgs.read(self._msgs.first_seq, max_records=1)
+        if not recs or _unpack_header(recs[0][1])[4] + int(ret * 1_000_000) > now:
+            return
+        self.expire()
+
+    def expire(self) -> int:
+        """Drop messages older than ``message_retention`` that wait at the
+        front of the queue (pulls do this as they go); returns how many.
+        Runs by itself from ``send`` at most every 10 seconds."""
+        ret = self.settings.message_retention
+        if ret is None:
+            return 0
+        with self._mu, self._locked():
+            st = self._state()
+            before = st.expired
+            now = self._now_us()
+            ret_us = int(ret * 1_000_000)
+            exp = [s for s, e in st.pending.items() if e[SENT] + ret_us <= now and not (e[LEASED] and e[DUE] > now)]
+            cur = frm = st.cursor
+            while True:
+                recs = self._msgs.read(cur, max_records=1000)
+                stop = False
+                for sq, p in recs:
+                    if _unpack_header(p)[4] + ret_us > now:
+                        stop = True
+                        break
+                    exp.append(sq)
+                    cur = sq + 1
+                if stop or not recs:
+                    break
+            if exp or cur != frm:
+                rec = encode(b"P", (0, frm, cur, 0), [[], [], [], [], [], [], [], exp, []])
+                js = self._journal.append(rec)
+                self._apply_own(js, lambda s: s.apply_pull(0, frm, cur, 0, [], [], [], [], [], [], [], exp, []))
+                self._checkpoint_locked()
+            return self._st.expired - before  # type: ignore[union-attr]
+
+    # -- lifetime --------------------------------------------------------
+
+    def close(self) -> None:
+        """Checkpoint the state when no other process is busy with it, then
+        close the logs.  Idempotent."""
+        with self._mu:
+            if self._closed:
+                return
+            try:
+                if self._st is not None:
+                    lock = _FileLock(self._lockfd, block=False)
+                    if lock.acquire():
+                        try:
+                            self._catch_up()
+                            if self._st.applied > self._ckpt_pos:
+                                self._checkpoint_locked()
+                        finally:
+                            lock.release()
+            finally:
+                self._closed = True
+                self._msgs.close()
+                self._journal.close()
+                os.close(self._lockfd)
+
+    def __enter__(self) -> "Queue":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Queue({self.name!r})"
+
+
+def _holds(e: Optional[list], attempts: int, deadline: int) -> bool:
+    return e is not None and e[ATT] == attempts and e[LEASED] and e[DUE] == deadline
+
+
+class _FileLock:
+    """flock on a queue's lock file: excludes other processes (threads are
+    excluded by the queue's own mutex first)."""
+
+    def __init__(self, fd: int, block: bool = True) -> None:
+        self.fd = fd
+        self.block = block
+
+    def acquire(self) -> bool:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.block else fcntl.LOCK_NB))
+            return True
+        except BlockingIOError:
+            return False
+
+    def release(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def __enter__(self) -> "_FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Broker:
+    """A directory of named queues.  Open with :func:`qlog.open`."""
+
+    checkpoint_every = 20_000
+    """Journal records between checkpoints (a checkpoint also happens at close)."""
+
+    def __init__(
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        *,
+        durability: str = "sync",
+        clock: Optional[Callable[[], float]] = None,
+    ) -> None:
+        validate({"durability": durability}, "passed to qlog.open()")
+        self.path = os.fspath(path)
+        self.durability = durability
+        self._clock = clock or time.time
+        os.makedirs(os.path.join(self.path, "queues"), mode=0o700, exist_ok=True)
+        self._check_format()
+        self._file_settings = load_toml(self.path)
+        self._queues: Dict[str, Queue] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+
+    def _check_format(self) -> None:
+        path = os.path.join(self.path, _FORMAT_FILE)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            with io.open(path, "rb") as f:
+                raw = f.read().strip()
+            try:
+                version = int(raw)
+            except ValueError:
+                raise errors.FormatError(
+                    f"{path} does not hold a qlog data format version (got {raw[:40]!r})"
+                ) from None
+            if version != DATA_FORMAT:
+                raise errors.FormatError(
+                    f"{self.path} holds qlog data format {version}; this qlog reads format "
+                    f"{DATA_FORMAT} only"
+                )
+            return
+        try:
+            os.write(fd, f"{DATA_FORMAT}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.path)
+
+    def queue(self, name: str, **settings: Any) -> Queue:
+        """The queue called ``name``, created if missing.  Settings come from
+        the keyword arguments, then ``qlog.toml`` in the directory, then
+        Cloudflare's defaults (see :class:`QueueSettings`)."""
+        check_name(name)
+        with self._lock:
+            if self._closed:
+                raise errors.LogClosedError(f"broker {self.path!r} is closed")
+            fs = self._file_settings
+            resolved = resolve(QueueSettings(), {**fs.get("*", {}), **fs.get(name, {})}, settings)
+            if resolved.dead_letter_queue == name:
+                raise errors.SettingsError(
+                    f"queue {name!r} cannot be its own dead_letter_queue"
+                )
+            q = self._queues.get(name)
+            if q is not None:
+                if settings:
+                    if (resolved.durability or self.durability) != q.durability or (
+                        resolved.segment_bytes != q.settings.segment_bytes
+                    ):
+                        raise errors.SettingsError(
+                            f"queue {name!r} is already open with durability {q.durability!r} and "
+                            f"segment_bytes {q.settings.segment_bytes}; close it to change them"
+                        )
+                    q.settings = resolved
+                return q
+            q = Queue(self, name, resolved)
+            self._queues[name] = q
+            return q
+
+    def queues(self) -> List[str]:
+        """Names of every queue in the directory, sorted."""
+        root = os.path.join(self.path, "queues")
+        return sorted(
+            d for d in os.listdir(root)
+            if os.path.exists(os.path.join(root, d, "queue.json"))
+        )
+
+    def close(self) -> None:
+        """Close every queue opened through this broker.  Idempotent."""
+        with self._lock:
+            self._closed = True
+            qs = list(self._queues.values())
+            self._queues.clear()
+        for q in qs:
+            q.close()
+
+    def __enter__(self) -> "Broker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Broker({self.path!r})"
+
+
+def open(
+    path: Union[str, "os.PathLike[str]"],
+    *,
+    durability: str = "sync",
+    clock: Optional[Callable[[], float]] = None,
+) -> Broker:
+    """Open (or create) a directory of queues.
+
+    ``durability`` is every queue's default ("sync": a send returns after
+    fdatasync; "interval": after reaching the kernel, synced every 0.1 s;
+    "none").  ``clock`` returns seconds since the epoch (default
+    ``time.time``); tests pass their own to control delays and leases."""
+    return Broker(path, durability=durability, clock=clock)

@@ -1,0 +1,417 @@
+"""Per-queue consumer state, and the journal records that change it.
+
+Every process that consumes from a queue keeps a replica of this state,
+built by loading the latest checkpoint and replaying the queue's state
+journal (a :class:`~qlog.Log` of its own) from the checkpoint's position.
+Records are applied in journal order by every replica, and applying them is
+deterministic, so every process reaches the same state.
+
+What is kept, per queue::
+
+    cursor     next message number never handed out: messages >= cursor
+               were never delivered and need no entry
+    pending    one entry per message below the cursor that is not done
+               (leased, waiting out a retry delay, or deferred by its own
+               delivery delay); a message below the cursor with no entry is
+               done: acked, dead-lettered, expired or purged
+    counters   acked, dead-lettered, deleted (failed with no dead-letter
+               queue), expired, purged
+
+So memory grows with what is in flight or delayed, never with the backlog.
+
+A pending entry is a list, for speed::
+
+    +----------+--------+---------------------------+-----------------+
+    | attempts | leased | due (µs since the epoch)  | sent (µs)       |
+    +----------+--------+---------------------------+-----------------+
+    attempts   deliveries so far (0: never delivered, delayed at send)
+    leased     True: a consumer holds it until `due` (its lease deadline);
+               False: it becomes visible at `due` (delay or retry delay)
+    sent       the message's timestamp (retention, oldest-message age)
+
+Journal records (one log record each; little-endian)::
+
+    +-----+-----------+-------------+--------------------+------------------+
+    | tag | n scalars | n arrays    | scalars: int64 x S | lengths: u32 x A |
+    | 1 B | u8        | u8          |                    |                  |
+    +-----+-----------+-------------+--------------------+------------------+
+    followed by the A arrays of int64, back to back.
+
+    P pull     scalars deadline, from, to, to_dlq
+               arrays  new seqs, new sent, re seqs, re attempts, deferred
+                       seqs, deferred due, deferred sent, expired seqs,
+                       dead seqs
+    A ack      arrays  seqs
+    R retry    arrays  seqs, attempts, due
+    D dead     scalars to_dlq;  arrays seqs, attempts
+    E extend   scalars deadline; arrays seqs, attempts
+    X purge    scalars upto
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import struct
+from array import array
+from collections import deque
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import crc32c as _crc32c
+
+from . import errors
+
+logger = logging.getLogger("qlog")
+
+ATT, LEASED, DUE, SENT = 0, 1, 2, 3
+
+_HEAD = struct.Struct("<cBB")
+
+
+def encode(tag: bytes, scalars: Sequence[int], arrays: Sequence[Sequence[int]]) -> bytes:
+    """One journal record."""
+    parts = [
+        _HEAD.pack(tag, len(scalars), len(arrays)),
+        struct.pack(f"<{len(scalars)}q{len(arrays)}I", *scalars, *map(len, arrays)),
+    ]
+    for a in arrays:
+        parts.append(a.tobytes() if isinstance(a, array) else array("q", a).tobytes())
+    return b"".join(parts)
+
+
+def decode(payload: bytes) -> Tuple[bytes, Tuple[int, ...], List[memoryview]]:
+    """Split a journal record; raises ValueError when its shape is wrong."""
+    if len(payload) < 3:
+        raise ValueError("record shorter than its header")
+    tag, ns, na = _HEAD.unpack_from(payload)
+    fmt = f"<{ns}q{na}I"
+    fields = struct.unpack_from(fmt, payload, 3)
+    scalars, lens = fields[:ns], fields[ns:]
+    off = 3 + struct.calcsize(fmt)
+    mv = memoryview(payload)
+    arrays = []
+    for n in lens:
+        end = off + 8 * n
+        if end > len(payload):
+            raise ValueError("array runs past the end of the record")
+        arrays.append(mv[off:end].cast("q"))
+        off = end
+    if off != len(payload):
+        raise ValueError("bytes left over after the last array")
+    return tag, scalars, arrays
+
+
+class QueueState:
+    """The replicated consumer state of one queue (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.applied = 0  # next journal sequence number to apply
+        self.cursor = 0
+        self.pending: Dict[int, list] = {}
+        # Candidates to become visible: a heap of (due, seq) for waiting
+        # entries and odd leases, and one deque of (deadline, seq) per lease
+        # length, whose deadlines only grow.  Stale items (the entry moved
+        # on) are skipped when popped.
+        self.heap: List[Tuple[int, int]] = []
+        self.leases: Dict[int, deque] = {}
+        self.acked = 0
+        self.dead_lettered = 0
+        self.deleted = 0
+        self.expired = 0
+        self.purged = 0
+        self.lost = 0  # messages skipped over by a damaged journal
+
+    # -- applying records ------------------------------------------------
+
+    def apply(self, payload: bytes) -> None:
+        try:
+            tag, sc, ar = decode(payload)
+            fn = _APPLY.get(tag)
+            if fn is None:
+                raise ValueError(f"unknown record tag {tag!r}")
+            fn(self, sc, ar)
+        except (ValueError, struct.error, IndexError, TypeError) as e:
+            # A record that passed its CRC but does not parse was written by
+            # a newer version or by a bug; skipping it is the only way on.
+            logger.warning("state journal record %d skipped: %s", self.applied, e)
+
+    def apply_pull(
+        self, deadline: int, frm: int, to: int, to_dlq: int,
+        new: Sequence[int], new_sent: Sequence[int],
+        re: Sequence[int], re_att: Sequence[int],
+        dfr: Sequence[int], dfr_due: Sequence[int], dfr_sent: Sequence[int],
+        exp: Sequence[int], dead: Sequence[int],
+    ) -> None:
+        pending = self.pending
+        old = self.cursor
+        if frm > old:
+            # Only a journal damaged in the middle can skip a range: those
+            # messages' fate is unknown; count them rather than guess.
+            logger.warning("state journal skips messages %d to %d", old, frm - 1)
+            self.lost += frm - old
+        if to > old:
+            self.cursor = to
+        if new:
+            if len(new) and new[0] >= old:
+                for s, t in zip(new, new_sent):
+                    pending[s] = [1, True, deadline, t]
+                self._lease_queue(deadline).extend(zip([deadline] * len(new), new))
+            else:
+                q = self._lease_queue(deadline)
+                for s, t in zip(new, new_sent):
+                    if s >= old:
+                        pending[s] = [1, True, deadline, t]
+                        q.append((deadline, s))
+        if re:
+            q = self._lease_queue(deadline)
+            for s, a in zip(re, re_att):
+                e = pending.get(s)
+                if e is not None and e[ATT] == a - 1:
+                    e[ATT] = a
+                    e[LEASED] = True
+                    e[DUE] = deadline
+                    q.append((deadline, s))
+        for s, d, t in zip(dfr, dfr_due, dfr_sent):
+            if s >= old:
+                pending[s] = [0, False, d, t]
+                heapq.heappush(self.heap, (d, s))
+        for s in exp:
+            if pending.pop(s, None) is not None or s >= old:
+                self.expired += 1
+        for s in dead:
+            if pending.pop(s, None) is not None:
+                if to_dlq:
+                    self.dead_lettered += 1
+                else:
+                    self.deleted += 1
+
+    def _lease_queue(self, deadline: int) -> deque:
+        # Keyed by the deadline rounded to the lease length bucket: leases
+        # of one length share a deque whose deadlines grow.  Unknown
+        # lengths (replay) go by the deadline's own order check.
+        q = self._last_q
+        if q is not None and (not q or q[-1][0] <= deadline):
+            return q
+        for q in self.leases.values():
+            if not q or q[-1][0] <= deadline:
+                self._last_q = q
+                return q
+        if len(self.leases) >= 8:
+            # Deadlines out of every order seen (many lease lengths, or
+            # the clock stepped back): the heap takes any order.
+            return _HeapPush(self.heap)
+        q = deque()
+        self.leases[len(self.leases)] = q
+        self._last_q = q
+        return q
+
+    _last_q: Optional[deque] = None
+
+    def apply_ack(self, seqs: Sequence[int]) -> None:
+        pending = self.pending
+        n = 0
+        for s in seqs:
+            if pending.pop(s, None) is not None:
+                n += 1
+        self.acked += n
+
+    def apply_retry(self, seqs: Sequence[int], atts: Sequence[int], dues: Sequence[int]) -> None:
+        pending = self.pending
+        for s, a, d in zip(seqs, atts, dues):
+            e = pending.get(s)
+            if e is not None and e[ATT] == a and e[LEASED]:
+                e[LEASED] = False
+                e[DUE] = d
+                heapq.heappush(self.heap, (d, s))
+
+    def apply_dead(self, to_dlq: int, seqs: Sequence[int], atts: Sequence[int]) -> None:
+        pending = self.pending
+        for s, a in zip(seqs, atts):
+            e = pending.get(s)
+            if e is not None and e[ATT] == a:
+                del pending[s]
+                if to_dlq:
+                    self.dead_lettered += 1
+                else:
+                    self.deleted += 1
+
+    def apply_extend(self, deadline: int, seqs: Sequence[int], atts: Sequence[int]) -> None:
+        pending = self.pending
+        for s, a in zip(seqs, atts):
+            e = pending.get(s)
+            if e is not None and e[ATT] == a and e[LEASED]:
+                e[DUE] = deadline
+                heapq.heappush(self.heap, (deadline, s))
+
+    def apply_purge(self, upto: int) -> None:
+        pending = self.pending
+        gone = [s for s in pending if s < upto]
+        for s in gone:
+            del pending[s]
+        n = len(gone) + max(0, upto - self.cursor)
+        self.purged += n
+        if upto > self.cursor:
+            self.cursor = upto
+
+    # -- queries ---------------------------------------------------------
+
+    def due_candidates(self, now: int, limit: int) -> List[int]:
+        """Pop up to ``limit`` messages whose due time has passed (a lease
+        that expired, a delay that ran out), oldest due first."""
+        out: List[int] = []
+        pending = self.pending
+        heap = self.heap
+        while heap and heap[0][0] <= now and len(out) < limit:
+            d, s = heapq.heappop(heap)
+            e = pending.get(s)
+            if e is not None and e[DUE] == d:
+                out.append(s)
+        for q in self.leases.values():
+            while q and q[0][0] <= now and len(out) < limit:
+                d, s = q.popleft()
+                e = pending.get(s)
+                if e is not None and e[DUE] == d and e[LEASED]:
+                    out.append(s)
+        return out
+
+    def requeue(self, seqs: Sequence[int]) -> None:
+        """Put back candidates popped by :meth:`due_candidates` but not used."""
+        for s in seqs:
+            e = self.pending.get(s)
+            if e is not None:
+                heapq.heappush(self.heap, (e[DUE], s))
+
+    def next_due(self) -> Optional[int]:
+        """The earliest time (µs) something pending may become visible."""
+        best = None
+        pending = self.pending
+        heap = self.heap
+        while heap:
+            d, s = heap[0]
+            e = pending.get(s)
+            if e is not None and e[DUE] == d:
+                best = d
+                break
+            heapq.heappop(heap)
+        for q in self.leases.values():
+            while q:
+                d, s = q[0]
+                e = pending.get(s)
+                if e is not None and e[DUE] == d and e[LEASED]:
+                    if best is None or d < best:
+                        best = d
+                    break
+                q.popleft()
+        return best
+
+    def floor(self) -> int:
+        """Every message below this number is done."""
+        return min(self.pending) if self.pending else self.cursor
+
+    # -- checkpoints -----------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The whole state as bytes (a checkpoint's body, CRC included)."""
+        items = sorted(self.pending.items())
+        seqs = array("q", [s for s, _ in items])
+        att = array("q", [e[ATT] for _, e in items])
+        leased = array("q", [1 if e[LEASED] else 0 for _, e in items])
+        due = array("q", [e[DUE] for _, e in items])
+        sent = array("q", [e[SENT] for _, e in items])
+        head = _CKPT_HEAD.pack(
+            _CKPT_MAGIC, _CKPT_VERSION, self.applied, self.cursor, self.acked,
+            self.dead_lettered, self.deleted, self.expired, self.purged, self.lost, len(items),
+        )
+        body = head + seqs.tobytes() + att.tobytes() + leased.tobytes() + due.tobytes() + sent.tobytes()
+        return body + struct.pack("<I", _crc32c.crc32c(body))
+
+    @classmethod
+    def from_snapshot(cls, data: bytes) -> "QueueState":
+        if len(data) < _CKPT_HEAD.size + 4:
+            raise errors.CorruptStateError("checkpoint is shorter than its header")
+        (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+        body = data[:-4]
+        if _crc32c.crc32c(body) != crc:
+            raise errors.CorruptStateError("checkpoint fails its CRC")
+        f = _CKPT_HEAD.unpack_from(body)
+        if f[0] != _CKPT_MAGIC:
+            raise errors.CorruptStateError("checkpoint has the wrong magic")
+        if f[1] != _CKPT_VERSION:
+            raise errors.FormatError(
+                f"checkpoint format version {f[1]} is not the supported version {_CKPT_VERSION}"
+            )
+        st = cls()
+        (st.applied, st.cursor, st.acked, st.dead_lettered, st.deleted, st.expired,
+         st.purged, st.lost, n) = f[2:]
+        if len(body) != _CKPT_HEAD.size + 40 * n:
+            raise errors.CorruptStateError("checkpoint length does not match its entry count")
+        mv = memoryview(body)[_CKPT_HEAD.size:].cast("q")
+        seqs, att, leased, due, sent = (mv[i * n:(i + 1) * n] for i in range(5))
+        for i in range(n):
+            st.pending[seqs[i]] = [att[i], bool(leased[i]), due[i], sent[i]]
+            st.heap.append((due[i], seqs[i]))
+        heapq.heapify(st.heap)
+        return st
+
+
+class _HeapPush:
+    """A deque's append/extend, onto the heap."""
+
+    def __init__(self, heap: list) -> None:
+        self.heap = heap
+
+    def append(self, item: Tuple[int, int]) -> None:
+        heapq.heappush(self.heap, item)
+
+    def extend(self, items) -> None:  # type: ignore[no-untyped-def]
+        for it in items:
+            heapq.heappush(self.heap, it)
+
+
+_CKPT_MAGIC = b"QLOGCKPT"
+_CKPT_VERSION = 1
+_CKPT_HEAD = struct.Struct("<8sI9q")
+
+
+def _pull(st: QueueState, sc, ar) -> None:
+    st.apply_pull(sc[0], sc[1], sc[2], sc[3], *ar)
+
+
+_APPLY = {
+    b"P": _pull,
+    b"A": lambda st, sc, ar: st.apply_ack(ar[0]),
+    b"R": lambda st, sc, ar: st.apply_retry(ar[0], ar[1], ar[2]),
+    b"D": lambda st, sc, ar: st.apply_dead(sc[0], ar[0], ar[1]),
+    b"E": lambda st, sc, ar: st.apply_extend(sc[0], ar[0], ar[1]),
+    b"X": lambda st, sc, ar: st.apply_purge(sc[0]),
+}
+
+
+def write_checkpoint(path: str, data: bytes) -> None:
+    """Atomically replace the checkpoint at ``path``: temporary file,
+    fdatasync, rename, directory fsync.  A power cut leaves the old one or
+    the new one, never a torn one."""
+    d = os.path.dirname(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_checkpoint(path: str) -> Optional[QueueState]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    return QueueState.from_snapshot(data)
