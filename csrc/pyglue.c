@@ -116,7 +116,105 @@ out:
     return list;
 }
 
+/* Append v to list as a Python int; returns -1 on error. */
+static int push_ll(PyObject *list, long long v)
+{
+    PyObject *o = PyLong_FromLongLong(v);
+    if (!o)
+        return -1;
+    int r = PyList_Append(list, o);
+    Py_DECREF(o);
+    return r;
+}
+
+/*
+ * scan_messages(data, seqs, offs, n, now_us, retention_us)
+ *
+ * Sorts a read of a queue's message log (buffers as qlog_read fills them)
+ * by each message's 16-byte header (see qlog/_message.py):
+ *
+ *   +---------+-------+-------+----------+------------------+
+ *   | version | ctype | flags | delay ms | sent µs (int64)  |
+ *   +---------+-------+-------+----------+------------------+
+ *
+ * Returns (new, new_sent, new_payloads, deferred, deferred_due,
+ * deferred_sent, expired): `expired` when sent + retention_us <= now
+ * (retention_us < 0: never), `deferred` while sent + delay > now, else
+ * `new`.  A record too short for a header counts as new and sent now; its
+ * consumer gets the format error when it reads the body.
+ */
+static PyObject *scan_messages(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer data, seqs, offs;
+    Py_ssize_t n;
+    long long now, ret;
+    if (!PyArg_ParseTuple(args, "y*y*y*nLL", &data, &seqs, &offs, &n, &now, &ret))
+        return NULL;
+    PyObject *out = NULL, *l[7] = {NULL};
+    if (n < 0 || seqs.len < n * 8 || offs.len < (n + 1) * 8) {
+        PyErr_SetString(PyExc_ValueError, "scan_messages: buffers shorter than n records");
+        goto done;
+    }
+    const char *d = data.buf;
+    const uint64_t *sq = seqs.buf, *of = offs.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (of[i] > of[i + 1] || of[i + 1] > (uint64_t)data.len) {
+            PyErr_SetString(PyExc_ValueError, "scan_messages: offsets out of range");
+            goto done;
+        }
+    }
+    for (int k = 0; k < 7; k++)
+        if (!(l[k] = PyList_New(0)))
+            goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *p = d + of[i];
+        uint64_t len = of[i + 1] - of[i];
+        long long sent = now, delay_us = 0;
+        if (len >= 16) {
+            uint32_t delay_ms;
+            int64_t s;
+            memcpy(&delay_ms, p + 4, 4);
+            memcpy(&s, p + 8, 8);
+            sent = s;
+            delay_us = (long long)delay_ms * 1000;
+        }
+        long long seq = (long long)sq[i];
+        if (ret >= 0 && sent + ret <= now) {
+            if (push_ll(l[6], seq))
+                goto done;
+        } else if (delay_us && sent + delay_us > now) {
+            if (push_ll(l[3], seq) || push_ll(l[4], sent + delay_us) || push_ll(l[5], sent))
+                goto done;
+        } else {
+            PyObject *b = PyBytes_FromStringAndSize(p, (Py_ssize_t)len);
+            if (!b)
+                goto done;
+            int r = PyList_Append(l[2], b);
+            Py_DECREF(b);
+            if (r || push_ll(l[0], seq) || push_ll(l[1], sent))
+                goto done;
+        }
+    }
+    out = PyTuple_New(7);
+    if (out)
+        for (int k = 0; k < 7; k++) {
+            PyTuple_SET_ITEM(out, k, l[k]);
+            l[k] = NULL;
+        }
+done:
+    for (int k = 0; k < 7; k++)
+        Py_XDECREF(l[k]);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&seqs);
+    PyBuffer_Release(&offs);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"scan_messages", scan_messages, METH_VARARGS,
+     "scan_messages(data, seqs, offs, n, now_us, retention_us) -> (new, new_sent, new_payloads, "
+     "deferred, deferred_due, deferred_sent, expired)"},
     {"pack", pack, METH_VARARGS,
      "pack(payloads, prefix=b'') -> (joined, uint32 lengths) or None; prefix goes before each payload"},
     {"unpack", unpack, METH_VARARGS, "unpack(data, seqs, offs, n) -> [(seq, bytes), ...]"},

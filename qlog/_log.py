@@ -13,7 +13,7 @@ import os
 import threading
 from array import array
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from . import errors
 from ._glue import pack as _pack, unpack as _unpack
@@ -273,15 +273,20 @@ class Log:
     # -- reading ---------------------------------------------------------
 
     def read(
-        self, from_seq: int, *, max_records: int = 1000, max_bytes: int = 16 << 20
-    ) -> List[Tuple[int, bytes]]:
+        self, from_seq: int, *, max_records: int = 1000, max_bytes: int = 16 << 20,
+        unpack: Optional[Callable[..., Any]] = None,
+    ) -> Any:
         """Records with sequence number >= ``from_seq``, in order.
 
         Returns up to ``max_records`` ``(seq, payload)`` pairs, with at most
         ``max_bytes`` of payload (but at least one record when there is
         one); an empty list at the end of the log.  Records appended by
         other processes are visible without reopening.  Damaged records are
-        skipped and counted in ``stats()``, never returned."""
+        skipped and counted in ``stats()``, never returned.
+
+        ``unpack``, when given, is called instead with the read's buffers
+        ``(data, seqs, offsets, n)`` (as ``qlog_read`` fills them) and its
+        result returned; it is not called when nothing was read."""
         self._check()
         if from_seq < 0:
             raise ValueError(f"from_seq must be >= 0, got {from_seq}")
@@ -317,7 +322,7 @@ class Log:
                 _raise(n, f"read of {self.path!r} failed", h)
             if n == 0:
                 return []
-            return _unpack(
+            return (unpack or _unpack)(
                 ffi.buffer(self._rbuf, self._rcap),
                 ffi.buffer(self._rseqs, 8 * n),
                 ffi.buffer(self._roffs, 8 * (n + 1)),

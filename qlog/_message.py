@@ -135,7 +135,7 @@ class DeadLetterInfo:
     dead_lettered_at: datetime
 
 
-_ACK, _RETRY = 1, 2
+_ACK, _RETRY, _PEEKED = 1, 2, 3
 
 
 class Message:
@@ -145,29 +145,29 @@ class Message:
     what was sent), ``attempts`` (1 on the first delivery).  ``ack()`` and
     ``retry()``: the first call wins."""
 
-    __slots__ = ("_q", "_seq", "attempts", "_payload", "_outcome", "_body", "_split", "_id")
+    __slots__ = ("_q", "_seq", "attempts", "_payload", "_outcome", "_body", "_split")
 
-    def __init__(self, q: Optional["Queue"], seq: int, attempts: int, payload: bytes, idpre: str) -> None:
+    def __init__(self, q: "Queue", seq: int, attempts: int, payload: bytes, peeked: bool = False) -> None:
         self._q = q
         self._seq = seq
         self.attempts = attempts
         self._payload = payload
-        self._outcome = 0
-        self._split: Optional[tuple] = None
-        self._id = idpre
+        # 0: open; _ACK, _RETRY: settled; _PEEKED: cannot be settled
+        self._outcome = _PEEKED if peeked else 0
 
     def _parts(self) -> tuple:
-        sp = self._split
-        if sp is None:
+        try:
+            return self._split
+        except AttributeError:
             sp = self._split = split(self._payload)
-        return sp
+            return sp
 
     @property
     def id(self) -> str:
         meta = self._parts()[4]
         if meta is not None:
             return meta["id"]
-        return f"{self._id}{self._seq:016x}"
+        return f"{self._q._idpre}{self._seq:016x}"
 
     @property
     def timestamp(self) -> datetime:
@@ -185,7 +185,7 @@ class Message:
             return self._body
         except AttributeError:
             ct, _f, _d, _s, _m, off = self._parts()
-            allow = self._q.settings.allow_pickle if self._q is not None else False
+            allow = self._q.settings.allow_pickle
             b = self._body = decode_body(self._payload[off:], ct, allow)
             return b
 
@@ -205,10 +205,10 @@ class Message:
         power cut takes the ack before it was synced).  Returns once the ack
         is in the kernel.  A no-op after an earlier ``ack`` or ``retry``."""
         if self._outcome:
+            self._check_live()
             return
-        q = self._live()
         self._outcome = _ACK
-        q._ack([self._seq])
+        self._q._ack([self._seq])
 
     def retry(self, delay_seconds: Optional[float] = None) -> None:
         """Deliver the message again after ``delay_seconds`` (default: the
@@ -216,16 +216,16 @@ class Message:
         retries it goes to the dead-letter queue.  A no-op after an earlier
         ``ack`` or ``retry``."""
         if self._outcome:
+            self._check_live()
             return
-        q = self._live()
+        q = self._q
         delay = q._retry_delay_us(delay_seconds)
         self._outcome = _RETRY
         q._retry([self], delay)
 
-    def _live(self) -> "Queue":
-        if self._q is None:
+    def _check_live(self) -> None:
+        if self._outcome == _PEEKED:
             raise errors.QlogError("a message shown by peek() cannot be acked or retried")
-        return self._q
 
     def __repr__(self) -> str:
         return f"Message(id={self.id!r}, attempts={self.attempts})"
@@ -243,12 +243,13 @@ class MessageBatch:
 
     def ack_all(self) -> None:
         """Ack every message not already acked or retried, in one journal write."""
-        todo = [m for m in self.messages if not m._outcome]
-        if not todo:
-            return
-        for m in todo:
-            m._outcome = _ACK
-        self._q._ack([m._seq for m in todo])
+        seqs = []
+        for m in self.messages:
+            if not m._outcome:
+                m._outcome = _ACK
+                seqs.append(m._seq)
+        if seqs:
+            self._q._ack(seqs)
 
     def retry_all(self, delay_seconds: Optional[float] = None) -> None:
         """Retry every message not already acked or retried."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import errors
+from ._glue import scan_messages as _scan
 from ._log import Log
 from ._message import (
     CONTENT_TYPES,
@@ -304,17 +305,19 @@ class Queue:
         end = time.monotonic() + wait
         while True:
             gen = self._msgs.notify_gen() if wait > 0 else 0
-            got, next_due = self._pull_once(n, vt_us)
+            got = self._pull_once(n, vt_us)
             if got or wait <= 0:
                 return MessageBatch(self, got)
             left = end - time.monotonic()
             if left <= 0:
                 return MessageBatch(self, got)
+            with self._mu:
+                next_due = self._state().next_due()
             if next_due is not None:
                 left = min(left, max(0.0, (next_due - self._now_us()) / 1e6) + 0.001)
             self._msgs.wait_change(gen, left)
 
-    def _pull_once(self, n: int, vt_us: int) -> Tuple[List[Message], Optional[int]]:
+    def _pull_once(self, n: int, vt_us: int) -> List[Message]:
         with self._mu, self._locked():
             st = self._state()
             now = self._now_us()
@@ -348,32 +351,39 @@ class Queue:
             frm = cur = st.cursor
             need = n - len(re)
             scanned = 0
+            ret = -1 if ret_us is None else ret_us
+
+            def sort_read(data, seqs, offs, k):  # type: ignore[no-untyped-def]
+                last = int.from_bytes(seqs[8 * (k - 1):8 * k], "little")
+                return _scan(data, seqs, offs, k, now, ret), last, k
+
             try:
                 while need > 0 and scanned < _SCAN_LIMIT:
-                    recs = self._msgs.read(cur, max_records=need)
-                    if not recs:
+                    got = self._msgs.read(cur, max_records=need, unpack=sort_read)
+                    if not got:
                         break
-                    for sq, p in recs:
-                        _v, _ct, _f, dly, sent = _unpack_header(p)
-                        if ret_us is not None and sent + ret_us <= now:
-                            exp.append(sq)
-                        elif dly and sent + dly * 1000 > now:
-                            dfr.append(sq)
-                            dfr_due.append(sent + dly * 1000)
-                            dfr_sent.append(sent)
-                        else:
-                            new.append(sq)
-                            new_sent.append(sent)
-                            new_pl.append(p)
-                            need -= 1
-                    scanned += len(recs)
-                    cur = recs[-1][0] + 1
+                    (a, b, c, d, e2, f, x), last, k = got
+                    if new:
+                        new += a
+                        new_sent += b
+                        new_pl += c
+                    else:
+                        new, new_sent, new_pl = a, b, c
+                    if d:
+                        dfr += d
+                        dfr_due += e2
+                        dfr_sent += f
+                    if x:
+                        exp += x
+                    need -= len(a)
+                    scanned += k
+                    cur = last + 1
                 re_pl = [self._payload(sq) for sq in re]
                 to_dlq = 0
                 if dead:
                     to_dlq = self._dead_letter(dead, dead_att, now)
                 if not (new or re or dfr or exp or dead) and cur == frm:
-                    return [], st.next_due()
+                    return []
                 rec = encode(
                     b"P", (deadline, frm, cur, to_dlq),
                     [new, new_sent, re, re_att, dfr, dfr_due, dfr_sent, exp, dead],
@@ -411,15 +421,15 @@ class Queue:
                 if p is None:
                     lost.append(q)
                 else:
-                    out.append(Message(self, q, pending[q][ATT], p, pre))
-            out.extend([Message(self, q, 1, p, pre) for q, p in zip(got_new, new_pl)])
+                    out.append(Message(self, q, pending[q][ATT], p))
+            out.extend([Message(self, q, 1, p) for q, p in zip(got_new, new_pl)])
             if lost:
                 logger.warning("queue %r: messages %s are missing from the message log "
                                "(damaged or deleted); dropping them", self.name, lost)
                 self._ack(lost)
             if st.applied - self._ckpt_pos >= self._broker.checkpoint_every:
                 self._checkpoint_locked()
-            return out, st.next_due()
+            return out
 
     def _payload(self, seq: int) -> Optional[bytes]:
         recs = self._msgs.read(seq, max_records=1)
@@ -439,13 +449,13 @@ class Queue:
             for sq in sorted(st.pending)[:n]:
                 p = self._payload(sq)
                 if p is not None:
-                    out.append(Message(None, sq, st.pending[sq][ATT], p, self._idpre))
+                    out.append(Message(self, sq, st.pending[sq][ATT], p, True))
             cur = st.cursor
             while len(out) < n:
                 recs = self._msgs.read(cur, max_records=n - len(out))
                 if not recs:
                     break
-                out.extend(Message(None, sq, 0, p, self._idpre) for sq, p in recs)
+                out.extend(Message(self, sq, 0, p, True) for sq, p in recs)
                 cur = recs[-1][0] + 1
             return out
 

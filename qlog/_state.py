@@ -114,7 +114,8 @@ class QueueState:
         # length, whose deadlines only grow.  Stale items (the entry moved
         # on) are skipped when popped.
         self.heap: List[Tuple[int, int]] = []
-        self.leases: Dict[int, deque] = {}
+        self.leases: List[deque] = []
+        self.lease_items = 0  # seqs held by the lease groups, stale ones too
         self.acked = 0
         self.dead_lettered = 0
         self.deleted = 0
@@ -153,25 +154,22 @@ class QueueState:
         if to > old:
             self.cursor = to
         if new:
-            if len(new) and new[0] >= old:
-                for s, t in zip(new, new_sent):
-                    pending[s] = [1, True, deadline, t]
-                self._lease_queue(deadline).extend(zip([deadline] * len(new), new))
-            else:
-                q = self._lease_queue(deadline)
-                for s, t in zip(new, new_sent):
-                    if s >= old:
-                        pending[s] = [1, True, deadline, t]
-                        q.append((deadline, s))
+            if new[0] < old:  # (only after damage) keep what is known
+                new_sent = [t for s_, t in zip(new, new_sent) if s_ >= old]
+                new = [s_ for s_ in new if s_ >= old]
+            for s_, t in zip(new, new_sent):
+                pending[s_] = [1, True, deadline, t]
+            self._add_leases(deadline, list(new))
         if re:
-            q = self._lease_queue(deadline)
+            got = []
             for s, a in zip(re, re_att):
                 e = pending.get(s)
                 if e is not None and e[ATT] == a - 1:
                     e[ATT] = a
                     e[LEASED] = True
                     e[DUE] = deadline
-                    q.append((deadline, s))
+                    got.append(s)
+            self._add_leases(deadline, got)
         for s, d, t in zip(dfr, dfr_due, dfr_sent):
             if s >= old:
                 pending[s] = [0, False, d, t]
@@ -186,27 +184,33 @@ class QueueState:
                 else:
                     self.deleted += 1
 
-    def _lease_queue(self, deadline: int) -> deque:
-        # Keyed by the deadline rounded to the lease length bucket: leases
-        # of one length share a deque whose deadlines grow.  Unknown
-        # lengths (replay) go by the deadline's own order check.
-        q = self._last_q
-        if q is not None and (not q or q[-1][0] <= deadline):
-            return q
-        for q in self.leases.values():
+    def _add_leases(self, deadline: int, seqs: List[int]) -> None:
+        """Index leased messages by deadline: one (deadline, seqs) group per
+        pull, in a deque whose deadlines only grow (one deque per lease
+        length in use; out-of-order deadlines go to the heap)."""
+        if not seqs:
+            return
+        self.lease_items += len(seqs)
+        if self.lease_items > 2 * len(self.pending) + 10_000:
+            self._reindex()
+            return
+        for q in self.leases:
             if not q or q[-1][0] <= deadline:
-                self._last_q = q
-                return q
-        if len(self.leases) >= 8:
-            # Deadlines out of every order seen (many lease lengths, or
-            # the clock stepped back): the heap takes any order.
-            return _HeapPush(self.heap)
-        q = deque()
-        self.leases[len(self.leases)] = q
-        self._last_q = q
-        return q
+                q.append((deadline, seqs))
+                return
+        if len(self.leases) < 8:
+            self.leases.append(deque([(deadline, seqs)]))
+        else:
+            for s in seqs:
+                heapq.heappush(self.heap, (deadline, s))
 
-    _last_q: Optional[deque] = None
+    def _reindex(self) -> None:
+        """Rebuild the candidate indexes from the entries, dropping every
+        stale item (acked messages linger there until their due time)."""
+        self.heap = [(e[DUE], s) for s, e in self.pending.items()]
+        heapq.heapify(self.heap)
+        self.leases = []
+        self.lease_items = 0
 
     def apply_ack(self, seqs: Sequence[int]) -> None:
         pending = self.pending
@@ -238,11 +242,13 @@ class QueueState:
 
     def apply_extend(self, deadline: int, seqs: Sequence[int], atts: Sequence[int]) -> None:
         pending = self.pending
+        got = []
         for s, a in zip(seqs, atts):
             e = pending.get(s)
             if e is not None and e[ATT] == a and e[LEASED]:
                 e[DUE] = deadline
-                heapq.heappush(self.heap, (deadline, s))
+                got.append(s)
+        self._add_leases(deadline, got)
 
     def apply_purge(self, upto: int) -> None:
         pending = self.pending
@@ -267,12 +273,19 @@ class QueueState:
             e = pending.get(s)
             if e is not None and e[DUE] == d:
                 out.append(s)
-        for q in self.leases.values():
+        for q in self.leases:
             while q and q[0][0] <= now and len(out) < limit:
-                d, s = q.popleft()
-                e = pending.get(s)
-                if e is not None and e[DUE] == d and e[LEASED]:
-                    out.append(s)
+                d, seqs = q.popleft()
+                self.lease_items -= len(seqs)
+                for i, s in enumerate(seqs):
+                    e = pending.get(s)
+                    if e is not None and e[DUE] == d and e[LEASED]:
+                        if len(out) == limit:
+                            rest = seqs[i:]
+                            q.appendleft((d, rest))
+                            self.lease_items += len(rest)
+                            break
+                        out.append(s)
         return out
 
     def requeue(self, seqs: Sequence[int]) -> None:
@@ -283,7 +296,9 @@ class QueueState:
                 heapq.heappush(self.heap, (e[DUE], s))
 
     def next_due(self) -> Optional[int]:
-        """The earliest time (µs) something pending may become visible."""
+        """The earliest time (µs) something pending may become visible (may
+        be early: a lease group's deadline counts even if its messages were
+        acked since)."""
         best = None
         pending = self.pending
         heap = self.heap
@@ -294,15 +309,9 @@ class QueueState:
                 best = d
                 break
             heapq.heappop(heap)
-        for q in self.leases.values():
-            while q:
-                d, s = q[0]
-                e = pending.get(s)
-                if e is not None and e[DUE] == d and e[LEASED]:
-                    if best is None or d < best:
-                        best = d
-                    break
-                q.popleft()
+        for q in self.leases:
+            if q and (best is None or q[0][0] < best):
+                best = q[0][0]
         return best
 
     def floor(self) -> int:
@@ -353,20 +362,6 @@ class QueueState:
             st.heap.append((due[i], seqs[i]))
         heapq.heapify(st.heap)
         return st
-
-
-class _HeapPush:
-    """A deque's append/extend, onto the heap."""
-
-    def __init__(self, heap: list) -> None:
-        self.heap = heap
-
-    def append(self, item: Tuple[int, int]) -> None:
-        heapq.heappush(self.heap, item)
-
-    def extend(self, items) -> None:  # type: ignore[no-untyped-def]
-        for it in items:
-            heapq.heappush(self.heap, it)
 
 
 _CKPT_MAGIC = b"QLOGCKPT"
