@@ -13,7 +13,7 @@ import os
 import threading
 from array import array
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 from . import errors
 from ._glue import pack as _pack, unpack as _unpack

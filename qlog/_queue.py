@@ -27,11 +27,12 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from . import errors
 from ._glue import scan_messages as _scan
 from ._log import Log
+from ._qlog_c import lib as _lib
 from ._message import (
     CONTENT_TYPES,
     CT_BYTES,
@@ -66,6 +67,8 @@ _FORMAT_FILE = "qlog-format"
 _JOURNAL_SEGMENT = 16 << 20
 _SCAN_LIMIT = 10_000  # messages a pull looks past (delayed ones) before returning
 _unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
+_append1 = _lib.qlog_append1
 
 
 @dataclass(frozen=True)
@@ -174,22 +177,33 @@ class Queue:
         Returns once the message is on stable storage (durability "sync",
         shared fsync with every concurrent sender) or in the kernel
         ("interval", "none").  Bad input raises before anything is written."""
-        ct = content_type_code(content_type)
-        if ct == CT_PICKLE and not self.settings.allow_pickle:
-            raise errors.PickleNotAllowedError(
-                f"queue {self.name!r} does not accept content_type 'pickle': open it with "
-                "allow_pickle=True (unpickling untrusted data can run arbitrary code)"
-            )
-        data = encode_body(body, ct)
-        limit = self.settings.max_message_size
-        if len(data) > limit:
+        ct = CONTENT_TYPES.get(content_type) if type(content_type) is str else None
+        if ct == CT_BYTES and type(body) is bytes:
+            data = body
+        else:
+            if ct is None:
+                content_type_code(content_type)  # raises
+            if ct == CT_PICKLE and not self.settings.allow_pickle:
+                self._refuse_pickle()
+            data = encode_body(body, ct)
+        settings = self.settings
+        if len(data) > settings.max_message_size:
             raise errors.MessageTooLargeError(
                 f"message body of {len(data)} bytes is larger than max_message_size "
-                f"{limit} bytes of queue {self.name!r}"
+                f"{settings.max_message_size} bytes of queue {self.name!r}"
             )
-        delay = _delay_us(delay_seconds, self.settings.delivery_delay, "delay_seconds")
-        now = self._now_us()
-        seq = self._msgs.append(HEADER.pack(VERSION, ct, 0, delay // 1000, now) + data)
+        if delay_seconds is None and not settings.delivery_delay:
+            delay_ms = 0
+        else:
+            delay_ms = _delay_us(delay_seconds, settings.delivery_delay, "delay_seconds") // 1000
+        now = int(self._clock() * 1_000_000)
+        payload = _pack_header(VERSION, ct, 0, delay_ms, now) + data
+        h = self._msgs._h
+        if h is None:
+            raise errors.LogClosedError(f"queue {self.name!r} is closed")
+        seq = _append1(h, payload, len(payload))  # Log.append, minus a call
+        if seq < 0:
+            self._msgs._append_error(seq, len(payload))
         if now > self._next_sweep:
             self._sweep(now)
         return f"{self._idpre}{seq:016x}"
@@ -415,7 +429,6 @@ class Queue:
                         kept_pl.append(p)
                 re_pl = kept_pl
             out: List[Message] = []
-            pre = self._idpre
             lost = []
             for q, p in zip(got_re, re_pl):
                 if p is None:
