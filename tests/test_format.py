@@ -571,3 +571,56 @@ def test_damaged_segment_header_costs_no_records(tmp_path: pathlib.Path) -> None
     assert _pure.read_log(d) == expected
     with pytest.raises(qlog.FormatError, match="CRC mismatch"):
         _pure.decode_segment_header(pathlib.Path(path).read_bytes())
+
+
+# ---- the queue structures: FORMAT.md against the code that writes them -----
+
+
+def _field_table(heading: str) -> List[Tuple[str, int, int]]:
+    return [(r[0], int(r[1]), int(r[2])) for r in _table(heading, "field")
+            if r[1].isdigit() and r[2].isdigit()]
+
+
+def test_message_header_table_matches_the_struct_that_packs_it() -> None:
+    from qlog import _message
+
+    rows = _field_table("Message record")
+    assert [name for name, _, _ in rows] == ["version", "content type", "flags", "delay", "sent"]
+    offsets = [off for _, off, _ in rows]
+    sizes = [size for _, _, size in rows]
+    assert offsets == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert sum(sizes) == _message.HEADER.size == 16
+    packed = _message.HEADER.pack(1, 2, 0x0304, 0x05060708, 0x1112131415161718)
+    for (name, off, size), value in zip(rows, [1, 2, 0x0304, 0x05060708, 0x1112131415161718]):
+        assert int.from_bytes(packed[off:off + size], "little") == value, name
+
+
+def test_checkpoint_header_table_matches_the_struct_that_packs_it() -> None:
+    from qlog import _state
+
+    rows = _field_table("Checkpoint")
+    offsets = [off for _, off, _ in rows]
+    sizes = [size for _, _, size in rows]
+    assert offsets == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert sum(sizes) == _state._CKPT_HEAD.size
+    st = _state.QueueState()
+    st.applied, st.cursor, st.acked = 77, 55, 9
+    st.pending[60] = [2, True, 123, 45]
+    snap = st.snapshot()
+    by_name = {name: (off, size) for name, off, size in rows}
+    off, size = by_name["journal position"]
+    assert int.from_bytes(snap[off:off + size], "little") == 77
+    off, size = by_name["entries"]
+    assert int.from_bytes(snap[off:off + size], "little") == 1
+    assert snap[:8] == b"QLOGCKPT"
+    assert len(snap) == _state._CKPT_HEAD.size + 5 * 8 + 4
+    back = _state.QueueState.from_snapshot(snap)
+    assert (back.applied, back.cursor, back.acked, back.pending) == (77, 55, 9, {60: [2, True, 123, 45]})
+
+
+def test_journal_record_tags_in_format_md_are_the_ones_replay_knows() -> None:
+    from qlog import _state
+
+    rows = _table("State journal record", "tag")
+    tags = {r[0].strip("`").encode() for r in rows}
+    assert tags == set(_state._APPLY)
