@@ -503,6 +503,15 @@ uint32_t qlog_notify_gen(qlog_log *log)
     return v;
 }
 
+int64_t qlog_next_seq(qlog_log *log)
+{
+    if (log_enter(log))
+        return QLOG_ECLOSED;
+    int64_t v = (int64_t)LOAD(&log->ctl->written_seq);
+    log_leave(log);
+    return v;
+}
+
 void qlog_poke(qlog_log *log)
 {
     if (log_enter(log))

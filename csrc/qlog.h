@@ -187,6 +187,9 @@ int  qlog_wait(qlog_log *log, uint64_t seq, int64_t timeout_ms);
  * passes (negative: forever).  Returns 1 on a change, 0 on timeout,
  * QLOG_ECLOSED when the handle is closed meanwhile. */
 uint32_t qlog_notify_gen(qlog_log *log);
+/* The number the next record will get, read without a lock or a system
+ * call (a hint: other processes may append at any time), or QLOG_ECLOSED. */
+int64_t qlog_next_seq(qlog_log *log);
 void qlog_poke(qlog_log *log);
 int  qlog_wait_gen(qlog_log *log, uint32_t gen, int64_t timeout_ms);
 

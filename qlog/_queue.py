@@ -69,6 +69,7 @@ _SCAN_LIMIT = 10_000  # messages a pull looks past (delayed ones) before returni
 _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
 _append1 = _lib.qlog_append1
+_next_seq = _lib.qlog_next_seq
 
 
 @dataclass(frozen=True)
@@ -598,6 +599,9 @@ class Queue:
         st = self._st
         assert st is not None
         j = self._journal
+        h = j._h
+        if h is not None and _next_seq(h) == st.applied:
+            return  # nothing new: no read needed
         while True:
             recs = j.read(st.applied, max_records=4096)
             if not recs:
