@@ -265,6 +265,13 @@ static int append_locked(qlog_log *log, const char *buf, const uint32_t *lens, s
             big = 0;   /* no memory for the copy: frame through the mapping */
         }
     }
+    if (!big) {
+        log->w_touched += need;
+        if (log->w_touched >= QLOG_DROP_EVERY) {
+            drop_resident(log->w_map, 0, c->write_end);
+            log->w_touched = 0;
+        }
+    }
     uint8_t *dst = big ? log->scratch : log->w_map + c->write_end;
     const char *p = buf;
     for (size_t i = 0; i < n; i++) {

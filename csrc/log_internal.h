@@ -112,6 +112,7 @@ typedef struct seginfo {
     uint64_t corrupt;           /* damaged regions the scan skipped */
     uint64_t *dmg;              /* offsets of damage already counted */
     size_t ndmg, capdmg;
+    uint64_t touched;           /* bytes read through map since pages were dropped */
 } seginfo;
 
 struct qlog_log {
@@ -129,6 +130,7 @@ struct qlog_log {
     int w_fd;
     uint8_t *w_map;
     uint64_t w_base, w_maplen;
+    uint64_t w_touched;         /* bytes stored through w_map since pages were dropped */
     uint8_t *scratch;           /* large batches are framed here, then pwritten */
     uint64_t scratch_cap;
 
@@ -160,6 +162,14 @@ int  lock_writer(qlog_log *log);
 void take_snapshot(qlog_log *log, snapshot *s);
 int64_t now_ns(void);
 uint64_t random_salt(void);
+
+/* Memory stays flat however much of a segment a handle reads or writes
+ * through its mapping: once QLOG_DROP_EVERY bytes went through, the
+ * mapped pages of [from, to) are dropped from this process (MADV_DONTNEED
+ * on a shared file mapping: the data stays in the page cache and in the
+ * file, and a later access maps it again). */
+#define QLOG_DROP_EVERY (8u << 20)
+void drop_resident(void *map, uint64_t from, uint64_t to);
 
 /* append.c */
 int  group_sync(qlog_log *log, uint64_t target);

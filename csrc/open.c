@@ -30,6 +30,19 @@ int log_fail(qlog_log *log, int code)
     return code;
 }
 
+void drop_resident(void *map, uint64_t from, uint64_t to)
+{
+    static uint64_t page;
+    if (!page) {
+        long ps = sysconf(_SC_PAGESIZE);
+        page = ps > 0 ? (uint64_t)ps : 4096;
+    }
+    from = (from + page - 1) & ~(page - 1);
+    to &= ~(page - 1);
+    if (map && to > from)
+        madvise((uint8_t *)map + from, to - from, MADV_DONTNEED);
+}
+
 int64_t now_ns(void)
 {
     struct timespec ts;
@@ -447,7 +460,12 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
     uint64_t last = 0, committed_last = 0, batch_start = off;
     int have_last = 0, have_committed = 0, in_batch = 0, orphans_follow = 0;
     uint64_t orphan_bytes = 0, orphan_recs = 0;
+    uint64_t paged_out = 0;
     while (off + QLOG_REC_HEADER_SIZE <= fsize) {
+        if (off - paged_out >= QLOG_DROP_EVERY) {
+            drop_resident(map, paged_out, off);
+            paged_out = off;
+        }
         rec_view rv;
         uint64_t sz = fmt_rec_check(map + off, fsize - off, salt32, have_last, last, &rv);
         if (sz) {

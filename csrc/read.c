@@ -294,7 +294,12 @@ static int idx_extend(qlog_log *log, seginfo *s, uint64_t bound)
     uint32_t salt32 = (uint32_t)s->salt;
     uint64_t off = s->scanned_to;
     uint64_t last_idx = s->icount ? s->ioff[s->icount - 1] : 0;
+    uint64_t dropped = off;
     while (off + QLOG_REC_HEADER_SIZE <= bound) {
+        if (off - dropped >= QLOG_DROP_EVERY) {
+            drop_resident(s->map, dropped, off);
+            dropped = off;
+        }
         rec_view rv;
         uint64_t sz = fmt_rec_check(s->map + off, bound - off, salt32, s->scan_have_last,
                                     s->scan_last, &rv);
@@ -432,7 +437,7 @@ static int64_t read_impl(qlog_log *log, uint64_t from_seq, size_t max_records, s
         if (!s->map || (s->header_bad && s->salt == 0))
             continue;
         uint32_t salt32 = (uint32_t)s->salt;
-        uint64_t off = idx_lookup(s, from_seq);
+        uint64_t off = idx_lookup(s, from_seq), start_off = off;
         uint64_t prev = 0;
         int have_prev = 0;
         while (off + QLOG_REC_HEADER_SIZE <= bound) {
@@ -472,6 +477,11 @@ static int64_t read_impl(qlog_log *log, uint64_t from_seq, size_t max_records, s
                 }
             }
             off += sz;
+        }
+        s->touched += off > start_off ? off - start_off : 0;
+        if (s->touched >= QLOG_DROP_EVERY) {
+            drop_resident(s->map, 0, s->maplen);
+            s->touched = 0;
         }
         if (active)
             break;
