@@ -86,7 +86,7 @@ def encode_body(body: Any, ct: int) -> bytes:
 
 def decode_body(data: bytes, ct: int, allow_pickle: bool) -> Any:
     if ct == CT_JSON:
-        return json.loads(data)
+        return json.loads(data.decode("utf-8"))  # str: skips json's encoding sniffing
     if ct == CT_BYTES:
         return data
     if ct == CT_TEXT:
@@ -136,6 +136,7 @@ class DeadLetterInfo:
 
 
 _ACK, _RETRY, _PEEKED = 1, 2, 3
+_UNSET = object()
 
 
 class Message:
@@ -154,13 +155,14 @@ class Message:
         self._payload = payload
         # 0: open; _ACK, _RETRY: settled; _PEEKED: cannot be settled
         self._outcome = _PEEKED if peeked else 0
+        self._body = _UNSET
+        self._split = None
 
     def _parts(self) -> tuple:
-        try:
-            return self._split
-        except AttributeError:
+        sp = self._split
+        if sp is None:
             sp = self._split = split(self._payload)
-            return sp
+        return sp
 
     @property
     def id(self) -> str:
@@ -181,13 +183,16 @@ class Message:
 
     @property
     def body(self) -> Any:
-        try:
-            return self._body
-        except AttributeError:
-            ct, _f, _d, _s, _m, off = self._parts()
-            allow = self._q.settings.allow_pickle
-            b = self._body = decode_body(self._payload[off:], ct, allow)
-            return b
+        b = self._body
+        if b is _UNSET:
+            p = self._payload
+            if len(p) >= 16 and p[0] == VERSION and not (p[2] | p[3]):
+                ct, data = p[1], p[16:]  # the common case: no metadata
+            else:
+                parts = self._parts()
+                ct, data = parts[0], p[parts[5]:]
+            b = self._body = decode_body(data, ct, self._q.settings.allow_pickle)
+        return b
 
     @property
     def dead_letter(self) -> Optional[DeadLetterInfo]:
@@ -207,8 +212,8 @@ class Message:
         if self._outcome:
             self._check_live()
             return
-        self._outcome = _ACK
         self._q._ack([self._seq])
+        self._outcome = _ACK
 
     def retry(self, delay_seconds: Optional[float] = None) -> None:
         """Deliver the message again after ``delay_seconds`` (default: the
@@ -219,9 +224,8 @@ class Message:
             self._check_live()
             return
         q = self._q
-        delay = q._retry_delay_us(delay_seconds)
+        q._retry([self], q._retry_delay_us(delay_seconds))
         self._outcome = _RETRY
-        q._retry([self], delay)
 
     def _check_live(self) -> None:
         if self._outcome == _PEEKED:
@@ -243,23 +247,20 @@ class MessageBatch:
 
     def ack_all(self) -> None:
         """Ack every message not already acked or retried, in one journal write."""
-        seqs = []
-        for m in self.messages:
-            if not m._outcome:
+        todo = [m for m in self.messages if not m._outcome]
+        if todo:
+            self._q._ack([m._seq for m in todo])
+            for m in todo:
                 m._outcome = _ACK
-                seqs.append(m._seq)
-        if seqs:
-            self._q._ack(seqs)
 
     def retry_all(self, delay_seconds: Optional[float] = None) -> None:
         """Retry every message not already acked or retried."""
         todo = [m for m in self.messages if not m._outcome]
         if not todo:
             return
-        delay = self._q._retry_delay_us(delay_seconds)
+        self._q._retry(todo, self._q._retry_delay_us(delay_seconds))
         for m in todo:
             m._outcome = _RETRY
-        self._q._retry(todo, delay)
 
     def __len__(self) -> int:
         return len(self.messages)

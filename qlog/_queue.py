@@ -547,11 +547,19 @@ class Queue:
                 js = self._journal.append(encode(b"R", (), [seqs, atts, dues]))
                 self._apply_own(js, lambda s: s.apply_retry(seqs, atts, dues))
             if final:
-                seqs = [m._seq for m in final]
-                atts = [m.attempts for m in final]
-                to_dlq = self._dead_letter(seqs, atts, now, [m._payload for m in final])
-                js = self._journal.append(encode(b"D", (to_dlq,), [seqs, atts]))
-                self._apply_own(js, lambda s: s.apply_dead(to_dlq, seqs, atts))
+                # Under the lock, so that a pull finding the same lease run
+                # out cannot dead-letter the message a second time; and only
+                # deliveries still current (not acked or redelivered since).
+                with self._locked():
+                    st = self._state()
+                    live = [m for m in final
+                            if _holds_lease(st.pending.get(m._seq), m.attempts)]
+                    if live:
+                        seqs = [m._seq for m in live]
+                        atts = [m.attempts for m in live]
+                        to_dlq = self._dead_letter(seqs, atts, now, [m._payload for m in live])
+                        js = self._journal.append(encode(b"D", (to_dlq,), [seqs, atts]))
+                        self._apply_own(js, lambda s: s.apply_dead(to_dlq, seqs, atts))
         self._msgs.poke()  # a waiting pull recomputes what is due
 
     def _dead_letter(
@@ -630,6 +638,9 @@ class Queue:
             self._catch_up()
 
     def _locked(self) -> "_FileLock":
+        """The queue's lock; call with self._mu held."""
+        if self._closed:
+            raise errors.LogClosedError(f"queue {self.name!r} is closed")
         return _FileLock(self._lockfd)
 
     def _checkpoint_locked(self) -> None:
@@ -707,9 +718,11 @@ class Queue:
                             lock.release()
             finally:
                 self._closed = True
+                self._broker._forget(self)
                 self._msgs.close()
                 self._journal.close()
                 os.close(self._lockfd)
+                self._lockfd = -1
 
     def __enter__(self) -> "Queue":
         return self
@@ -719,6 +732,10 @@ class Queue:
 
     def __repr__(self) -> str:
         return f"Queue({self.name!r})"
+
+
+def _holds_lease(e: Optional[list], attempts: int) -> bool:
+    return e is not None and e[ATT] == attempts and e[LEASED]
 
 
 def _holds(e: Optional[list], attempts: int, deadline: int) -> bool:
@@ -772,6 +789,10 @@ class Broker:
         durability: str = "sync",
         clock: Optional[Callable[[], float]] = None,
     ) -> None:
+        if durability is None:
+            raise errors.SettingsError(
+                "durability passed to qlog.open() must be one of 'interval', 'none', 'sync', got None"
+            )
         validate({"durability": durability}, "passed to qlog.open()")
         self.path = os.fspath(path)
         self.durability = durability
@@ -838,6 +859,11 @@ class Broker:
             q = Queue(self, name, resolved)
             self._queues[name] = q
             return q
+
+    def _forget(self, q: Queue) -> None:
+        with self._lock:
+            if self._queues.get(q.name) is q:
+                del self._queues[q.name]
 
     def queues(self) -> List[str]:
         """Names of every queue in the directory, sorted."""

@@ -1,0 +1,259 @@
+"""Queue settings: keyword arguments, qlog.toml in the data directory,
+Cloudflare's defaults, and the errors bad settings raise."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+import qlog
+
+QUEUE = "jobs"
+
+
+@pytest.fixture
+def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+def write_toml(data_dir: pathlib.Path, text: str) -> None:
+    (data_dir / "qlog.toml").write_text(text)
+
+
+def settings_of(data_dir: pathlib.Path, name: str = QUEUE, **kwargs) -> qlog.QueueSettings:
+    with qlog.open(data_dir) as b:
+        return b.queue(name, **kwargs).settings
+
+
+ALL_KEYS = """
+[[queues.consumers]]
+queue = "jobs"
+max_batch_size = 50
+max_batch_timeout = 2.5
+max_retries = 7
+dead_letter_queue = "jobs-dlq"
+retry_delay = 12
+delivery_delay = 3
+message_retention = 3600
+visibility_timeout = 45.5
+max_message_size = 2048
+max_concurrency = 4
+durability = "none"
+allow_pickle = true
+segment_bytes = 1048576
+"""
+
+
+def test_defaults_are_cloudflares(data_dir):
+    s = settings_of(data_dir)
+    assert s == qlog.QueueSettings()
+    assert (s.max_batch_size, s.max_batch_timeout, s.max_retries, s.dead_letter_queue) == (10, 5.0, 3, None)
+    assert (s.retry_delay, s.delivery_delay, s.message_retention) == (0, 0, 4 * 86_400)
+    assert (s.visibility_timeout, s.max_message_size, s.max_concurrency) == (30.0, 131072, 1)
+    assert (s.durability, s.allow_pickle) == (None, False)
+
+
+def test_toml_consumer_settings_are_applied(data_dir):
+    write_toml(data_dir, ALL_KEYS)
+    s = settings_of(data_dir)
+    assert s == qlog.QueueSettings(
+        max_batch_size=50, max_batch_timeout=2.5, max_retries=7, dead_letter_queue="jobs-dlq",
+        retry_delay=12, delivery_delay=3, message_retention=3600, visibility_timeout=45.5,
+        max_message_size=2048, max_concurrency=4, durability="none", allow_pickle=True,
+        segment_bytes=1048576,
+    )
+    assert settings_of(data_dir, "other") == qlog.QueueSettings()
+
+
+def test_toml_settings_take_effect_on_the_queue(data_dir):
+    write_toml(data_dir, ALL_KEYS)
+    with qlog.open(data_dir) as b:
+        q = b.queue(QUEUE)
+        assert q.durability == "none"
+        with pytest.raises(qlog.MessageTooLargeError, match="2048"):
+            q.send(b"x" * 2049, content_type="bytes")
+        q.send({"p": 1}, content_type="pickle", delay_seconds=0)
+        assert [m.body for m in q.pull()] == [{"p": 1}]
+
+
+def test_toml_producer_settings_are_applied(data_dir):
+    write_toml(data_dir, """
+[[queues.producers]]
+queue = "jobs"
+delivery_delay = 5
+[[queues.consumers]]
+queue = "jobs"
+max_retries = 1
+""")
+    s = settings_of(data_dir)
+    assert (s.delivery_delay, s.max_retries) == (5, 1)
+
+
+def test_toml_top_level_durability_applies_to_every_queue(data_dir):
+    write_toml(data_dir, """
+durability = "interval"
+[[queues.consumers]]
+queue = "fast"
+durability = "none"
+""")
+    with qlog.open(data_dir) as b:
+        assert b.queue(QUEUE).durability == "interval"
+        assert b.queue("fast").durability == "none"
+
+
+def test_toml_unlimited_message_retention(data_dir):
+    write_toml(data_dir, '[[queues.consumers]]\nqueue = "jobs"\nmessage_retention = "unlimited"\n')
+    assert settings_of(data_dir).message_retention is None
+
+
+def test_kwargs_override_toml(data_dir):
+    write_toml(data_dir, ALL_KEYS)
+    s = settings_of(data_dir, max_retries=2, visibility_timeout=1, dead_letter_queue=None)
+    assert (s.max_retries, s.visibility_timeout, s.dead_letter_queue) == (2, 1.0, None)
+    assert s.max_batch_size == 50  # the rest still comes from the file
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('[[queues.consumers]]\nqueue = "jobs"\nmax_retry = 3\n', "max_retry"),
+        ('[[queues.producers]]\nqueue = "jobs"\ncolour = "red"\n', "colour"),
+        ('[[queues.consumers]]\nqueue = "jobs"\nqueue_name = "x"\n', "queue_name"),
+        ('durabilty = "none"\n', "durabilty"),
+        ('[[queues.workers]]\nqueue = "jobs"\n', "workers"),
+    ],
+    ids=["consumer-key", "producer-key", "similar-key", "top-level", "section"],
+)
+def test_unknown_toml_key_raises_settings_error_naming_it(data_dir, text, key):
+    write_toml(data_dir, text)
+    with pytest.raises(qlog.SettingsError, match=key):
+        qlog.open(data_dir)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("max_retries", '"3"'),
+        ("max_batch_size", "10.5"),
+        ("max_message_size", "true"),
+        ("visibility_timeout", '"30s"'),
+        ("allow_pickle", "1"),
+        ("durability", '"fast"'),
+        ("retry_delay", "[1]"),
+    ],
+)
+def test_toml_value_of_the_wrong_type_raises_settings_error_naming_the_key(data_dir, key, value):
+    write_toml(data_dir, f'[[queues.consumers]]\nqueue = "jobs"\n{key} = {value}\n')
+    with pytest.raises(qlog.SettingsError, match=key):
+        qlog.open(data_dir)
+
+
+OUT_OF_RANGE = [
+    ("max_batch_size", 0), ("max_batch_size", 101),
+    ("max_batch_timeout", -1), ("max_batch_timeout", 61),
+    ("max_retries", -1), ("max_retries", 101),
+    ("retry_delay", -1), ("retry_delay", 86_401),
+    ("delivery_delay", -1), ("delivery_delay", 86_401),
+    ("message_retention", 59), ("message_retention", 1_209_601),
+    ("visibility_timeout", 0), ("visibility_timeout", 43_201),
+    ("max_message_size", 0), ("max_message_size", (16 << 20) + 1),
+    ("max_concurrency", 0), ("max_concurrency", 251),
+    ("segment_bytes", 65_535),
+]
+
+
+@pytest.mark.parametrize("key, value", OUT_OF_RANGE)
+def test_toml_value_out_of_range_raises_settings_error_naming_the_key(data_dir, key, value):
+    write_toml(data_dir, f'[[queues.consumers]]\nqueue = "jobs"\n{key} = {value}\n')
+    with pytest.raises(qlog.SettingsError, match=key):
+        qlog.open(data_dir)
+
+
+@pytest.mark.parametrize("key, value", OUT_OF_RANGE + [("retry_delay", float("nan"))])
+def test_keyword_value_out_of_range_raises_settings_error_naming_the_key(data_dir, key, value):
+    with qlog.open(data_dir) as b:
+        with pytest.raises(qlog.SettingsError, match=key):
+            b.queue(QUEUE, **{key: value})
+
+
+def test_unknown_keyword_setting_raises_settings_error_naming_it(data_dir):
+    with qlog.open(data_dir) as b:
+        with pytest.raises(qlog.SettingsError, match="max_retry"):
+            b.queue(QUEUE, max_retry=3)
+        with pytest.raises(qlog.SettingsError, match="max_retries"):
+            b.queue(QUEUE, max_retries="3")
+
+
+def test_limits_themselves_are_accepted(data_dir):
+    with qlog.open(data_dir) as b:
+        for key, lo, hi in [("max_batch_size", 1, 100), ("max_retries", 0, 100),
+                            ("message_retention", 60, 1_209_600), ("visibility_timeout", 0.001, 43_200),
+                            ("retry_delay", 0, 86_400), ("max_concurrency", 1, 250)]:
+            assert getattr(b.queue(QUEUE, **{key: lo}).settings, key) == lo
+            assert getattr(b.queue(QUEUE, **{key: hi}).settings, key) == hi
+
+
+def test_queue_as_its_own_dead_letter_queue_raises_settings_error(data_dir):
+    with qlog.open(data_dir) as b:
+        with pytest.raises(qlog.SettingsError, match="dead_letter_queue"):
+            b.queue(QUEUE, dead_letter_queue=QUEUE)
+        assert b.queues() == []
+    write_toml(data_dir, '[[queues.consumers]]\nqueue = "jobs"\ndead_letter_queue = "jobs"\n')
+    with qlog.open(data_dir) as b:
+        with pytest.raises(qlog.SettingsError, match="dead_letter_queue"):
+            b.queue(QUEUE)
+
+
+def test_invalid_dead_letter_queue_name_is_refused(data_dir):
+    with qlog.open(data_dir) as b:
+        with pytest.raises(qlog.InvalidQueueNameError):
+            b.queue(QUEUE, dead_letter_queue="../elsewhere")
+    write_toml(data_dir, '[[queues.consumers]]\nqueue = "jobs"\ndead_letter_queue = "a/b"\n')
+    with pytest.raises(qlog.InvalidQueueNameError):
+        qlog.open(data_dir)
+
+
+@pytest.mark.parametrize(
+    "text, error, match",
+    [
+        ("[[queues.consumers]]\nmax_retries = 3\n", qlog.SettingsError, "queue"),
+        ('[[queues.consumers]]\nqueue = "../x"\n', qlog.InvalidQueueNameError, "63"),
+        ("[[queues.consumers]\nqueue = \n", qlog.SettingsError, "qlog.toml"),
+        ('queues = 5\n', qlog.SettingsError, "queues"),
+        ('[queues]\nconsumers = 5\n', qlog.SettingsError, "consumers"),
+    ],
+    ids=["no-queue", "bad-queue-name", "malformed", "queues-not-a-table", "consumers-not-an-array"],
+)
+def test_bad_toml_file_is_refused_naming_the_problem(data_dir, text, error, match):
+    write_toml(data_dir, text)
+    with pytest.raises(error, match=match):
+        qlog.open(data_dir)
+
+
+@pytest.mark.parametrize("durability", ["fast", None, ""])
+def test_open_with_unknown_durability_raises_settings_error(data_dir, durability):
+    with pytest.raises(qlog.SettingsError, match="durability"):
+        qlog.open(data_dir, durability=durability)
+
+
+def test_changing_durability_of_an_open_queue_raises_settings_error(data_dir):
+    with qlog.open(data_dir) as b:
+        b.queue(QUEUE)
+        with pytest.raises(qlog.SettingsError, match="durability"):
+            b.queue(QUEUE, durability="none")
+        with pytest.raises(qlog.SettingsError, match="segment_bytes"):
+            b.queue(QUEUE, segment_bytes=1 << 20)
+
+
+def test_pull_options_out_of_range_raise(data_dir):
+    with qlog.open(data_dir) as b:
+        q = b.queue(QUEUE)
+        with pytest.raises(qlog.SettingsError, match="visibility_timeout"):
+            q.pull(visibility_timeout=0)
+        with pytest.raises(qlog.SettingsError, match="visibility_timeout"):
+            q.pull(visibility_timeout=43_201)
+        with pytest.raises(qlog.SettingsError, match="wait"):
+            q.pull(wait=-1)
