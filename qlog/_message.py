@@ -35,9 +35,54 @@ CONTENT_TYPES = {"json": 0, "text": 1, "bytes": 2, "pickle": 3}
 CT_JSON, CT_TEXT, CT_BYTES, CT_PICKLE = 0, 1, 2, 3
 _CT_NAMES = {v: k for k, v in CONTENT_TYPES.items()}
 
-_json_encode = json.JSONEncoder(
+_encoder = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, check_circular=True, separators=(",", ":")
-).encode
+)
+_json_encode = _encoder.encode
+_decode = json.JSONDecoder()
+json_decode: Callable[[str], Any] = json.loads
+
+try:
+    # The C encoder and scanner behind json.dumps/loads, called directly:
+    # the Python layers around them cost as much as the encoding of a small
+    # message.  One encoder per thread (its circular-reference markers must
+    # not be shared); json.dumps/loads semantics otherwise.
+    import threading as _threading
+    from json import encoder as _je
+
+    import _json as _cjson
+
+    _tls = _threading.local()
+
+    def _make_encoder() -> Callable[..., Any]:
+        return _cjson.make_encoder(
+            {}, _encoder.default, _je.c_encode_basestring, None, ":", ",", False, False, False
+        )
+
+    def _fast_encode(body: Any) -> str:
+        try:
+            enc = _tls.enc
+        except AttributeError:
+            enc = _tls.enc = _make_encoder()
+        return "".join(enc(body, 0))
+
+    _scan = _cjson.make_scanner(_decode)
+
+    def _fast_decode(text: str) -> Any:
+        try:
+            obj, end = _scan(text, 0)
+        except StopIteration:
+            return json.loads(text)  # raises the usual error
+        if end != len(text):
+            return json.loads(text)
+        return obj
+
+    if _fast_encode({"a": [1, 2.5, "é", None, True]}) != _json_encode({"a": [1, 2.5, "é", None, True]}):
+        raise ImportError("C encoder disagrees")
+    _json_encode = _fast_encode  # noqa: F811
+    json_decode = _fast_decode
+except (ImportError, AttributeError, TypeError):  # another Python: the plain path
+    pass
 
 
 def content_type_code(content_type: object) -> int:
@@ -86,7 +131,7 @@ def encode_body(body: Any, ct: int) -> bytes:
 
 def decode_body(data: bytes, ct: int, allow_pickle: bool) -> Any:
     if ct == CT_JSON:
-        return json.loads(data.decode("utf-8"))  # str: skips json's encoding sniffing
+        return json_decode(data.decode("utf-8"))
     if ct == CT_BYTES:
         return data
     if ct == CT_TEXT:

@@ -44,6 +44,7 @@ from ._message import (
     MessageBatch,
     MessageSendRequest,
     content_type_code,
+    _json_encode,
     dead_letter_payload,
     encode_body,
     split,
@@ -116,6 +117,7 @@ class Queue:
         self._dir = os.path.join(broker.path, "queues", name)
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
         self._idpre = self._identity()
+        self._idfmt = (self._idpre + "%016x").__mod__
         self.durability = settings.durability or broker.durability
         self._msgs = Log(
             os.path.join(self._dir, "messages"),
@@ -236,12 +238,15 @@ class Queue:
         now = self._now_us()
         if ct == CT_PICKLE and not allow_pickle:
             self._refuse_pickle()
-        plain = not any(type(m) is MessageSendRequest for m in messages)
-        if plain:
-            if ct == CT_BYTES and all(type(m) is bytes for m in messages):
+        types = set(map(type, messages))
+        if MessageSendRequest not in types:
+            if ct == CT_BYTES and len(types) == 1 and bytes in types:
                 bodies: Sequence[bytes] = messages  # type: ignore[assignment]
             elif ct == CT_JSON:
-                bodies = [self._encode_at(m, ct, i) for i, m in enumerate(messages)]
+                try:
+                    bodies = [_json_encode(m).encode("utf-8") for m in messages]
+                except Exception:  # find the culprit, say which one
+                    bodies = [self._encode_at(m, ct, i) for i, m in enumerate(messages)]
             else:
                 bodies = [self._encode_at(m, ct, i) for i, m in enumerate(messages)]
             big = max(map(len, bodies))
@@ -268,8 +273,7 @@ class Queue:
             seq = self._msgs.append_batch(payloads)
         if now > self._next_sweep:
             self._sweep(now)
-        pre = self._idpre
-        return [f"{pre}{s:016x}" for s in range(seq, seq + n)]
+        return list(map(self._idfmt, range(seq, seq + n)))
 
     def _encode_at(self, body: Any, ct: int, i: int) -> bytes:
         try:
