@@ -16,6 +16,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -116,6 +118,144 @@ out:
     return list;
 }
 
+/*
+ * MessageBase: the fields of a delivered message, as a C type so that a
+ * pull of 100 messages does not run 100 Python __init__ calls.  qlog's
+ * Message subclasses it (adding id, timestamp, ack, retry, ... in Python).
+ *
+ *   q         the Queue that delivered it
+ *   seq       its number in the queue's message log
+ *   attempts  deliveries so far, this one included
+ *   payload   the stored record: 16-byte header (qlog/_message.py) + body
+ *   outcome   0 open, 1 acked, 2 retried, 3 peeked (cannot be settled)
+ *   body      the decoded body, once read
+ *   split     the parsed header, once needed
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *q;
+    long long seq;
+    int attempts;
+    int outcome;
+    PyObject *payload;
+    PyObject *body;
+    PyObject *split;
+} MessageBase;
+
+#define CT_BYTES 2
+
+static int mb_traverse(MessageBase *m, visitproc visit, void *arg)
+{
+    Py_VISIT(m->q);
+    Py_VISIT(m->payload);
+    Py_VISIT(m->body);
+    Py_VISIT(m->split);
+    return 0;
+}
+
+static int mb_clear(MessageBase *m)
+{
+    Py_CLEAR(m->q);
+    Py_CLEAR(m->payload);
+    Py_CLEAR(m->body);
+    Py_CLEAR(m->split);
+    return 0;
+}
+
+/* For instances of a Python subclass, subtype_dealloc calls this and then
+ * drops its own reference to the subclass: none is dropped here. */
+static void mb_dealloc(MessageBase *m)
+{
+    PyObject_GC_UnTrack(m);
+    mb_clear(m);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static PyObject *mb_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *names[] = {"q", "seq", "attempts", "payload", "peeked", NULL};
+    PyObject *q, *payload;
+    long long seq;
+    int attempts, peeked = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OLiS|p", names, &q, &seq, &attempts, &payload,
+                                     &peeked))
+        return NULL;
+    MessageBase *m = (MessageBase *)type->tp_alloc(type, 0);
+    if (!m)
+        return NULL;
+    Py_INCREF(q);
+    m->q = q;
+    m->seq = seq;
+    m->attempts = attempts;
+    m->outcome = peeked ? 3 : 0;
+    Py_INCREF(payload);
+    m->payload = payload;
+    return (PyObject *)m;
+}
+
+/* The body, decoded once: bytes bodies here, the rest by the subclass's
+ * _decode_body(). */
+static PyObject *mb_get_body(MessageBase *m, void *closure)
+{
+    (void)closure;
+    if (!m->body) {
+        const char *p = PyBytes_AS_STRING(m->payload);
+        Py_ssize_t n = PyBytes_GET_SIZE(m->payload);
+        if (n >= 16 && p[0] == 1 && p[1] == CT_BYTES && p[2] == 0 && p[3] == 0)
+            m->body = PyBytes_FromStringAndSize(p + 16, n - 16);
+        else
+            m->body = PyObject_CallMethod((PyObject *)m, "_decode_body", NULL);
+        if (!m->body)
+            return NULL;
+    }
+    Py_INCREF(m->body);
+    return m->body;
+}
+
+static PyMemberDef mb_members[] = {
+    {"_q", T_OBJECT, offsetof(MessageBase, q), READONLY, NULL},
+    {"_seq", T_LONGLONG, offsetof(MessageBase, seq), READONLY, NULL},
+    {"attempts", T_INT, offsetof(MessageBase, attempts), READONLY,
+     "Deliveries so far, this one included (1 on the first)."},
+    {"_outcome", T_INT, offsetof(MessageBase, outcome), 0, NULL},
+    {"_payload", T_OBJECT, offsetof(MessageBase, payload), READONLY, NULL},
+    {"_split", T_OBJECT, offsetof(MessageBase, split), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef mb_getset[] = {
+    {"body", (getter)mb_get_body, NULL, "The body, decoded back to the type it was sent as.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject MessageBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "qlog._glue.MessageBase",
+    .tp_basicsize = sizeof(MessageBase),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C fields of qlog.Message.",
+    .tp_new = mb_new,
+    .tp_dealloc = (destructor)mb_dealloc,
+    .tp_traverse = (traverseproc)mb_traverse,
+    .tp_clear = (inquiry)mb_clear,
+    .tp_members = mb_members,
+    .tp_getset = mb_getset,
+};
+
+/* A new message of class cls (a MessageBase subclass): attempts 1. */
+static PyObject *mb_make(PyTypeObject *cls, PyObject *q, long long seq, PyObject *payload)
+{
+    MessageBase *m = (MessageBase *)cls->tp_alloc(cls, 0);
+    if (!m)
+        return NULL;
+    Py_INCREF(q);
+    m->q = q;
+    m->seq = seq;
+    m->attempts = 1;
+    m->payload = payload;   /* reference stolen */
+    return (PyObject *)m;
+}
+
 /* Append v to list as a Python int; returns -1 on error. */
 static int push_ll(PyObject *list, long long v)
 {
@@ -142,6 +282,9 @@ static int push_ll(PyObject *list, long long v)
  * (retention_us < 0: never), `deferred` while sent + delay > now, else
  * `new`.  A record too short for a header counts as new and sent now; its
  * consumer gets the format error when it reads the body.
+ *
+ * With the optional (cls, q), new_payloads holds instead new messages:
+ * instances of cls, a MessageBase subclass, delivered by q, attempts 1.
  */
 static PyObject *scan_messages(PyObject *self, PyObject *args)
 {
@@ -149,8 +292,17 @@ static PyObject *scan_messages(PyObject *self, PyObject *args)
     Py_buffer data, seqs, offs;
     Py_ssize_t n;
     long long now, ret;
-    if (!PyArg_ParseTuple(args, "y*y*y*nLL", &data, &seqs, &offs, &n, &now, &ret))
+    PyObject *cls = NULL, *q = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*nLL|OO", &data, &seqs, &offs, &n, &now, &ret, &cls, &q))
         return NULL;
+    if (cls && (!PyType_Check(cls) ||
+                !PyType_IsSubtype((PyTypeObject *)cls, &MessageBaseType) || !q)) {
+        PyErr_SetString(PyExc_TypeError, "scan_messages: cls must be a MessageBase subclass, with q");
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&seqs);
+        PyBuffer_Release(&offs);
+        return NULL;
+    }
     PyObject *out = NULL, *l[7] = {NULL};
     if (n < 0 || seqs.len < n * 8 || offs.len < (n + 1) * 8) {
         PyErr_SetString(PyExc_ValueError, "scan_messages: buffers shorter than n records");
@@ -190,6 +342,11 @@ static PyObject *scan_messages(PyObject *self, PyObject *args)
             PyObject *b = PyBytes_FromStringAndSize(p, (Py_ssize_t)len);
             if (!b)
                 goto done;
+            if (cls) {
+                b = mb_make((PyTypeObject *)cls, q, seq, b);
+                if (!b)
+                    goto done;
+            }
             int r = PyList_Append(l[2], b);
             Py_DECREF(b);
             if (r || push_ll(l[0], seq) || push_ll(l[1], sent))
@@ -226,4 +383,18 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__glue(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__glue(void)
+{
+    if (PyType_Ready(&MessageBaseType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&MessageBaseType);
+    if (PyModule_AddObject(m, "MessageBase", (PyObject *)&MessageBaseType) < 0) {
+        Py_DECREF(&MessageBaseType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

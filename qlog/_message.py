@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from . import errors
+from ._glue import MessageBase
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._queue import Queue
@@ -181,33 +182,31 @@ class DeadLetterInfo:
 
 
 _ACK, _RETRY, _PEEKED = 1, 2, 3
-_UNSET = object()
 
 
-class Message:
+class Message(MessageBase):
     """A message delivered by :meth:`Queue.pull` (or shown by :meth:`Queue.peek`).
 
     ``id``, ``timestamp`` (when it was sent, UTC), ``body`` (decoded back to
     what was sent), ``attempts`` (1 on the first delivery).  ``ack()`` and
-    ``retry()``: the first call wins."""
+    ``retry()``: the first call wins.
 
-    __slots__ = ("_q", "_seq", "attempts", "_payload", "_outcome", "_body", "_split")
+    Its fields live in a C base type (``qlog._glue.MessageBase``): the queue
+    (``_q``), the message's number in the log (``_seq``), ``attempts``, the
+    stored record (``_payload``), the outcome so far (``_outcome``: 0 open,
+    1 acked, 2 retried, 3 peeked) and the decoded ``body``, computed once."""
 
-    def __init__(self, q: "Queue", seq: int, attempts: int, payload: bytes, peeked: bool = False) -> None:
-        self._q = q
-        self._seq = seq
-        self.attempts = attempts
-        self._payload = payload
-        # 0: open; _ACK, _RETRY: settled; _PEEKED: cannot be settled
-        self._outcome = _PEEKED if peeked else 0
-        self._body = _UNSET
-        self._split = None
+    __slots__ = ()
 
     def _parts(self) -> tuple:
         sp = self._split
         if sp is None:
             sp = self._split = split(self._payload)
         return sp
+
+    def _decode_body(self) -> Any:
+        ct, _f, _d, _s, _m, off = self._parts()
+        return decode_body(self._payload[off:], ct, self._q.settings.allow_pickle)
 
     @property
     def id(self) -> str:
@@ -225,19 +224,6 @@ class Message:
     @property
     def content_type(self) -> str:
         return _CT_NAMES.get(self._parts()[0], "unknown")
-
-    @property
-    def body(self) -> Any:
-        b = self._body
-        if b is _UNSET:
-            p = self._payload
-            if len(p) >= 16 and p[0] == VERSION and not (p[2] | p[3]):
-                ct, data = p[1], p[16:]  # the common case: no metadata
-            else:
-                parts = self._parts()
-                ct, data = parts[0], p[parts[5]:]
-            b = self._body = decode_body(data, ct, self._q.settings.allow_pickle)
-        return b
 
     @property
     def dead_letter(self) -> Optional[DeadLetterInfo]:

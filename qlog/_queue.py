@@ -363,7 +363,7 @@ class Queue:
                     re_att.append(e[ATT] + 1)
             new: List[int] = []
             new_sent: List[int] = []
-            new_pl: List[bytes] = []
+            new_msgs: List[Message] = []
             dfr: List[int] = []
             dfr_due: List[int] = []
             dfr_sent: List[int] = []
@@ -374,7 +374,7 @@ class Queue:
 
             def sort_read(data, seqs, offs, k):  # type: ignore[no-untyped-def]
                 last = int.from_bytes(seqs[8 * (k - 1):8 * k], "little")
-                return _scan(data, seqs, offs, k, now, ret), last, k
+                return _scan(data, seqs, offs, k, now, ret, Message, self), last, k
 
             try:
                 while need > 0 and scanned < _SCAN_LIMIT:
@@ -385,9 +385,9 @@ class Queue:
                     if new:
                         new += a
                         new_sent += b
-                        new_pl += c
+                        new_msgs += c
                     else:
-                        new, new_sent, new_pl = a, b, c
+                        new, new_sent, new_msgs = a, b, c
                     if d:
                         dfr += d
                         dfr_due += e2
@@ -415,7 +415,6 @@ class Queue:
                 st.apply_pull(deadline, frm, cur, to_dlq, new, new_sent, re, re_att,
                               dfr, dfr_due, dfr_sent, exp, dead)
                 st.applied = js + 1
-                got_new = new
                 got_re = re
             else:
                 # Others' acks or retries landed in between: replay them in
@@ -423,9 +422,7 @@ class Queue:
                 self._catch_up()
                 st = self._st  # type: ignore[assignment]
                 pending = st.pending
-                got_new = [q for q in new if _holds(pending.get(q), 1, deadline)]
-                keep = set(got_new)
-                new_pl = [p for q, p in zip(new, new_pl) if q in keep]
+                new_msgs = [m for m in new_msgs if _holds(pending.get(m._seq), 1, deadline)]
                 got_re = []
                 kept_pl = []
                 for q, a, p in zip(re, re_att, re_pl):
@@ -440,7 +437,7 @@ class Queue:
                     lost.append(q)
                 else:
                     out.append(Message(self, q, pending[q][ATT], p))
-            out.extend([Message(self, q, 1, p) for q, p in zip(got_new, new_pl)])
+            out.extend(new_msgs)
             if lost:
                 logger.warning("queue %r: messages %s are missing from the message log "
                                "(damaged or deleted); dropping them", self.name, lost)
