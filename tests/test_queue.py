@@ -1166,3 +1166,50 @@ def test_format_error_names_the_version_found(data_dir):
     (data_dir / "qlog-format").write_text("2\n")
     with pytest.raises(qlog.FormatError, match="format 2"):
         qlog.open(data_dir)
+
+
+# ---- replicas: memory and interleaving -------------------------------------
+
+
+def test_consumer_state_grows_with_messages_in_flight_not_with_the_backlog(broker):
+    q = broker.queue(QUEUE, durability="none")
+    for _ in range(50):
+        q.send_batch([b"m"] * 1000, content_type="bytes")
+    batch = q.pull(batch_size=10)
+    assert len(batch) == 10
+    st = q._st
+    assert len(st.pending) == 10  # one entry per leased message; the 49,990 waiting have none
+    batch.ack_all()
+    assert len(st.pending) == 0
+    assert q.stats().backlog == 49_990
+
+
+def test_ack_landing_between_a_pulls_read_and_its_lease_wins(data_dir, clock):
+    """Another process's ack written after a pull read the state but before
+    its lease record: replay puts the ack first, and the pull does not
+    deliver the acked message."""
+    a = qlog.open(data_dir, clock=clock)
+    b = qlog.open(data_dir, clock=clock)
+    try:
+        qa, qb = a.queue(QUEUE), b.queue(QUEUE)
+        qa.send_batch([1, 2])
+        held = qb.pull(batch_size=1, visibility_timeout=1).messages  # message 1, leased by b
+        assert [m.body for m in held] == [1]
+        clock.advance(2)  # b's lease runs out: a pull may take message 1 again
+        journal_append = qa._journal.append
+
+        def append_after_bs_ack(record: bytes) -> int:
+            qa._journal.append = journal_append
+            held[0].ack()  # lands between a's read of the state and its lease
+            return journal_append(record)
+
+        qa._journal.append = append_after_bs_ack
+        got = qa.pull(batch_size=10)
+        assert [m.body for m in got] == [2]
+        assert [m.attempts for m in got] == [1]
+        st = qa.stats()
+        assert (st.acked, st.in_flight, st.backlog) == (1, 1, 1)
+        assert qb.stats() == st
+    finally:
+        a.close()
+        b.close()
