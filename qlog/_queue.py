@@ -350,17 +350,24 @@ class Queue:
             exp: List[int] = []
             dead: List[int] = []
             dead_att: List[int] = []
-            cands = st.due_candidates(now, n)
-            for sq in cands:
-                e = pending[sq]
-                if ret_us is not None and e[SENT] + ret_us <= now:
-                    exp.append(sq)
-                elif e[ATT] >= max_att:
-                    dead.append(sq)
-                    dead_att.append(e[ATT])
-                else:
-                    re.append(sq)
-                    re_att.append(e[ATT] + 1)
+            cands: List[int] = []
+            seen: set = set()
+            while len(re) < n:
+                # Expired or dead-lettered candidates take no room in the batch.
+                more = st.due_candidates(now, n - len(re), seen)
+                if not more:
+                    break
+                cands += more
+                for sq in more:
+                    e = pending[sq]
+                    if ret_us is not None and e[SENT] + ret_us <= now:
+                        exp.append(sq)
+                    elif e[ATT] >= max_att:
+                        dead.append(sq)
+                        dead_att.append(e[ATT])
+                    else:
+                        re.append(sq)
+                        re_att.append(e[ATT] + 1)
             new: List[int] = []
             new_sent: List[int] = []
             new_msgs: List[Message] = []

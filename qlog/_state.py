@@ -262,16 +262,20 @@ class QueueState:
 
     # -- queries ---------------------------------------------------------
 
-    def due_candidates(self, now: int, limit: int) -> List[int]:
+    def due_candidates(self, now: int, limit: int, seen: Optional[set] = None) -> List[int]:
         """Pop up to ``limit`` messages whose due time has passed (a lease
-        that expired, a delay that ran out), oldest due first."""
+        that expired, a delay that ran out), oldest due first; none of
+        ``seen`` (which gets the ones returned)."""
         out: List[int] = []
+        if seen is None:
+            seen = set()  # an entry can be indexed twice (a checkpoint, a requeue)
         pending = self.pending
         heap = self.heap
         while heap and heap[0][0] <= now and len(out) < limit:
             d, s = heapq.heappop(heap)
             e = pending.get(s)
-            if e is not None and e[DUE] == d:
+            if e is not None and e[DUE] == d and s not in seen:
+                seen.add(s)
                 out.append(s)
         for q in self.leases:
             while q and q[0][0] <= now and len(out) < limit:
@@ -279,12 +283,13 @@ class QueueState:
                 self.lease_items -= len(seqs)
                 for i, s in enumerate(seqs):
                     e = pending.get(s)
-                    if e is not None and e[DUE] == d and e[LEASED]:
+                    if e is not None and e[DUE] == d and e[LEASED] and s not in seen:
                         if len(out) == limit:
                             rest = seqs[i:]
                             q.appendleft((d, rest))
                             self.lease_items += len(rest)
                             break
+                        seen.add(s)
                         out.append(s)
         return out
 
