@@ -13,7 +13,6 @@ One checker states the invariants after the files are reopened:
 
 from __future__ import annotations
 
-import os
 import pathlib
 import random
 import signal
