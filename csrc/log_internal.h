@@ -168,7 +168,7 @@ uint64_t random_salt(void);
  * mapped pages of [from, to) are dropped from this process (MADV_DONTNEED
  * on a shared file mapping: the data stays in the page cache and in the
  * file, and a later access maps it again). */
-#define QLOG_DROP_EVERY (8u << 20)
+#define QLOG_DROP_EVERY (2u << 20)
 void drop_resident(void *map, uint64_t from, uint64_t to);
 
 /* append.c */

@@ -55,8 +55,9 @@ class QueueSettings:
     allow_pickle: bool = False
     """Let ``content_type="pickle"`` bodies be sent and decoded.  Unpickling
     data from an untrusted producer can run arbitrary code."""
-    segment_bytes: int = 64 << 20
-    """Size of the message log's segment files."""
+    segment_bytes: int = 16 << 20
+    """Size of the message log's segment files: the unit in which space is
+    given back, and what reopening after a crash scans at most."""
 
 
 _RANGES = {
