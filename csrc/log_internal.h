@@ -22,7 +22,7 @@
  * with one pwrite (the kernel copies into the page cache faster than
  * stores through a fresh mapping fault pages in); smaller ones are framed
  * straight into the mapping, with no system call at all. */
-#define QLOG_PWRITE_MIN (16u << 10)
+#define QLOG_PWRITE_MIN (4u << 10)
 #define QLOG_SCRATCH_KEEP (8u << 20)   /* larger framing buffers are freed after use */
 
 /*

@@ -368,7 +368,49 @@ done:
     return out;
 }
 
+/* ids(prefix, first, n) -> [prefix + 16 lowercase hex digits of seq, ...]
+ * for seq = first .. first + n - 1: a queue's message ids (prefix ASCII). */
+static PyObject *ids(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *pre;
+    Py_ssize_t plen, n;
+    unsigned long long first;
+    if (!PyArg_ParseTuple(args, "s#Kn", &pre, &plen, &first, &n))
+        return NULL;
+    for (Py_ssize_t i = 0; i < plen; i++)
+        if ((unsigned char)pre[i] > 127) {
+            PyErr_SetString(PyExc_ValueError, "ids: prefix must be ASCII");
+            return NULL;
+        }
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "ids: n must be >= 0");
+        return NULL;
+    }
+    static const char hex[] = "0123456789abcdef";
+    PyObject *list = PyList_New(n);
+    if (!list)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *s = PyUnicode_New(plen + 16, 127);
+        if (!s) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_UCS1 *d = PyUnicode_1BYTE_DATA(s);
+        memcpy(d, pre, (size_t)plen);
+        unsigned long long v = first + (unsigned long long)i;
+        for (int k = 15; k >= 0; k--) {
+            d[plen + k] = (Py_UCS1)hex[v & 15];
+            v >>= 4;
+        }
+        PyList_SET_ITEM(list, i, s);
+    }
+    return list;
+}
+
 static PyMethodDef methods[] = {
+    {"ids", ids, METH_VARARGS, "ids(prefix, first, n) -> [prefix + '%016x' % seq, ...]"},
     {"scan_messages", scan_messages, METH_VARARGS,
      "scan_messages(data, seqs, offs, n, now_us, retention_us) -> (new, new_sent, new_payloads, "
      "deferred, deferred_due, deferred_sent, expired)"},

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from . import errors
-from ._glue import scan_messages as _scan
+from ._glue import ids as _ids, scan_messages as _scan
 from ._log import Log
 from ._qlog_c import lib as _lib
 from ._message import (
@@ -117,7 +117,6 @@ class Queue:
         self._dir = os.path.join(broker.path, "queues", name)
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
         self._idpre = self._identity()
-        self._idfmt = (self._idpre + "%016x").__mod__
         self.durability = settings.durability or broker.durability
         self._msgs = Log(
             os.path.join(self._dir, "messages"),
@@ -273,7 +272,7 @@ class Queue:
             seq = self._msgs.append_batch(payloads)
         if now > self._next_sweep:
             self._sweep(now)
-        return list(map(self._idfmt, range(seq, seq + n)))
+        return _ids(self._idpre, seq, n)
 
     def _encode_at(self, body: Any, ct: int, i: int) -> bytes:
         try:
