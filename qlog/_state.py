@@ -56,6 +56,7 @@ import os
 import struct
 from array import array
 from collections import deque
+from itertools import repeat
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import crc32c as _crc32c
@@ -213,12 +214,8 @@ class QueueState:
         self.lease_items = 0
 
     def apply_ack(self, seqs: Sequence[int]) -> None:
-        pending = self.pending
-        n = 0
-        for s in seqs:
-            if pending.pop(s, None) is not None:
-                n += 1
-        self.acked += n
+        gone = list(map(self.pending.pop, seqs, repeat(None, len(seqs))))
+        self.acked += len(gone) - gone.count(None)
 
     def apply_retry(self, seqs: Sequence[int], atts: Sequence[int], dues: Sequence[int]) -> None:
         pending = self.pending
