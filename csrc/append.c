@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sched.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -384,6 +385,21 @@ static int commit_as_leader(qlog_log *log)
         if (r)
             return r;
     }
+    if (log->last_group > 1) {
+        /* The last fdatasync covered several appends: their callers are on
+         * their way back with more (a thread woken by that sync frames its
+         * next record within microseconds).  Let them in before this
+         * fdatasync rather than after it, while records keep arriving, for
+         * at most QLOG_GATHER_ROUNDS naps. */
+        uint64_t w = LOAD(&c->written_seq);
+        for (int i = 0; i < QLOG_GATHER_ROUNDS; i++) {
+            sched_yield();
+            uint64_t w2 = LOAD(&c->written_seq);
+            if (w2 == w)
+                break;
+            w = w2;
+        }
+    }
     snapshot s;
     take_snapshot(log, &s);
     if (log->s_fd < 0 || log->s_base != s.active_base) {
@@ -408,6 +424,7 @@ static int commit_as_leader(qlog_log *log)
     }
     __atomic_add_fetch(&log->n_fsyncs, 1, __ATOMIC_RELAXED);
     uint64_t cur = LOAD(&c->synced_seq);
+    log->last_group = s.written_seq > cur ? s.written_seq - cur : 0;
     while (cur < s.written_seq &&
            !__atomic_compare_exchange_n(&c->synced_seq, &cur, s.written_seq, 0,
                                         __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))

@@ -23,7 +23,11 @@
  * stores through a fresh mapping fault pages in); smaller ones are framed
  * straight into the mapping, with no system call at all. */
 #define QLOG_PWRITE_MIN (4u << 10)
-#define QLOG_SCRATCH_KEEP (8u << 20)   /* larger framing buffers are freed after use */
+#define QLOG_SCRATCH_KEEP (8u << 20)
+/* Group commit: a leader whose last fdatasync covered more than one record
+ * naps up to this many times while records keep arriving before it syncs. */
+#define QLOG_GATHER_ROUNDS 4
+#define QLOG_GATHER_NAP_NS 20000   /* larger framing buffers are freed after use */
 
 /*
  * The control block: the file `ctl` in the log directory, mapped shared by
@@ -137,6 +141,7 @@ struct qlog_log {
     /* the sync leader's file: only under ctl->slock */
     int s_fd;
     uint64_t s_base;
+    uint64_t last_group;        /* records the last fdatasync made durable */
 
     /* the reader: only under rmu */
     pthread_mutex_t rmu;
