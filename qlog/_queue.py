@@ -410,7 +410,7 @@ class Queue:
                 if not (new or re or dfr or exp or dead) and cur == frm:
                     return []
                 rec = encode(
-                    b"P", (deadline, frm, cur, to_dlq),
+                    b"P", (deadline, frm, cur, to_dlq, now),
                     [new, new_sent, re, re_att, dfr, dfr_due, dfr_sent, exp, dead],
                 )
                 js = self._journal.append(rec)
@@ -419,7 +419,7 @@ class Queue:
                 raise
             if js == st.applied:
                 st.apply_pull(deadline, frm, cur, to_dlq, new, new_sent, re, re_att,
-                              dfr, dfr_due, dfr_sent, exp, dead)
+                              dfr, dfr_due, dfr_sent, exp, dead, now)
                 st.applied = js + 1
                 got_re = re
             else:
@@ -699,9 +699,9 @@ class Queue:
                 if stop or not recs:
                     break
             if exp or cur != frm:
-                rec = encode(b"P", (0, frm, cur, 0), [[], [], [], [], [], [], [], exp, []])
+                rec = encode(b"P", (0, frm, cur, 0, now), [[], [], [], [], [], [], [], exp, []])
                 js = self._journal.append(rec)
-                self._apply_own(js, lambda s: s.apply_pull(0, frm, cur, 0, [], [], [], [], [], [], [], exp, []))
+                self._apply_own(js, lambda s: s.apply_pull(0, frm, cur, 0, [], [], [], [], [], [], [], exp, [], now))
                 self._checkpoint_locked()
             return self._st.expired - before  # type: ignore[union-attr]
 

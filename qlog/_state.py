@@ -37,7 +37,7 @@ Journal records (one log record each; little-endian)::
     +-----+-----------+-------------+--------------------+------------------+
     followed by the A arrays of int64, back to back.
 
-    P pull     scalars deadline, from, to, to_dlq
+    P pull     scalars deadline, from, to, to_dlq, now
                arrays  new seqs, new sent, re seqs, re attempts, deferred
                        seqs, deferred due, deferred sent, expired seqs,
                        dead seqs
@@ -143,7 +143,7 @@ class QueueState:
         new: Sequence[int], new_sent: Sequence[int],
         re: Sequence[int], re_att: Sequence[int],
         dfr: Sequence[int], dfr_due: Sequence[int], dfr_sent: Sequence[int],
-        exp: Sequence[int], dead: Sequence[int],
+        exp: Sequence[int], dead: Sequence[int], now: Optional[int] = None,
     ) -> None:
         pending = self.pending
         old = self.cursor
@@ -165,7 +165,9 @@ class QueueState:
             got = []
             for s, a in zip(re, re_att):
                 e = pending.get(s)
-                if e is not None and e[ATT] == a - 1:
+                # Only as the puller saw it: due by `now` (a retry landing
+                # in between may have set a later time).
+                if e is not None and e[ATT] == a - 1 and (now is None or e[DUE] <= now):
                     e[ATT] = a
                     e[LEASED] = True
                     e[DUE] = deadline
@@ -372,7 +374,7 @@ _CKPT_HEAD = struct.Struct("<8sI9q")
 
 
 def _pull(st: QueueState, sc, ar) -> None:
-    st.apply_pull(sc[0], sc[1], sc[2], sc[3], *ar)
+    st.apply_pull(sc[0], sc[1], sc[2], sc[3], *ar, now=sc[4] if len(sc) > 4 else None)
 
 
 _APPLY = {

@@ -1213,3 +1213,29 @@ def test_ack_landing_between_a_pulls_read_and_its_lease_wins(data_dir, clock):
     finally:
         a.close()
         b.close()
+
+
+def test_retry_landing_between_a_pulls_read_and_its_lease_keeps_its_delay(data_dir, clock):
+    a = qlog.open(data_dir, clock=clock)
+    b = qlog.open(data_dir, clock=clock)
+    try:
+        qa, qb = a.queue(QUEUE), b.queue(QUEUE)
+        qa.send("job")
+        held = qb.pull(batch_size=1, visibility_timeout=1).messages
+        clock.advance(2)  # b's lease ran out: the message is due again
+        journal_append = qa._journal.append
+
+        def append_after_bs_retry(record: bytes) -> int:
+            qa._journal.append = journal_append
+            held[0].retry(delay_seconds=100)  # lands before a's lease record
+            return journal_append(record)
+
+        qa._journal.append = append_after_bs_retry
+        assert qa.pull(batch_size=10).messages == []
+        assert qa.stats().delayed == 1
+        clock.advance(101)
+        (m,) = qa.pull(batch_size=10).messages
+        assert (m.body, m.attempts) == ("job", 2)
+    finally:
+        a.close()
+        b.close()
