@@ -656,6 +656,14 @@ class Queue:
         oldest message not done.  Called with the lock held."""
         st = self._st
         assert st is not None
+        # Checkpoints are only written under the lock: any temporary one
+        # here was left by a process killed while writing it.
+        for name in os.listdir(self._dir):
+            if name.startswith("checkpoint.") and name.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(self._dir, name))
+                except FileNotFoundError:
+                    pass
         write_checkpoint(self._ckpt_path, st.snapshot())
         self._ckpt_pos = st.applied
         self._journal.truncate_before(st.applied)

@@ -1,0 +1,348 @@
+"""kill -9 consumers and producers of a queue at random moments, reopen, and
+state what survives, for durability "sync" and "none": a process crash loses
+nothing in any mode.
+
+Children are fresh interpreters running functions of this module
+(``_crashkit.Child``).  Each records what the queue returned to it in a side
+file, one ``os.write`` of whole lines on an O_APPEND descriptor per returned
+call, so a line is in the kernel before the next call starts and survives the
+SIGKILL (a line the kill cut short has no newline and is ignored):
+
+- a consumer writes ``d <id> <attempts> <i>`` for each message a pull
+  returned (``i``: the index in its body), ``a <id>`` once ``ack()`` (or
+  ``ack_all()``) returned, ``r <id>`` once ``retry()`` returned;
+- a producer writes ``<batch> <n> <first id> <last id>`` once ``send_batch``
+  (``send`` for a batch of one) returned.
+
+Consumers run one after another on one directory, each with a clock 100 s
+ahead of the one before (``qlog.open(clock=...)``), so the leases a killed
+consumer held have run out for the next one without real waiting.  They
+checkpoint often and keep the state journal in small segments, so kills
+also land in checkpoints, journal rolls and journal truncations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+from typing import Dict, List, Sequence, Tuple
+
+import pytest
+
+import qlog
+import qlog._queue
+from _crashkit import Child, jitter
+
+QUEUE = "jobs"
+SETTINGS = dict(max_retries=100, message_retention=None, visibility_timeout=30.0)
+MODES = ("sync", "none")
+CLOCK_STEP = 100.0          # seconds each consumer's clock runs ahead of the previous one's
+CONSUMER_KILLS = 16
+MESSAGES = 3000
+PRODUCER_KILLS = 12
+CHECKPOINT_EVERY = 20     # journal records between checkpoints: kills land in checkpoints
+JOURNAL_SEGMENT = 65536   # the smallest segment: kills land in journal rolls and truncations
+
+Event = Tuple[str, str, int, int]   # (kind "d"/"a"/"r", id, attempts, body index)
+
+
+def child_main() -> None:
+    """Entry point of a child interpreter: ``<func>(**json)`` of this module."""
+    func, kwargs = sys.argv[1], json.loads(sys.argv[2])
+    globals()[func](**kwargs)
+
+
+def small_journal(set_attr, checkpoint_every: int = CHECKPOINT_EVERY) -> None:
+    """Checkpoint every ``checkpoint_every`` journal records, and keep the
+    state journal in segments of JOURNAL_SEGMENT bytes, so that checkpoints
+    delete journal segments (``set_attr``: ``setattr`` in a child, a test's
+    ``monkeypatch.setattr`` in the parent)."""
+    assert hasattr(qlog._queue, "_JOURNAL_SEGMENT"), "the state journal's segment size moved"
+    set_attr(qlog.Broker, "checkpoint_every", checkpoint_every)
+    set_attr(qlog._queue, "_JOURNAL_SEGMENT", JOURNAL_SEGMENT)
+
+
+def side_file(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+
+def side_lines(path: str) -> List[str]:
+    """The whole lines of a side file (a last line the kill cut short is dropped)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    return data.decode().split("\n")[:-1]
+
+
+def _kill_point(rng: random.Random, big: int) -> int:
+    """How many side-file lines a child writes before it is killed."""
+    return rng.choice([0, 1, rng.randint(1, big // 5), rng.randint(big // 5, big)])
+
+
+def _kill_when(child: Child, ready, wait_until, what: str, rng: random.Random) -> List[str]:
+    """Wait until ``ready()`` holds (or the child says "drained"), then SIGKILL
+    the child at a random moment soon after; returns the lines it printed."""
+    wait_until(lambda: ready() or "drained" in child.lines or child.proc.poll() is not None,
+               timeout=60, what=what)
+    assert child.proc.poll() is None, f"child exited with {child.proc.returncode}:\n{child.stderr}"
+    jitter(rng)
+    child.kill()
+    return list(child.lines)
+
+
+# ---- children ----------------------------------------------------------------
+
+
+def consumer(path: str, durability: str, side: str, clock_offset: float, seed: int) -> None:
+    """Child main: pull small batches; ack most messages one by one, retry a
+    few, leave a few leased, sometimes ack_all the rest; report each returned
+    call in ``side``.  Prints "drained" and waits when nothing is visible."""
+    rng = random.Random(seed)
+    small_journal(setattr)
+    broker = qlog.open(path, durability=durability, clock=lambda: time.time() + clock_offset)
+    q = broker.queue(QUEUE, **SETTINGS)
+    fd = side_file(side)
+    os.write(1, b"open\n")
+    while True:
+        batch = q.pull(batch_size=rng.randint(1, 20))
+        if not batch:
+            os.write(1, b"drained\n")
+            sys.stdin.read()
+            return
+        os.write(fd, "".join(f"d {m.id} {m.attempts} {m.body['i']}\n" for m in batch).encode())
+        left = []
+        for m in batch:
+            x = rng.random()
+            if x < 0.75:
+                m.ack()
+                os.write(fd, f"a {m.id}\n".encode())
+            elif x < 0.85:
+                m.retry()
+                os.write(fd, f"r {m.id}\n".encode())
+            else:
+                left.append(m)
+        if left and rng.random() < 0.3:
+            batch.ack_all()
+            os.write(fd, "".join(f"a {m.id}\n" for m in left).encode())
+
+
+def producer(path: str, durability: str, side: str, producer_id: int, seed: int) -> None:
+    """Child main: send batches of 1 to 1000 messages ``{"p", "batch", "i", "n"}``
+    forever, reporting each returned call in ``side``."""
+    rng = random.Random(seed)
+    broker = qlog.open(path, durability=durability)
+    q = broker.queue(QUEUE, **SETTINGS)
+    fd = side_file(side)
+    os.write(1, b"open\n")
+    k = 0
+    while True:
+        n = rng.choice([1, rng.randint(2, 20), rng.randint(20, 200), rng.randint(200, 1000)])
+        bodies = [{"p": producer_id, "batch": k, "i": i, "n": n} for i in range(n)]
+        ids = [q.send(bodies[0])] if n == 1 else q.send_batch(bodies)
+        os.write(fd, f"{k} {n} {ids[0]} {ids[-1]}\n".encode())
+        k += 1
+
+
+def checkpoint_victim(path: str) -> None:
+    """Child main: ack what one pull got, then close the queue and die
+    (SIGKILL) in the checkpoint's fdatasync, its temporary file written."""
+    with qlog.open(path, durability="none") as broker:
+        q = broker.queue(QUEUE, **SETTINGS)
+        q.pull(batch_size=10).ack_all()
+        os.write(1, b"acked\n")
+        # The engine syncs in C; the only Python fdatasync is the checkpoint's.
+        os.fdatasync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+    os.write(1, b"closed\n")
+
+
+# ---- checkers ------------------------------------------------------------------
+
+
+def parse_consumer_side(path: str) -> List[Event]:
+    out: List[Event] = []
+    for line in side_lines(path):
+        kind, mid, *rest = line.split()
+        out.append((kind, mid, int(rest[0]), int(rest[1])) if kind == "d" else (kind, mid, 0, -1))
+    return out
+
+
+def check_deliveries(ids: Sequence[str], runs: Sequence[Sequence[Event]]) -> Dict[str, List[int]]:
+    """State the invariant of consumers killed one after another, ``runs``
+    being what each reported, in order (the last: a final drain that acked
+    everything it got).  ``ids[i]`` is what send returned for body ``i``.
+
+    - a delivered message is a sent one, with the body it was sent with;
+    - every sent message is delivered at least once;
+    - a message whose ack() returned is never delivered again;
+    - a message whose retry() returned is delivered again;
+    - attempts grow with every delivery of a message: never back, never the same.
+    Returns the attempts seen per id, in order."""
+    sent = set(ids)
+    attempts: Dict[str, List[int]] = {}
+    acked: Dict[str, int] = {}
+    retried = set()
+    for r, events in enumerate(runs):
+        for kind, mid, att, i in events:
+            if kind == "d":
+                assert mid in sent and ids[i] == mid, (
+                    f"run {r} got message {mid} with body index {i}; send returned {ids[i]} for that body")
+                assert mid not in acked, (
+                    f"run {r} got message {mid} (attempts {att}) again: its ack returned in run {acked[mid]}")
+                seen = attempts.setdefault(mid, [])
+                assert att > (seen[-1] if seen else 0), (
+                    f"run {r} got message {mid} with attempts {att} after attempts {seen}")
+                seen.append(att)
+                retried.discard(mid)
+            else:
+                assert mid in attempts, f"run {r} settled message {mid} it was never given"
+                if kind == "a":
+                    acked[mid] = r
+                else:
+                    retried.add(mid)
+    missing = sent - set(attempts)
+    assert not missing, f"{len(missing)} sent messages were never delivered, e.g. {sorted(missing)[:5]}"
+    assert not retried, f"retried messages never delivered again: {sorted(retried)[:5]}"
+    return attempts
+
+
+def check_batches(recorded: Sequence[Tuple[int, int, str, str]], drained: Sequence[Tuple[str, dict]],
+                  producer_id: int) -> int:
+    """State the invariant of a producer killed during ``send_batch``:
+    ``recorded`` are the calls it reported, ``drained`` every message a
+    consumer got after the kill (all earlier ones were acked before).
+
+    - a message is delivered once, and comes from this producer (acked
+      messages of earlier producers stay gone);
+    - every reported batch is all there, its first and last message with the
+      ids send_batch returned;
+    - every batch delivered is whole: all n messages of it;
+    - a batch never reported is the one in flight at the kill.
+    Returns how many batches were there."""
+    seen: Dict[Tuple[int, int], str] = {}
+    batches: Dict[int, Dict[int, str]] = {}
+    sizes: Dict[int, int] = {}
+    for mid, body in drained:
+        p, k, i, n = body["p"], body["batch"], body["i"], body["n"]
+        assert p == producer_id, f"message {mid} of producer {p} (acked earlier) was delivered again"
+        assert (k, i) not in seen, f"message {i} of batch {k} delivered twice: {seen[k, i]} and {mid}"
+        seen[k, i] = mid
+        assert sizes.setdefault(k, n) == n, f"batch {k} holds messages saying n={n} and n={sizes[k]}"
+        batches.setdefault(k, {})[i] = mid
+    for k, got in batches.items():
+        assert sorted(got) == list(range(sizes[k])), (
+            f"batch {k} is half there: {len(got)} of its {sizes[k]} messages")
+    for k, (kk, n, first, last) in enumerate(recorded):
+        assert kk == k, f"side file line {k} reports batch {kk}"
+        assert k in batches, f"batch {k} ({n} messages) returned by send_batch is missing"
+        assert sizes[k] == n and batches[k][0] == first and batches[k][n - 1] == last, (
+            f"batch {k}: reported {n} messages {first}..{last}, found {sizes[k]} "
+            f"{batches[k][0]}..{batches[k][sizes[k] - 1]}")
+    extra = sorted(set(batches) - set(range(len(recorded))))
+    assert extra in ([], [len(recorded)]), (
+        f"batches {extra} were never reported and are not the one in flight ({len(recorded)})")
+    return len(batches)
+
+
+# ---- tests ---------------------------------------------------------------------
+
+
+def _drain(q: qlog.Queue) -> List[qlog.Message]:
+    """Pull and ack every visible message; returns them."""
+    out: List[qlog.Message] = []
+    while True:
+        batch = q.pull(batch_size=100)
+        if not batch:
+            return out
+        out.extend(batch)
+        batch.ack_all()
+
+
+@pytest.mark.parametrize("durability", MODES)
+def test_killed_consumers_lose_nothing_and_acked_messages_stay_acked(tmp_path, durability, wait_until,
+                                                                     monkeypatch):
+    small_journal(monkeypatch.setattr)
+    rng = random.Random(f"consumer-kill/{durability}")
+    path = str(tmp_path / "q")
+    with qlog.open(path, durability=durability) as broker:
+        q = broker.queue(QUEUE, **SETTINGS)
+        ids = []
+        for start in range(0, MESSAGES, 500):
+            ids += q.send_batch([{"i": i} for i in range(start, start + 500)])
+    runs: List[List[Event]] = []
+    killed_busy = 0
+    for k in range(CONSUMER_KILLS):
+        side = str(tmp_path / f"consumer{k}.txt")
+        with Child("consumer", module="test_queue_crash", path=path, durability=durability, side=side,
+                   clock_offset=(k + 1) * CLOCK_STEP, seed=rng.getrandbits(32)) as child:
+            child.wait_line("open")
+            acks = _kill_point(rng, 150)
+            lines = _kill_when(child, lambda: sum(e[0] == "a" for e in parse_consumer_side(side)) >= acks,
+                               wait_until, f"consumer {k}: {acks} acks", rng)
+        killed_busy += "drained" not in lines
+        runs.append(parse_consumer_side(side))
+    assert killed_busy == CONSUMER_KILLS, "scenario: a consumer ran out of messages before its kill"
+    final_clock = lambda: time.time() + (CONSUMER_KILLS + 1) * CLOCK_STEP  # noqa: E731
+    with qlog.open(path, durability=durability, clock=final_clock) as broker:
+        got = _drain(broker.queue(QUEUE, **SETTINGS))
+        runs.append([("d", m.id, m.attempts, m.body["i"]) for m in got] + [("a", m.id, 0, -1) for m in got])
+    attempts = check_deliveries(ids, runs)
+    assert any(len(a) > 1 for a in attempts.values()), "scenario: no message was delivered twice"
+    with qlog.open(path, durability=durability, clock=final_clock) as broker:
+        q = broker.queue(QUEUE, **SETTINGS)
+        assert not q.pull(batch_size=100), "a message came back after the final drain acked everything"
+        st = q.stats()
+        assert (st.acked, st.backlog, st.dead_lettered, st.deleted) == (MESSAGES, 0, 0, 0), st
+
+
+@pytest.mark.parametrize("durability", MODES)
+def test_producer_killed_mid_send_batch_leaves_whole_batches(tmp_path, durability, wait_until):
+    rng = random.Random(f"producer-kill/{durability}")
+    path = str(tmp_path / "q")
+    with qlog.open(path, durability=durability) as broker:
+        broker.queue(QUEUE, **SETTINGS)   # the queue exists before the first producer
+    total = 0
+    for p in range(PRODUCER_KILLS):
+        side = str(tmp_path / f"producer{p}.txt")
+        with Child("producer", module="test_queue_crash", path=path, durability=durability, side=side,
+                   producer_id=p, seed=rng.getrandbits(32)) as child:
+            child.wait_line("open")
+            calls = _kill_point(rng, 40)
+            _kill_when(child, lambda: len(side_lines(side)) >= calls, wait_until,
+                       f"producer {p}: {calls} batches", rng)
+        recorded = [(int(k), int(n), a, b) for k, n, a, b in map(str.split, side_lines(side))]
+        with qlog.open(path, durability=durability) as broker:
+            got = _drain(broker.queue(QUEUE, **SETTINGS))
+            check_batches(recorded, [(m.id, m.body) for m in got], p)
+        total += len(got)
+    assert total > PRODUCER_KILLS * 100, f"scenario: the producers sent almost nothing ({total})"
+    with qlog.open(path, durability=durability) as broker:
+        st = broker.queue(QUEUE, **SETTINGS).stats()
+        assert (st.acked, st.backlog) == (total, 0), st
+
+
+def test_checkpoint_half_written_by_a_killed_process_is_removed(tmp_path):
+    """A process killed while writing a checkpoint leaves its temporary file;
+    the next checkpoint removes it (else every such crash leaks a file as
+    large as the state)."""
+    path = str(tmp_path / "q")
+    qdir = tmp_path / "q" / "queues" / QUEUE
+    with qlog.open(path, durability="none") as broker:
+        broker.queue(QUEUE, **SETTINGS).send_batch([{"i": i} for i in range(30)])
+    with Child("checkpoint_victim", module="test_queue_crash", path=path) as child:
+        assert child.proc.wait(60) == -signal.SIGKILL, child.stderr
+        child.kill()
+    assert child.lines == ["acked"], child.lines
+    assert list(qdir.glob("checkpoint*.tmp")), "scenario: the victim left no temporary checkpoint"
+    with qlog.open(path, durability="none") as broker:
+        q = broker.queue(QUEUE, **SETTINGS)
+        assert q.stats().acked == 10
+        assert [m.body["i"] for m in _drain(q)] == list(range(10, 30))
+    leftovers = sorted(p.name for p in qdir.glob("checkpoint*.tmp"))
+    assert (qdir / "checkpoint").exists() and not leftovers, (
+        f"temporary checkpoints of dead processes are still there: {leftovers}")
