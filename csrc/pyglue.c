@@ -73,6 +73,25 @@ static PyObject *pack(PyObject *self, PyObject *args)
     return t;
 }
 
+/* Whether buffers filled by qlog_read hold n records: n sequence numbers,
+ * n + 1 offsets, each record inside data.  Sets ValueError when not. */
+static int read_ok(const char *fn, const Py_buffer *data, const Py_buffer *seqs,
+                   const Py_buffer *offs, Py_ssize_t n)
+{
+    if (n < 0 || seqs->len < n * 8 || offs->len < (n + 1) * 8) {
+        PyErr_Format(PyExc_ValueError, "%s: buffers shorter than n records", fn);
+        return 0;
+    }
+    const uint64_t *of = offs->buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (of[i] > of[i + 1] || of[i + 1] > (uint64_t)data->len) {
+            PyErr_Format(PyExc_ValueError, "%s: offsets out of range", fn);
+            return 0;
+        }
+    }
+    return 1;
+}
+
 static PyObject *unpack(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -81,18 +100,10 @@ static PyObject *unpack(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*y*n", &data, &seqs, &offs, &n))
         return NULL;
     PyObject *list = NULL;
-    if (n < 0 || seqs.len < n * 8 || offs.len < (n + 1) * 8) {
-        PyErr_SetString(PyExc_ValueError, "unpack: buffers shorter than n records");
+    if (!read_ok("unpack", &data, &seqs, &offs, n))
         goto out;
-    }
     const char *d = data.buf;
     const uint64_t *sq = seqs.buf, *of = offs.buf;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (of[i] > of[i + 1] || of[i + 1] > (uint64_t)data.len) {
-            PyErr_SetString(PyExc_ValueError, "unpack: offsets out of range");
-            goto out;
-        }
-    }
     list = PyList_New(n);
     if (!list)
         goto out;
@@ -304,18 +315,10 @@ static PyObject *scan_messages(PyObject *self, PyObject *args)
         return NULL;
     }
     PyObject *out = NULL, *l[7] = {NULL};
-    if (n < 0 || seqs.len < n * 8 || offs.len < (n + 1) * 8) {
-        PyErr_SetString(PyExc_ValueError, "scan_messages: buffers shorter than n records");
+    if (!read_ok("scan_messages", &data, &seqs, &offs, n))
         goto done;
-    }
     const char *d = data.buf;
     const uint64_t *sq = seqs.buf, *of = offs.buf;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (of[i] > of[i + 1] || of[i + 1] > (uint64_t)data.len) {
-            PyErr_SetString(PyExc_ValueError, "scan_messages: offsets out of range");
-            goto done;
-        }
-    }
     for (int k = 0; k < 7; k++)
         if (!(l[k] = PyList_New(0)))
             goto done;

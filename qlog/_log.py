@@ -384,7 +384,12 @@ class Log:
 
     @property
     def next_seq(self) -> int:
-        return self.stats().next_seq
+        """The number the next append gets (read without a lock or a system
+        call; other processes may append at any time)."""
+        n = lib.qlog_next_seq(self._handle())
+        if n < 0:
+            _raise(n, f"next_seq of {self.path!r}")
+        return n
 
     def stats(self) -> LogStats:
         self._check()

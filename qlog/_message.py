@@ -20,7 +20,7 @@ import pickle
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from . import errors
 from ._glue import MessageBase
@@ -322,6 +322,3 @@ def dead_letter_payload(payload: bytes, msg_id: str, queue: str, attempts: int, 
         + struct.pack("<I", len(info)) + info + payload[off:]
     )
 
-
-Encoder = Callable[[Any], bytes]
-Settings = Dict[str, Any]

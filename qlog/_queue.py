@@ -67,10 +67,10 @@ DATA_FORMAT = 1
 _FORMAT_FILE = "qlog-format"
 _JOURNAL_SEGMENT = 16 << 20
 _SCAN_LIMIT = 10_000  # messages a pull looks past (delayed ones) before returning
+_READ_GAP = 64  # messages wanted this close together come in one read
 _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
 _append1 = _lib.qlog_append1
-_next_seq = _lib.qlog_next_seq
 
 
 @dataclass(frozen=True)
@@ -403,7 +403,7 @@ class Queue:
                     need -= len(a)
                     scanned += k
                     cur = last + 1
-                re_pl = [self._payload(sq) for sq in re]
+                re_pl = self._payloads(re)
                 to_dlq = 0
                 if dead:
                     to_dlq = self._dead_letter(dead, dead_att, now)
@@ -452,11 +452,21 @@ class Queue:
                 self._checkpoint_locked()
             return out
 
-    def _payload(self, seq: int) -> Optional[bytes]:
-        recs = self._msgs.read(seq, max_records=1)
-        if recs and recs[0][0] == seq:
-            return recs[0][1]
-        return None
+    def _payloads(self, seqs: Sequence[int]) -> List[Optional[bytes]]:
+        """The stored records of messages ``seqs`` (None for one that is
+        gone), in that order: one read per run of nearby numbers, not one
+        per message."""
+        found: Dict[int, bytes] = {}
+        want = sorted(set(seqs))
+        i = 0
+        while i < len(want):
+            j = i
+            while j + 1 < len(want) and want[j + 1] - want[j] <= _READ_GAP and want[j + 1] - want[i] < 1000:
+                j += 1
+            for sq, p in self._msgs.read(want[i], max_records=want[j] - want[i] + 1):
+                found[sq] = p
+            i = j + 1
+        return [found.get(sq) for sq in seqs]
 
     def peek(self, n: int = 10) -> List[Message]:
         """Up to ``n`` messages not yet done, oldest first, without leasing
@@ -467,8 +477,8 @@ class Queue:
         with self._mu:
             st = self._state()
             out: List[Message] = []
-            for sq in sorted(st.pending)[:n]:
-                p = self._payload(sq)
+            first = sorted(st.pending)[:n]
+            for sq, p in zip(first, self._payloads(first)):
                 if p is not None:
                     out.append(Message(self, sq, st.pending[sq][ATT], p, True))
             cur = st.cursor
@@ -580,7 +590,7 @@ class Queue:
         if not name:
             return 0
         if payloads is None:
-            payloads = [self._payload(s) for s in seqs]
+            payloads = self._payloads(seqs)
         dlq = self._broker.queue(name)
         out = []
         for s, a, p in zip(seqs, atts, payloads):
@@ -614,8 +624,7 @@ class Queue:
         st = self._st
         assert st is not None
         j = self._journal
-        h = j._h
-        if h is not None and _next_seq(h) == st.applied:
+        if j.next_seq == st.applied:
             return  # nothing new: no read needed
         while True:
             recs = j.read(st.applied, max_records=4096)
