@@ -7,6 +7,7 @@ A broker is a directory; each queue is a subdirectory holding::
     checkpoint   the state at one journal position (so replay stays short)
     lock         flock'd while pulling, purging or checkpointing
     queue.json   the queue's id prefix and creation time
+    paused       present while delivery is paused (pause_delivery())
 
 Sending touches only the message log.  Pulling takes the queue's lock,
 brings this process's replica of the state up to date with the journal,
@@ -18,7 +19,9 @@ every record in journal order, so all of them agree.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import functools
 import io
 import json
 import logging
@@ -26,6 +29,7 @@ import os
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -93,6 +97,8 @@ class QueueStats:
     purged: int
     oldest_age: Optional[float]
     """Seconds since the oldest message not yet done was sent; None when empty."""
+    paused: bool = False
+    """Delivery is paused (:meth:`Queue.pause_delivery`): sends are kept, nothing is delivered."""
 
 
 def _delay_us(value: Optional[float], default: float, what: str) -> int:
@@ -138,6 +144,7 @@ class Queue:
         self._mu = threading.RLock()
         self._st: Optional[QueueState] = None
         self._ckpt_path = os.path.join(self._dir, "checkpoint")
+        self._paused_path = os.path.join(self._dir, "paused")
         self._ckpt_pos = 0
         self._next_sweep = 0.0
         self._closed = False
@@ -336,6 +343,8 @@ class Queue:
             self._msgs.wait_change(gen, left)
 
     def _pull_once(self, n: int, vt_us: int) -> List[Message]:
+        if os.path.exists(self._paused_path):
+            return []
         with self._mu, self._locked():
             st = self._state()
             now = self._now_us()
@@ -524,7 +533,71 @@ class Queue:
                 expired=st.expired,
                 purged=st.purged,
                 oldest_age=None if oldest is None else max(0.0, (now - oldest) / 1e6),
+                paused=self.paused,
             )
+
+    # -- pausing -----------------------------------------------------------
+
+    def pause_delivery(self) -> None:
+        """Stop delivering messages, in every process, until
+        :meth:`resume_delivery`: pulls return nothing (a waiting pull waits
+        on) and push consumers get no batches.  Sends are still accepted.
+        Messages already delivered can still be acked and retried.  Durable
+        when it returns; idempotent."""
+        if self._closed:
+            raise errors.LogClosedError(f"queue {self.name!r} is closed")
+        fd = os.open(self._paused_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        _fsync_dir(self._dir)
+
+    def resume_delivery(self) -> None:
+        """Deliver again after :meth:`pause_delivery`; wakes waiting pulls
+        in every process.  Durable when it returns; idempotent."""
+        if self._closed:
+            raise errors.LogClosedError(f"queue {self.name!r} is closed")
+        try:
+            os.unlink(self._paused_path)
+        except FileNotFoundError:
+            return
+        _fsync_dir(self._dir)
+        self._msgs.poke()
+
+    @property
+    def paused(self) -> bool:
+        """Whether delivery is paused (as every process sees it)."""
+        return os.path.exists(self._paused_path)
+
+    # -- async producers ---------------------------------------------------
+
+    async def send_async(
+        self, body: Any, *, content_type: str = "json", delay_seconds: Optional[float] = None
+    ) -> str:
+        """:meth:`send` for asyncio code: the write and its fsync run on the
+        broker's sender threads, so the event loop never blocks on them.
+        Concurrent sends share fsyncs (group commit) as threads do."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._broker._senders(),
+            functools.partial(self.send, body, content_type=content_type, delay_seconds=delay_seconds),
+        )
+
+    async def send_batch_async(
+        self,
+        messages: Iterable[Union[Any, MessageSendRequest]],
+        *,
+        content_type: str = "json",
+        delay_seconds: Optional[float] = None,
+    ) -> List[str]:
+        """:meth:`send_batch` for asyncio code, off the event loop like
+        :meth:`send_async`."""
+        if not isinstance(messages, (list, tuple)):
+            messages = list(messages)  # iterate here, not on another thread
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._broker._senders(),
+            functools.partial(self.send_batch, messages, content_type=content_type,
+                              delay_seconds=delay_seconds),
+        )
 
     def purge(self) -> int:
         """Delete every message sent so far; returns how many were not yet done."""
@@ -546,6 +619,22 @@ class Queue:
             self._state()
             js = self._journal.append(rec)
             self._apply_own(js, lambda s: s.apply_ack(seqs))
+
+    def _extend(self, messages: List[Message], deadline_us: int) -> None:
+        """Extend the leases of delivered messages still open to
+        ``deadline_us`` (a push consumer's handler is still at work on
+        them).  A lease that has already passed to another delivery is left
+        alone."""
+        todo = [m for m in messages if not m._outcome]
+        if not todo:
+            return
+        seqs = [m._seq for m in todo]
+        atts = [m.attempts for m in todo]
+        rec = encode(b"E", (deadline_us,), [seqs, atts])
+        with self._mu:
+            self._state()
+            js = self._journal.append(rec)
+            self._apply_own(js, lambda s: s.apply_extend(deadline_us, seqs, atts))
 
     def _retry_delay_us(self, delay_seconds: Optional[float]) -> int:
         return _delay_us(delay_seconds, self.settings.retry_delay, "delay_seconds")
@@ -827,6 +916,52 @@ class Broker:
         self._queues: Dict[str, Queue] = {}
         self._lock = threading.RLock()
         self._closed = False
+        self._consumers: Dict[str, Any] = {}
+        self._runner: Any = None
+        self._sender_pool: Optional[ThreadPoolExecutor] = None
+
+    # -- push consumers --------------------------------------------------
+
+    def consumer(self, queue: str, **settings: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register the decorated function as ``queue``'s push consumer.
+
+        It is called with a :class:`MessageBatch` (a plain or an ``async``
+        function) by :meth:`run` or ``qlog worker``.  ``settings`` are queue
+        settings (``max_batch_size``, ``max_batch_timeout``, ``max_retries``,
+        ``dead_letter_queue``, ``retry_delay``, ``max_concurrency``,
+        ``visibility_timeout``...), checked now; the ones not given come from
+        ``qlog.toml`` in the directory, then the defaults.  Returning acks
+        every message not retried on its own; raising retries every message
+        not acked on its own.  The function is returned unchanged."""
+        from ._consumer import register
+
+        return register(self, queue, settings)
+
+    def run(self, *, shutdown_timeout: float = 30.0, handle_signals: Optional[bool] = None) -> bool:
+        """Run every registered consumer until :meth:`stop`, SIGTERM or
+        SIGINT (handled when called from the main thread; a second signal
+        exits the process at once).  Stopping takes no new batches and waits
+        up to ``shutdown_timeout`` seconds for running handlers; messages
+        left unfinished are delivered again when their leases run out.
+        Returns True when every handler finished."""
+        from ._consumer import run
+
+        return run(self, shutdown_timeout, handle_signals)
+
+    def stop(self) -> None:
+        """Make :meth:`run` stop taking batches and return (thread-safe)."""
+        r = self._runner
+        if r is not None:
+            r.stop()
+
+    def _senders(self) -> ThreadPoolExecutor:
+        """Threads that run async sends (their fsyncs are shared)."""
+        with self._lock:
+            if self._closed:
+                raise errors.LogClosedError(f"broker {self.path!r} is closed")
+            if self._sender_pool is None:
+                self._sender_pool = ThreadPoolExecutor(32, thread_name_prefix="qlog-send")
+            return self._sender_pool
 
     def _check_format(self) -> None:
         path = os.path.join(self.path, _FORMAT_FILE)
@@ -903,6 +1038,9 @@ class Broker:
             self._closed = True
             qs = list(self._queues.values())
             self._queues.clear()
+            pool, self._sender_pool = self._sender_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         for q in qs:
             q.close()
 

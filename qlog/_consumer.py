@@ -1,0 +1,439 @@
+"""Push consumers: ``@broker.consumer(queue)`` and ``broker.run()``.
+
+A running consumer has one fetcher thread.  It leases visible messages
+into a forming batch and hands the batch to the handler as soon as it
+holds ``max_batch_size`` messages, or ``max_batch_timeout`` seconds after
+its first message became visible.  Between pulls it sleeps on the queue's
+futex (a send or retry in any process wakes it), so an idle consumer costs
+no CPU.  Sync handlers run on ``max_concurrency`` threads (inline in the
+fetcher when that is 1); async handlers run as tasks on one event loop
+thread shared by the broker's async consumers.  One extender thread renews
+the leases of every batch still forming or being handled.
+
+When a handler returns, every message of its batch not acked or retried on
+its own is acked; when it raises, they are retried, and the exception is
+logged with the queue, ids and attempts.  A batch-level ``ack_all`` or
+``retry_all`` made inside the handler takes effect when it finishes, so a
+call on a single message wins over it whatever the order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import queue as _stdqueue
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+from . import errors
+from ._message import _ACK, _RETRY, Message, MessageBatch
+from ._settings import validate
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._queue import Broker, Queue
+
+logger = logging.getLogger("qlog.consumer")
+
+Handler = Callable[[MessageBatch], Any]
+
+
+class PushBatch(MessageBatch):
+    """The batch a push consumer's handler gets.  ``ack()`` and ``retry()``
+    on a message take effect at once; ``ack_all()`` and ``retry_all()``
+    take effect when the handler finishes, for the messages not acked or
+    retried on their own by then (the first batch-level call wins)."""
+
+    __slots__ = ("_intent",)
+
+    def __init__(self, q: "Queue", messages: List[Message]) -> None:
+        super().__init__(q, messages)
+        self._intent: Optional[Tuple[int, int]] = None
+
+    def ack_all(self) -> None:
+        """Ack, when the handler finishes, every message not acked or retried on its own."""
+        if self._intent is None:
+            self._intent = (_ACK, 0)
+
+    def retry_all(self, delay_seconds: Optional[float] = None) -> None:
+        """Retry, when the handler finishes, every message not acked or
+        retried on its own (after ``delay_seconds``, default the queue's
+        ``retry_delay``)."""
+        us = self._q._retry_delay_us(delay_seconds)  # bad input raises here
+        if self._intent is None:
+            self._intent = (_RETRY, us)
+
+
+def settle(batch: PushBatch, exc: Optional[BaseException]) -> None:
+    """Apply a finished handler's outcome to the messages still open: the
+    batch-level call if one was made, else ack on return, retry on raise."""
+    rest = [m for m in batch.messages if not m._outcome]
+    if not rest:
+        return
+    q = batch._q
+    intent = batch._intent
+    if intent is None:
+        intent = (_ACK, 0) if exc is None else (_RETRY, q._retry_delay_us(None))
+    if intent[0] == _ACK:
+        q._ack([m._seq for m in rest])
+    else:
+        q._retry(rest, intent[1])
+    for m in rest:
+        m._outcome = intent[0]
+
+
+class Consumer:
+    """A handler registered with ``@broker.consumer(queue, **settings)``."""
+
+    def __init__(self, queue: str, handler: Handler, settings: Dict[str, Any]) -> None:
+        self.queue = queue
+        self.handler = handler
+        self.settings = settings
+        self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)
+        )
+
+    def __repr__(self) -> str:
+        name = getattr(self.handler, "__qualname__", repr(self.handler))
+        return f"Consumer({self.queue!r}, {name})"
+
+
+def register(broker: "Broker", queue: str, settings: Dict[str, Any]) -> Callable[[Handler], Handler]:
+    from ._settings import check_name
+
+    check_name(queue)
+    validate(settings, "passed to consumer()")
+    if settings.get("dead_letter_queue") == queue:
+        raise errors.SettingsError(f"queue {queue!r} cannot be its own dead_letter_queue")
+
+    def decorate(handler: Handler) -> Handler:
+        if not callable(handler):
+            raise TypeError(f"@consumer({queue!r}) needs a function taking a MessageBatch, got {handler!r}")
+        with broker._lock:
+            if queue in broker._consumers:
+                raise errors.SettingsError(
+                    f"queue {queue!r} already has a consumer in this broker "
+                    f"({broker._consumers[queue]!r}); a queue has one consumer"
+                )
+            broker._consumers[queue] = Consumer(queue, handler, dict(settings))
+        return handler
+
+    return decorate
+
+
+class _Running:
+    """One consumer at work on its queue."""
+
+    def __init__(self, runner: "Runner", consumer: Consumer) -> None:
+        self.runner = runner
+        self.consumer = consumer
+        self.q = runner.broker.queue(consumer.queue, **consumer.settings)
+        s = self.q.settings
+        self.size = s.max_batch_size
+        self.timeout = s.max_batch_timeout
+        self.vt = s.visibility_timeout
+        self.concurrency = s.max_concurrency
+        self.clock = self.q._clock
+        self.forming: List[Message] = []
+        self.first_at = 0.0
+        self.running: Dict[int, PushBatch] = {}
+        self.cond = threading.Condition()
+        self.inline = not consumer.is_async and self.concurrency == 1
+        self.jobs: "_stdqueue.SimpleQueue[Optional[PushBatch]]" = _stdqueue.SimpleQueue()
+        self.threads: List[threading.Thread] = []
+        self.batches = 0
+        self.failures = 0
+        self.done = False  # the fetcher has left
+
+    # -- batching ----------------------------------------------------------
+
+    def step(self, wait: float = 0.0) -> Optional[PushBatch]:
+        """Lease what is visible into the forming batch (waiting up to
+        ``wait`` seconds for a first message); return the batch once it is
+        due: full, or ``max_batch_timeout`` after its first message became
+        visible.  Never returns an empty batch."""
+        need = self.size - len(self.forming)
+        if need > 0:
+            got = self.q.pull(need, self.vt, wait=wait).messages
+            if got:
+                if not self.forming:
+                    self.first_at = self._visible_since(got)
+                self.forming += got
+        if self.forming and (
+            len(self.forming) >= self.size or self.clock() >= self.first_at + self.timeout
+        ):
+            batch = PushBatch(self.q, self.forming)
+            self.forming = []
+            return batch
+        return None
+
+    def _visible_since(self, got: List[Message]) -> float:
+        """When the earliest of these messages became visible: its send time
+        plus delivery delay on a first delivery; now for a redelivery."""
+        now = self.clock()
+        if len(got) >= self.size or not self.timeout:
+            return now  # due at once anyway
+        first = now
+        for m in got:
+            if m.attempts == 1:
+                _ct, _fl, delay_ms, sent_us, _meta, _off = m._parts()
+                first = min(first, sent_us / 1e6 + delay_ms / 1e3)
+        return first
+
+    def _wait_for_batch(self) -> float:
+        tick = self.runner.tick
+        if self.forming:
+            return max(0.0, min(tick, self.first_at + self.timeout - self.clock()))
+        return tick
+
+    # -- running handlers --------------------------------------------------
+
+    def start(self) -> None:
+        if not self.consumer.is_async and not self.inline:
+            for i in range(self.concurrency):
+                t = threading.Thread(target=self._pool_worker, name=f"qlog-{self.q.name}-{i}", daemon=True)
+                t.start()
+                self.threads.append(t)
+        t = threading.Thread(target=self._fetch_loop, name=f"qlog-fetch-{self.q.name}", daemon=True)
+        self.fetcher = t
+        t.start()
+
+    def _fetch_loop(self) -> None:
+        runner = self.runner
+        backoff = 0.1
+        while not runner.stopping:
+            try:
+                with self.cond:
+                    if len(self.running) >= self.concurrency:
+                        self.cond.wait(runner.tick)
+                        continue
+                batch = self.step(self._wait_for_batch())
+                if batch is not None:
+                    self._dispatch(batch)
+                backoff = 0.1
+            except errors.LogClosedError:
+                if runner.stopping:
+                    break
+                raise
+            except Exception:
+                logger.exception("queue %r: fetching a batch failed; trying again in %.1f s",
+                                  self.q.name, backoff)
+                runner.stopped.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        if self.forming:
+            # Leased already: hand them to the handler rather than make them
+            # wait out their lease (and count an attempt) for nothing.
+            batch = PushBatch(self.q, self.forming)
+            self.forming = []
+            self._dispatch(batch)
+        for _ in self.threads:
+            self.jobs.put(None)
+        self.done = True
+        runner.progress.set()
+
+    def _dispatch(self, batch: PushBatch) -> None:
+        with self.cond:
+            self.running[id(batch)] = batch
+        if self.inline:
+            self._run_sync(batch)
+        elif self.consumer.is_async:
+            asyncio.run_coroutine_threadsafe(self._run_async(batch), self.runner.loop())
+        else:
+            self.jobs.put(batch)
+
+    def _pool_worker(self) -> None:
+        while True:
+            batch = self.jobs.get()
+            if batch is None:
+                return
+            self._run_sync(batch)
+
+    def _run_sync(self, batch: PushBatch) -> None:
+        exc: Optional[BaseException] = None
+        try:
+            self.consumer.handler(batch)
+        except BaseException as e:  # noqa: B902 - a handler's failure is the batch's outcome
+            exc = e
+        self._finish(batch, exc)
+
+    async def _run_async(self, batch: PushBatch) -> None:
+        exc: Optional[BaseException] = None
+        try:
+            await self.consumer.handler(batch)
+        except BaseException as e:  # noqa: B902
+            exc = e
+        # The outcome may move messages to a dead-letter queue (an fsync):
+        # keep it off the event loop.
+        await asyncio.get_running_loop().run_in_executor(None, self._finish, batch, exc)
+
+    def _finish(self, batch: PushBatch, exc: Optional[BaseException]) -> None:
+        try:
+            if exc is not None:
+                self.failures += 1
+                logger.error(
+                    "queue %r: handler %s raised %s on %d messages; retrying those not acked "
+                    "(id:attempts %s)",
+                    self.q.name, getattr(self.consumer.handler, "__qualname__", "?"),
+                    type(exc).__name__, len(batch.messages),
+                    " ".join(f"{m.id}:{m.attempts}" for m in batch.messages),
+                    exc_info=exc,
+                )
+            settle(batch, exc)
+        except Exception:
+            logger.exception(
+                "queue %r: recording the outcome of a batch of %d failed; its messages "
+                "will be delivered again when their leases run out", self.q.name, len(batch.messages))
+        finally:
+            with self.cond:
+                self.running.pop(id(batch), None)
+                self.batches += 1
+                self.cond.notify_all()
+            self.runner.progress.set()
+
+    # -- leases ------------------------------------------------------------
+
+    def extend(self) -> None:
+        """Renew the lease of every message forming or being handled."""
+        with self.cond:
+            held = [m for b in self.running.values() for m in b.messages]
+        held += self.forming
+        if held:
+            self.q._extend(held, int((self.clock() + self.vt) * 1_000_000))
+
+    def busy(self) -> int:
+        with self.cond:
+            return len(self.running)
+
+
+class Runner:
+    """Runs a broker's consumers until :meth:`stop`."""
+
+    def __init__(self, broker: "Broker", shutdown_timeout: float) -> None:
+        self.broker = broker
+        self.shutdown_timeout = shutdown_timeout
+        self.stopping = False
+        self.stopped = threading.Event()
+        self.progress = threading.Event()  # a batch finished or a fetcher left
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop_thread: Optional[threading.Thread] = None
+        self.work = [_Running(self, c) for c in broker._consumers.values()]
+        vts = [w.vt for w in self.work]
+        # Wake at least three times per lease, and once a second at most
+        # (a waiting worker costs no CPU to speak of).
+        self.tick = min([1.0] + [v / 3 for v in vts])
+        self.lease_every = min([v / 3 for v in vts] or [1.0])
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(self._loop)
+                self._loop.call_soon(ready.set)  # type: ignore[union-attr]
+                self._loop.run_forever()  # type: ignore[union-attr]
+
+            self._loop_thread = threading.Thread(target=run, name="qlog-async", daemon=True)
+            self._loop_thread.start()
+            ready.wait()
+        return self._loop
+
+    def stop(self) -> None:
+        """Stop taking new batches (thread-safe; returns at once)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stopped.set()
+        for w in self.work:
+            with w.cond:
+                w.cond.notify_all()
+            try:
+                w.q._msgs.poke()  # wake a fetcher waiting for messages
+            except errors.QlogError:
+                pass
+
+    def run(self) -> bool:
+        """Run until :meth:`stop`, then wait up to ``shutdown_timeout`` for
+        running handlers.  Returns True when every handler finished."""
+        if any(w.consumer.is_async for w in self.work):
+            self.loop()
+        for w in self.work:
+            w.start()
+        logger.info("consuming %s", ", ".join(
+            f"{w.q.name} (batches of {w.size}, {w.timeout:g} s, concurrency {w.concurrency})"
+            for w in self.work))
+        next_lease = time.monotonic() + self.lease_every
+        while not self.stopped.wait(min(self.tick, max(0.0, next_lease - time.monotonic()))):
+            if time.monotonic() >= next_lease:
+                self._extend_all()
+                next_lease = time.monotonic() + self.lease_every
+        # Stopping: the fetchers hand over what they hold, then handlers finish.
+        end = time.monotonic() + self.shutdown_timeout
+        busy = sum(w.busy() for w in self.work)
+        if busy:
+            logger.info("stopping: waiting up to %g s for %d running batches", self.shutdown_timeout, busy)
+        while time.monotonic() < end:
+            if all(w.done and not w.busy() for w in self.work):
+                break
+            self.progress.wait(min(self.tick, max(0.0, end - time.monotonic())))
+            self.progress.clear()
+            if time.monotonic() >= next_lease:
+                self._extend_all()
+                next_lease = time.monotonic() + self.lease_every
+        left = sum(w.busy() for w in self.work) + sum(not w.done for w in self.work)
+        if self._loop is not None:
+            if not left:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                assert self._loop_thread is not None
+                self._loop_thread.join(5)
+        if left:
+            logger.warning("stopped with %d batches still running after %g s; their messages "
+                           "will be delivered again when their leases run out", left, self.shutdown_timeout)
+        return not left
+
+    def _extend_all(self) -> None:
+        for w in self.work:
+            try:
+                w.extend()
+            except Exception:
+                logger.exception("queue %r: renewing leases failed", w.q.name)
+
+
+def run(broker: "Broker", shutdown_timeout: float, handle_signals: Optional[bool]) -> bool:
+    if not broker._consumers:
+        raise errors.SettingsError(
+            f"broker {broker.path!r} has no consumers: decorate a function with @broker.consumer(queue)"
+        )
+    if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)) or shutdown_timeout < 0:
+        raise errors.SettingsError(f"shutdown_timeout must be a number of seconds >= 0, got {shutdown_timeout!r}")
+    with broker._lock:
+        if broker._runner is not None:
+            raise errors.QlogError(f"broker {broker.path!r} is already running its consumers")
+        runner = broker._runner = Runner(broker, float(shutdown_timeout))
+    main = threading.current_thread() is threading.main_thread()
+    if handle_signals is None:
+        handle_signals = main
+    old: Dict[int, Any] = {}
+    if handle_signals:
+        if not main:
+            raise errors.QlogError("signal handlers can only be installed from the main thread")
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if runner.stopping:
+                logger.warning("second %s: exiting now", signal.Signals(signum).name)
+                os._exit(128 + signum)
+            logger.info("%s: stopping (send it again to exit at once)", signal.Signals(signum).name)
+            runner.stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, on_signal)
+    try:
+        return runner.run()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        with broker._lock:
+            broker._runner = None
