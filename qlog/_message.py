@@ -204,6 +204,10 @@ class Message(MessageBase):
             sp = self._split = split(self._payload)
         return sp
 
+    def _raw_body(self) -> bytes:
+        """The body as stored, not decoded."""
+        return self._payload[self._parts()[5]:]
+
     def _decode_body(self) -> Any:
         ct, _f, _d, _s, _m, off = self._parts()
         return decode_body(self._payload[off:], ct, self._q.settings.allow_pickle)

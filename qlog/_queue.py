@@ -31,7 +31,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import errors
 from ._glue import ids as _ids, scan_messages as _scan
@@ -280,6 +280,24 @@ class Queue:
         if now > self._next_sweep:
             self._sweep(now)
         return _ids(self._idpre, seq, n)
+
+    def _send_raw(self, items: Sequence[Tuple[int, bytes]]) -> List[str]:
+        """Send stored bodies as they are: ``(content type code, body
+        bytes)`` pairs, e.g. a dead-letter queue's messages moved back by
+        ``qlog dlq redrive`` (no body is decoded, so pickles stay inert).
+        One atomic write of 1 to 1,000 messages; returns the new ids."""
+        if not 1 <= len(items) <= MAX_SEND_BATCH:
+            raise errors.BatchTooLargeError(
+                f"a batch needs 1 to {MAX_SEND_BATCH} messages, got {len(items)}"
+            )
+        now = self._now_us()
+        limit = self.settings.max_message_size
+        payloads = []
+        for i, (ct, data) in enumerate(items):
+            if len(data) > limit:
+                self._too_large(i, len(data), limit)
+            payloads.append(HEADER.pack(VERSION, ct, 0, 0, now) + data)
+        return _ids(self._idpre, self._msgs.append_batch(payloads), len(items))
 
     def _encode_at(self, body: Any, ct: int, i: int) -> bytes:
         try:
