@@ -1,12 +1,17 @@
-"""A producer and a consumer, in two processes, on one qlog queue.
+"""A producer and a push consumer, in two processes, on one qlog queue.
 
     python examples/quickstart.py [DIR]
 
-The producer process sends 20,000 jobs (durability "sync", the default: each
-``send_batch`` returns once its messages are on stable storage), a few of
-them one by one with ``send``.  The consumer process pulls batches, woken by
-each send without polling, "fails" every 100th job once (``retry``) and acks
-the rest; retried jobs come back with ``attempts == 2`` and are acked then.
+The consumer process registers a handler with ``@broker.consumer`` and runs
+it with ``broker.run()`` (what ``qlog worker`` does): batches of up to 100
+jobs, handed over when full or 0.1 s after their first job arrived, two
+batches at once.  Woken by each send, it never polls.
+
+The producer process sends 20,000 jobs (durability "sync", the default:
+each ``send_batch`` returns once its messages are on stable storage), the
+last few one by one with ``send``.  Every 100th job fails once: the handler
+retries it on its own with ``m.retry()``, and it comes back with
+``attempts == 2``.  Returning from the handler acks everything else.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import sys
 import tempfile
+import threading
 import time
 
 import qlog
@@ -32,24 +38,31 @@ def produce(path: str) -> None:
 
 
 def consume(path: str, ready) -> None:
+    broker = qlog.open(path)
     done = set()
-    retried = 0
-    with qlog.open(path) as broker:
-        q = broker.queue("jobs")
-        ready.set()
-        while len(done) < N:
-            batch = q.pull(batch_size=100, visibility_timeout=30, wait=10.0)
-            if not batch.messages:
-                sys.exit(f"consumer: nothing for 10 s after {len(done)} jobs")
-            for m in batch.messages:
-                job = m.body["job"]
-                if job % 100 == 0 and m.attempts == 1:
-                    m.retry()           # delivered again, attempts + 1
-                    retried += 1
-                else:
+    retried = []
+    lock = threading.Lock()
+
+    @broker.consumer("jobs", max_batch_size=100, max_batch_timeout=0.1, max_concurrency=2)
+    def handle(batch: qlog.MessageBatch) -> None:
+        for m in batch.messages:
+            job = m.body["job"]
+            if job % 100 == 0 and m.attempts == 1:
+                m.retry()               # delivered again, attempts + 1
+                with lock:
+                    retried.append(job)
+            else:
+                with lock:
                     done.add(job)
-            batch.ack_all()             # acks every message not retried above
-        print(f"consumer: {len(done)} jobs done, {retried} retried once; stats: {q.stats()}")
+        if len(done) == N:
+            broker.stop()               # or SIGTERM / Ctrl-C, as for `qlog worker`
+        # returning acks every message not retried above
+
+    ready.set()
+    broker.run()
+    print(f"consumer: {len(done)} jobs done, {len(retried)} retried once; "
+          f"stats: {broker.queue('jobs').stats()}")
+    broker.close()
 
 
 def main() -> None:
@@ -63,8 +76,11 @@ def main() -> None:
     producer = ctx.Process(target=produce, args=(path,))
     producer.start()
     producer.join()
-    consumer.join()
+    consumer.join(120)
     dt = time.perf_counter() - t0
+    if consumer.is_alive():
+        consumer.kill()
+        sys.exit("failed: the consumer did not finish within 120 s")
     if producer.exitcode or consumer.exitcode:
         sys.exit(f"failed: producer exit {producer.exitcode}, consumer exit {consumer.exitcode}")
     print(f"{N} jobs sent and consumed across two processes in {dt:.2f} s ({path})")

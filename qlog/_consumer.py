@@ -135,6 +135,7 @@ class _Running:
         self.size = s.max_batch_size
         self.timeout = s.max_batch_timeout
         self.vt = s.visibility_timeout
+        self.vt_us = int(self.vt * 1_000_000)
         self.concurrency = s.max_concurrency
         self.clock = self.q._clock
         self.forming: List[Message] = []
@@ -157,7 +158,7 @@ class _Running:
         visible.  Never returns an empty batch."""
         need = self.size - len(self.forming)
         if need > 0:
-            got = self.q.pull(need, self.vt, wait=wait).messages
+            got = self.q._pull_wait(need, self.vt_us, wait, self.runner.is_stopping)
             if got:
                 if not self.forming:
                     self.first_at = self._visible_since(got)
@@ -325,6 +326,9 @@ class Runner:
         # (a waiting worker costs no CPU to speak of).
         self.tick = min([1.0] + [v / 3 for v in vts])
         self.lease_every = min([v / 3 for v in vts] or [1.0])
+
+    def is_stopping(self) -> bool:
+        return self.stopping
 
     def loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

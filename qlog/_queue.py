@@ -344,16 +344,24 @@ class Queue:
         validate({"visibility_timeout": vt}, "passed to pull()")
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 43_200:
             raise errors.SettingsError(f"wait must be from 0 to 43200 seconds, got {wait!r}")
-        vt_us = int(vt * 1_000_000)
+        return MessageBatch(self, self._pull_wait(n, int(vt * 1_000_000), wait))
+
+    def _pull_wait(
+        self, n: int, vt_us: int, wait: float, stop: Optional[Callable[[], bool]] = None
+    ) -> List[Message]:
+        """``pull`` past its checks; ``stop()`` true ends a wait early (it is
+        checked after every wake-up: poke the message log to wake it)."""
         end = time.monotonic() + wait
         while True:
             gen = self._msgs.notify_gen() if wait > 0 else 0
+            if stop is not None and stop():
+                return []
             got = self._pull_once(n, vt_us)
             if got or wait <= 0:
-                return MessageBatch(self, got)
+                return got
             left = end - time.monotonic()
             if left <= 0:
-                return MessageBatch(self, got)
+                return got
             with self._mu:
                 next_due = self._state().next_due()
             if next_due is not None:
