@@ -739,3 +739,42 @@ def test_second_signal_exits_at_once(tmp_path, spawn_python, wait_until):
     assert p.wait(30) == 128 + signal.SIGTERM
     with qlog.open(data) as b:
         assert b.queue(Q).stats().acked == 0
+
+
+SHARED_WORKER = """
+import os, sys, time, qlog
+data, out = sys.argv[1], sys.argv[2]
+broker = qlog.open(data)
+
+@broker.consumer("jobs", max_batch_size=10, max_batch_timeout=0.01, max_concurrency=2, visibility_timeout=60)
+def handle(batch):
+    time.sleep(0.002)  # some work, so that both workers get a share
+    with open(out, "a") as f:
+        f.write("".join(f"{m.body} {m.attempts}\\n" for m in batch.messages))
+
+print("running", flush=True)
+broker.run()
+broker.close()
+"""
+
+
+def test_two_worker_processes_share_a_queue_without_double_delivery(tmp_path, spawn_python, wait_until):
+    data = tmp_path / "data"
+    with qlog.open(data) as b:
+        b.queue(Q)
+    outs = [tmp_path / "w0", tmp_path / "w1"]
+    procs = [spawn_python(SHARED_WORKER, [data, o]) for o in outs]
+    for p in procs:
+        assert p.stdout.readline().strip() == "running"
+    with qlog.open(data) as b:
+        q = b.queue(Q)
+        for start in range(0, 2000, 50):
+            q.send_batch(list(range(start, start + 50)))
+        wait_until(lambda: q.stats().acked == 2000, timeout=60, what="2,000 messages acked")
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    assert [p.wait(30) for p in procs] == [0, 0]
+    handled = [line.split() for o in outs for line in lines(o)]
+    assert sorted(int(body) for body, _ in handled) == list(range(2000))  # each exactly once
+    assert {att for _, att in handled} == {"1"}
+    assert all(lines(o) for o in outs), "both workers got work"
