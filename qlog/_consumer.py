@@ -1,14 +1,18 @@
 """Push consumers: ``@broker.consumer(queue)`` and ``broker.run()``.
 
-A running consumer has one fetcher thread.  It leases visible messages
-into a forming batch and hands the batch to the handler as soon as it
-holds ``max_batch_size`` messages, or ``max_batch_timeout`` seconds after
-its first message became visible.  Between pulls it sleeps on the queue's
-futex (a send or retry in any process wakes it), so an idle consumer costs
-no CPU.  Sync handlers run on ``max_concurrency`` threads (inline in the
-fetcher when that is 1); async handlers run as tasks on one event loop
-thread shared by the broker's async consumers.  One extender thread renews
-the leases of every batch still forming or being handled.
+A running consumer leases visible messages into a forming batch and hands
+the batch to the handler as soon as it holds ``max_batch_size`` messages,
+or ``max_batch_timeout`` seconds after its first message became visible.
+Between pulls it sleeps on the queue's futex (a send or retry in any
+process wakes it), so an idle consumer costs no CPU.
+
+A sync handler runs on ``max_concurrency`` threads of its own: they take
+turns forming a batch (one at a time, so batches fill) and each runs the
+batch it formed, with no hand-over between threads.  Async handlers run as
+tasks on one event loop thread shared by the broker's async consumers; the
+forming happens on that loop too, and only the wait for a send runs on a
+thread.  The runner's own thread renews the leases of every batch still
+forming or being handled, three times per visibility timeout.
 
 When a handler returns, every message of its batch not acked or retried on
 its own is acked; when it raises, they are retried, and the exception is
@@ -23,10 +27,10 @@ import asyncio
 import inspect
 import logging
 import os
-import queue as _stdqueue
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from . import errors
@@ -142,12 +146,13 @@ class _Running:
         self.first_at = 0.0
         self.running: Dict[int, PushBatch] = {}
         self.cond = threading.Condition()
-        self.inline = not consumer.is_async and self.concurrency == 1
-        self.jobs: "_stdqueue.SimpleQueue[Optional[PushBatch]]" = _stdqueue.SimpleQueue()
-        self.threads: List[threading.Thread] = []
+        self.turn = threading.Lock()  # held by the thread forming a batch
+        self.alive = 0
         self.batches = 0
         self.failures = 0
         self.done = False  # the fetcher has left
+        self.slot = asyncio.Event()  # async consumers: a batch finished
+        self.tasks: set = set()  # async consumers: handlers running
 
     # -- batching ----------------------------------------------------------
 
@@ -193,63 +198,105 @@ class _Running:
     # -- running handlers --------------------------------------------------
 
     def start(self) -> None:
-        if not self.consumer.is_async and not self.inline:
-            for i in range(self.concurrency):
-                t = threading.Thread(target=self._pool_worker, name=f"qlog-{self.q.name}-{i}", daemon=True)
-                t.start()
-                self.threads.append(t)
-        t = threading.Thread(target=self._fetch_loop, name=f"qlog-fetch-{self.q.name}", daemon=True)
-        self.fetcher = t
-        t.start()
+        if self.consumer.is_async:
+            loop = self.runner.loop()
+            self.waiter = ThreadPoolExecutor(1, thread_name_prefix=f"qlog-wait-{self.q.name}")
+            asyncio.run_coroutine_threadsafe(self._fetch_async(), loop)
+            return
+        self.alive = self.concurrency
+        for i in range(self.concurrency):
+            threading.Thread(target=self._sync_loop, name=f"qlog-{self.q.name}-{i}", daemon=True).start()
 
-    def _fetch_loop(self) -> None:
+    def _sync_loop(self) -> None:
+        """One of a sync consumer's ``max_concurrency`` threads: take the
+        turn to form a batch (one forms at a time, so batches fill), then
+        run the handler on it here, with no hand-over between threads."""
         runner = self.runner
         backoff = 0.1
-        while not runner.stopping:
-            try:
-                with self.cond:
-                    if len(self.running) >= self.concurrency:
-                        self.cond.wait(runner.tick)
-                        continue
-                batch = self.step(self._wait_for_batch())
+        try:
+            while not runner.stopping:
+                batch = None
+                try:
+                    with self.turn:
+                        while batch is None and not runner.stopping:
+                            batch = self.step(self._wait_for_batch())
+                        if batch is None and self.forming:
+                            # Stopping with messages leased already: hand them
+                            # to the handler rather than make them wait out
+                            # their lease (and count an attempt) for nothing.
+                            batch = PushBatch(self.q, self.forming)
+                            self.forming = []
+                    backoff = 0.1
+                except errors.LogClosedError:
+                    if runner.stopping:
+                        break
+                    raise
+                except Exception:
+                    logger.exception("queue %r: fetching a batch failed; trying again in %.1f s",
+                                     self.q.name, backoff)
+                    runner.stopped.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
                 if batch is not None:
                     self._dispatch(batch)
-                backoff = 0.1
-            except errors.LogClosedError:
-                if runner.stopping:
-                    break
-                raise
-            except Exception:
-                logger.exception("queue %r: fetching a batch failed; trying again in %.1f s",
-                                  self.q.name, backoff)
-                runner.stopped.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-        if self.forming:
-            # Leased already: hand them to the handler rather than make them
-            # wait out their lease (and count an attempt) for nothing.
-            batch = PushBatch(self.q, self.forming)
-            self.forming = []
-            self._dispatch(batch)
-        for _ in self.threads:
-            self.jobs.put(None)
-        self.done = True
-        runner.progress.set()
+        finally:
+            with self.cond:
+                self.alive -= 1
+                self.done = self.alive == 0
+            runner.progress.set()
+
+    async def _fetch_async(self) -> None:
+        """The fetcher of an async consumer, on the event loop itself: no
+        thread hop per batch.  Only the wait for a send runs on a thread."""
+        runner = self.runner
+        loop = asyncio.get_running_loop()
+        msgs = self.q._msgs
+        backoff = 0.1
+        try:
+            while not runner.stopping:
+                try:
+                    if len(self.running) >= self.concurrency:
+                        self.slot.clear()
+                        try:
+                            await asyncio.wait_for(self.slot.wait(), runner.tick)
+                        except asyncio.TimeoutError:
+                            pass
+                        continue
+                    gen = msgs.notify_gen()
+                    batch = self.step(0.0)
+                    if batch is not None:
+                        self._dispatch(batch)
+                        await asyncio.sleep(0)  # let the handler start
+                        continue
+                    wait = self.q._due_wait(self._wait_for_batch())
+                    if wait > 0 and not runner.stopping:
+                        await loop.run_in_executor(self.waiter, msgs.wait_change, gen, wait)
+                    backoff = 0.1
+                except errors.LogClosedError:
+                    if runner.stopping:
+                        break
+                    raise
+                except Exception:
+                    logger.exception("queue %r: fetching a batch failed; trying again in %.1f s",
+                                     self.q.name, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+            if self.forming:
+                batch = PushBatch(self.q, self.forming)
+                self.forming = []
+                self._dispatch(batch)
+        finally:
+            self.waiter.shutdown(wait=False)
+            self.done = True
+            runner.progress.set()
 
     def _dispatch(self, batch: PushBatch) -> None:
         with self.cond:
             self.running[id(batch)] = batch
-        if self.inline:
-            self._run_sync(batch)
-        elif self.consumer.is_async:
-            asyncio.run_coroutine_threadsafe(self._run_async(batch), self.runner.loop())
+        if self.consumer.is_async:
+            task = asyncio.get_running_loop().create_task(self._run_async(batch))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
         else:
-            self.jobs.put(batch)
-
-    def _pool_worker(self) -> None:
-        while True:
-            batch = self.jobs.get()
-            if batch is None:
-                return
             self._run_sync(batch)
 
     def _run_sync(self, batch: PushBatch) -> None:
@@ -266,9 +313,13 @@ class _Running:
             await self.consumer.handler(batch)
         except BaseException as e:  # noqa: B902
             exc = e
-        # The outcome may move messages to a dead-letter queue (an fsync):
-        # keep it off the event loop.
-        await asyncio.get_running_loop().run_in_executor(None, self._finish, batch, exc)
+        if any(m.attempts > self.q.settings.max_retries for m in batch.messages):
+            # The outcome may move messages to a dead-letter queue (an
+            # fsync): keep it off the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, self._finish, batch, exc)
+        else:
+            self._finish(batch, exc)  # journal appends only
+        self.slot.set()
 
     def _finish(self, batch: PushBatch, exc: Optional[BaseException]) -> None:
         try:
@@ -354,6 +405,8 @@ class Runner:
         for w in self.work:
             with w.cond:
                 w.cond.notify_all()
+            if w.consumer.is_async and self._loop is not None:
+                self._loop.call_soon_threadsafe(w.slot.set)
             try:
                 w.q._msgs.poke()  # wake a fetcher waiting for messages
             except errors.QlogError:

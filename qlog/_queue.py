@@ -362,11 +362,15 @@ class Queue:
             left = end - time.monotonic()
             if left <= 0:
                 return got
-            with self._mu:
-                next_due = self._state().next_due()
-            if next_due is not None:
-                left = min(left, max(0.0, (next_due - self._now_us()) / 1e6) + 0.001)
-            self._msgs.wait_change(gen, left)
+            self._msgs.wait_change(gen, self._due_wait(left))
+
+    def _due_wait(self, left: float) -> float:
+        """``left``, or less: until the next retry or lease comes due."""
+        with self._mu:
+            next_due = self._state().next_due()
+        if next_due is not None:
+            left = min(left, max(0.0, (next_due - self._now_us()) / 1e6) + 0.001)
+        return left
 
     def _pull_once(self, n: int, vt_us: int) -> List[Message]:
         if os.path.exists(self._paused_path):
