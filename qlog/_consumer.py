@@ -432,15 +432,23 @@ class Runner:
         busy = sum(w.busy() for w in self.work)
         if busy:
             logger.info("stopping: waiting up to %g s for %d running batches", self.shutdown_timeout, busy)
-        while time.monotonic() < end:
-            if all(w.done and not w.busy() for w in self.work):
+        # A fetcher holding no batch leaves within moments of the stop's
+        # wake-up: give it a second even with shutdown_timeout=0.
+        fetchers_end = max(end, time.monotonic() + 1.0)
+        while True:
+            busy = sum(w.busy() for w in self.work)
+            if not busy and all(w.done for w in self.work):
                 break
-            self.progress.wait(min(self.tick, max(0.0, end - time.monotonic())))
+            limit = end if busy else fetchers_end
+            now = time.monotonic()
+            if now >= limit:
+                break
+            self.progress.wait(min(self.tick, limit - now))
             self.progress.clear()
             if time.monotonic() >= next_lease:
                 self._extend_all()
                 next_lease = time.monotonic() + self.lease_every
-        left = sum(w.busy() for w in self.work) + sum(not w.done for w in self.work)
+        left = sum(w.busy() for w in self.work)
         if self._loop is not None:
             if not left:
                 self._loop.call_soon_threadsafe(self._loop.stop)

@@ -553,6 +553,18 @@ def test_run_returns_false_when_a_handler_outlives_shutdown_timeout(real, wait_u
     release.set()
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_idle_worker_stops_cleanly_with_shutdown_timeout_zero(real, kind):
+    if kind == "sync":
+        real.consumer(Q, max_concurrency=3)(lambda batch: None)
+    else:
+        async def handler(batch):
+            pass
+        real.consumer(Q, max_concurrency=3)(handler)
+    run = Running(real, shutdown_timeout=0)
+    assert run.stop() is True  # no batch was running: nothing left behind
+
+
 def test_paused_queue_delivers_nothing_until_resumed(real, tmp_path, wait_until):
     got: List[object] = []
     real.consumer(Q, max_batch_size=10, max_batch_timeout=0)(lambda batch: got.extend(m.body for m in batch))
