@@ -313,7 +313,8 @@ class _Running:
             await self.consumer.handler(batch)
         except BaseException as e:  # noqa: B902
             exc = e
-        if any(m.attempts > self.q.settings.max_retries for m in batch.messages):
+        retrying = exc is not None or (batch._intent is not None and batch._intent[0] == _RETRY)
+        if retrying and any(m.attempts > self.q.settings.max_retries for m in batch.messages):
             # The outcome may move messages to a dead-letter queue (an
             # fsync): keep it off the event loop.
             await asyncio.get_running_loop().run_in_executor(None, self._finish, batch, exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno as _errno
 import logging
+import math
 import os
 import threading
 from array import array
@@ -261,10 +262,19 @@ class Log:
             _raise(rc, f"sync of {self.path!r} failed", h)
 
     def _flush_loop(self) -> None:
-        while not self._stop.wait(self.flush_interval):
-            h = self._h
-            if h is None:
+        # Idle, it sleeps until an append (by any process) makes the log
+        # dirty, then syncs flush_interval later: no wake-ups while nothing
+        # is written.
+        h = self._h
+        while h is not None:
+            gen = lib.qlog_notify_gen(h)
+            if self._stop.is_set():
                 return
+            if not lib.qlog_dirty(h):
+                lib.qlog_wait_gen(h, gen, -1)  # close() pokes
+                continue
+            if self._stop.wait(self.flush_interval):
+                return  # close() syncs
             if lib.qlog_dirty(h):
                 # An error here is not lost: the log is poisoned and the
                 # next append raises it.
@@ -334,7 +344,9 @@ class Log:
         by any process), or ``timeout`` seconds pass.  Returns whether one does.
         Sleeps on a futex: no polling."""
         self._check()
-        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        # Rounded up: a wait that ended a fraction of a millisecond early
+        # would be followed by a zero-length one, a spin.
+        ms = -1 if timeout is None else max(0, math.ceil(timeout * 1000))
         h = self._h
         if h is None:
             raise errors.LogClosedError(f"log {self.path!r} is closed")
@@ -357,7 +369,9 @@ class Log:
         """Block until the change counter differs from ``gen`` (an append or a
         :meth:`poke` by any process) or ``timeout`` seconds pass.  Returns
         whether it changed.  Sleeps on a futex: no polling."""
-        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        # Rounded up: a wait that ended a fraction of a millisecond early
+        # would be followed by a zero-length one, a spin.
+        ms = -1 if timeout is None else max(0, math.ceil(timeout * 1000))
         rc = lib.qlog_wait_gen(self._handle(), gen, ms)
         if rc < 0:
             _raise(rc, f"wait on {self.path!r} ended")
@@ -451,6 +465,7 @@ class Log:
             return
         self._stop.set()
         if self._flusher is not None and self._flusher is not threading.current_thread():
+            lib.qlog_poke(h)  # wake the flusher from its wait for an append
             self._flusher.join()
         with self._read_lock:
             self._h = None

@@ -457,6 +457,34 @@ def test_interval_mode_syncs_in_the_background(log_dir, wait_until) -> None:
         assert st.fsyncs >= 1  # the handle's background flush, not an explicit sync()
 
 
+def _switches(thread) -> int:
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches line")
+
+
+def test_interval_flusher_sleeps_while_idle_and_wakes_on_the_next_append(log_dir, wait_until) -> None:
+    with qlog.Log(log_dir, durability="interval", flush_interval=0.01) as log:
+        log.append(b"first")
+        wait_until(lambda: log.stats().synced_seq == 1, what="the first record synced")
+        flusher = log._flusher
+        assert flusher is not None
+        before = _switches(flusher)
+        time.sleep(0.3)  # the observation window: 30 flush intervals with nothing written
+        assert _switches(flusher) - before <= 1
+        log.append(b"second")  # after the idle spell, still synced in the background
+        wait_until(lambda: log.stats().synced_seq == 2, what="the second record synced")
+
+
+def test_interval_handle_syncs_what_another_handle_appends(log_dir, wait_until) -> None:
+    with qlog.Log(log_dir, durability="interval", flush_interval=0.01) as log:
+        with qlog.Log(log_dir, durability="none") as other:
+            other.append_batch([b"a", b"b"])
+            wait_until(lambda: log.stats().synced_seq == 2, what="the other handle's records synced")
+
+
 def test_sync_mode_append_returns_after_the_record_is_synced(log_dir) -> None:
     with qlog.Log(log_dir, durability="sync") as log:
         for i in range(5):
