@@ -678,6 +678,31 @@ def test_worker_runs_the_consumers_until_sigterm_and_exits_0(app, wait_until) ->
     assert "SIGTERM: stopping" in log
 
 
+def test_worker_sigterm_mid_batch_finishes_it_takes_nothing_new_and_exits_0(app, wait_until) -> None:
+    with qlog.open(app["data"]) as b:
+        q = b.queue(Q)
+        w = start_worker(app, "--shutdown-timeout", "60")
+        try:
+            q.send("first")
+            wait_until(lambda: len(handled(app["out"])) == 1, timeout=30, what="the handler started")
+            w.send_signal(signal.SIGTERM)
+            wait_until(lambda: "SIGTERM: stopping" in (app["dir"] / "worker.log").read_text(),
+                       timeout=30, what="the signal taken")
+            q.send("second")  # sent after the signal: not taken
+            assert w.poll() is None  # still in its handler
+            assert q.stats().acked == 0  # nothing acked before the handler returns
+            app["release"].touch()
+            assert w.wait(30) == 0
+        finally:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+        assert [body for body, _pid in handled(app["out"])] == ["first"]
+        st = q.stats()
+        assert (st.acked, st.backlog, st.in_flight) == (1, 1, 0)
+        assert [m.body for m in q.pull(10).messages] == ["second"]
+
+
 def test_worker_processes_supervises_and_restarts_its_workers(app, wait_until) -> None:
     sup = start_worker(app, "--processes", "2", "--shutdown-timeout", "20")
     seen: set = set()
