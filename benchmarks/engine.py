@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -98,6 +98,22 @@ def payloads() -> List[bytes]:
 
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
+
+
+def interleave(reps: int, sides: Sequence[Callable[[], float]]) -> List[List[float]]:
+    """Run every side once per repetition, rotating their order; returns
+    one list of results per side."""
+    out: List[List[float]] = [[] for _ in sides]
+    for rep in range(reps):
+        k = rep % len(sides)
+        for i in list(range(k, len(sides))) + list(range(k)):
+            out[i].append(sides[i]())
+    return out
+
+
+def check(ok: bool, what: str) -> None:
+    if not ok:
+        raise RuntimeError(f"benchmark self-check failed: {what}")
 
 
 def fmt_rate(x: float, unit: str) -> str:
@@ -529,24 +545,35 @@ def bench_reopen(sc: Scratch, plan: Plan) -> Figure:
 # ---------------------------------------------------------------- report
 
 
-def print_table(figs: List[Figure]) -> None:
-    head = ("figure", "qlog", "baseline", "ratio", "target", "met")
-    rows = [(f.name, f.qlog, f.baseline, f"{f.ratio:.2f}", f.target, "yes" if f.met else "NO")
-            for f in figs]
-    w = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+def print_report(head: Sequence[str], cells: Sequence[Sequence[str]], rows: Sequence[Any]) -> None:
+    """The figures as a table (first column left-aligned, the rest right),
+    then each row's ratio per repetition and its notes (``rows``: objects
+    with ``name``, ``ratios`` and ``notes``)."""
+    w = [max(len(c[i]) for c in [head, *cells]) for i in range(len(head))]
     line = "  ".join("-" * x for x in w)
     print("  ".join(h.ljust(x) for h, x in zip(head, w)))
     print(line)
-    for r in rows:
-        cells = [r[0].ljust(w[0])] + [c.rjust(x) for c, x in zip(r[1:], w[1:])]
-        print("  ".join(cells))
+    for c in cells:
+        print("  ".join([c[0].ljust(w[0])] + [v.rjust(x) for v, x in zip(c[1:], w[1:])]))
     print(line)
     print()
-    for f in figs:
-        print(f"* {f.name}")
-        print(f"    ratio per rep: {' '.join(f'{r:.2f}' for r in f.ratios)}")
-        for n in f.notes:
+    for r in rows:
+        print(f"* {r.name}")
+        if r.ratios:
+            print(f"    ratio per rep: {' '.join(f'{x:.2f}' for x in r.ratios)}")
+        for n in r.notes:
             print(f"    {n}")
+
+
+def print_end(t_start: float) -> None:
+    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+          f"wall time {time.perf_counter() - t_start:.1f} s")
+
+
+def print_table(figs: List[Figure]) -> None:
+    print_report(("figure", "qlog", "baseline", "ratio", "target", "met"),
+                 [(f.name, f.qlog, f.baseline, f"{f.ratio:.2f}", f.target, "yes" if f.met else "NO")
+                  for f in figs], figs)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -581,8 +608,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  {line}")
     print()
     print_table(figs)
-    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-          f"wall time {time.perf_counter() - t_start:.1f} s")
+    print_end(t_start)
     return 0
 
 

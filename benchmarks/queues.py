@@ -44,7 +44,10 @@ for _p in (ROOT, HERE):
         sys.path.insert(0, _p)
 
 import qlog  # noqa: E402
-from engine import Scratch, fmt_rate, fmt_time, machine_info, median, per_rep, progress, remove  # noqa: E402
+from engine import (  # noqa: E402
+    Scratch, check, fmt_rate, fmt_time, interleave, machine_info, median, per_rep, print_end, print_report,
+    progress, remove,
+)
 
 try:
     import persistqueue
@@ -197,17 +200,6 @@ class Row:
     pq_ratio: str = "-"
     notes: List[str] = field(default_factory=list)
     profile: str = ""
-
-
-def interleave(reps: int, sides: Sequence[Callable[[], float]]) -> List[List[float]]:
-    """Run every side once per repetition, rotating their order; returns
-    one list of results per side."""
-    out: List[List[float]] = [[] for _ in sides]
-    for rep in range(reps):
-        k = rep % len(sides)
-        for i in list(range(k, len(sides))) + list(range(k)):
-            out[i].append(sides[i]())
-    return out
 
 
 def profiled(fn: Callable[[], Any], top: int = 25) -> str:
@@ -969,28 +961,10 @@ def bench_reopen(sc: Scratch, plan: Plan, prof: bool, quick: bool) -> Row:
 # ---------------------------------------------------------------- report
 
 
-def check(ok: bool, what: str) -> None:
-    if not ok:
-        raise RuntimeError(f"benchmark self-check failed: {what}")
-
-
 def print_table(rows: List[Row]) -> None:
-    head = ("figure", "qlog", "baseline", "ratio", "target", "result", "persist-queue", "qlog/pq")
-    cells = [(r.name, r.qlog, r.baseline, f"{r.ratio:.2f}", r.target, "PASS" if r.met else "MISS",
-              r.pq, r.pq_ratio) for r in rows]
-    w = [max(len(c[i]) for c in [head] + cells) for i in range(len(head))]
-    line = "  ".join("-" * x for x in w)
-    print("  ".join(h.ljust(x) for h, x in zip(head, w)))
-    print(line)
-    for c in cells:
-        print("  ".join([c[0].ljust(w[0])] + [v.rjust(x) for v, x in zip(c[1:], w[1:])]))
-    print(line)
-    print()
-    for r in rows:
-        print(f"* {r.name}")
-        print(f"    ratio per rep: {' '.join(f'{x:.2f}' for x in r.ratios)}")
-        for n in r.notes:
-            print(f"    {n}")
+    print_report(("figure", "qlog", "baseline", "ratio", "target", "result", "persist-queue", "qlog/pq"),
+                 [(r.name, r.qlog, r.baseline, f"{r.ratio:.2f}", r.target, "PASS" if r.met else "MISS",
+                   r.pq, r.pq_ratio) for r in rows], rows)
     profiles = [r for r in rows if r.profile]
     for r in profiles:
         print(f"\n--- cProfile of the qlog side: {r.name} (sorted by own time)")
@@ -1057,8 +1031,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  {line}")
     print()
     print_table(rows)
-    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-          f"wall time {time.perf_counter() - t_start:.1f} s")
+    print_end(t_start)
     return 0
 
 

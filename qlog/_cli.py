@@ -619,6 +619,17 @@ def cmd_redrive(args: argparse.Namespace) -> int:
 # -- verify ----------------------------------------------------------------------
 
 
+def _verify_log(log: Any) -> Dict[str, Any]:
+    """Records and damaged regions of one log, or the error that stopped the check."""
+    try:
+        report = log.verify()
+    except (QlogError, OSError) as e:
+        return {"error": str(e)}
+    return {"records": report.records,
+            "damage": [{"segment": d.segment, "offset": d.offset, "length": d.length,
+                        "after_seq": d.after_seq, "kind": d.kind} for d in report.damage]}
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     with _open_existing(args.dir) as broker:
         names = broker.queues()
@@ -626,32 +637,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
         results: List[Dict[str, Any]] = []
         try:
             for name in names:
-                entries: List[Dict[str, Any]] = [
-                    {"queue": name, "log": kind,
-                     "path": os.path.join(broker.path, "queues", name, kind),
-                     "records": 0, "damage": [], "error": None}
-                    for kind in ("messages", "state")
-                ]
                 try:
                     q: Optional[Queue] = broker.queue(name)
+                    opened: Optional[str] = None
                 except (QlogError, OSError) as e:
-                    q = None
-                    for entry in entries:
-                        entry["error"] = f"the queue cannot be opened: {e}"
+                    q, opened = None, f"the queue cannot be opened: {e}"
                 try:
-                    for entry in entries:
+                    for kind in ("messages", "state"):
+                        entry: Dict[str, Any] = {
+                            "queue": name, "log": kind, "path": os.path.join(broker.path, "queues", name, kind),
+                            "records": 0, "damage": [], "error": opened,
+                        }
                         if q is not None:
-                            try:
-                                log = q._msgs if entry["log"] == "messages" else q._journal
-                                report = log.verify()
-                                entry["records"] = report.records
-                                entry["damage"] = [
-                                    {"segment": d.segment, "offset": d.offset, "length": d.length,
-                                     "after_seq": d.after_seq, "kind": d.kind}
-                                    for d in report.damage
-                                ]
-                            except (QlogError, OSError) as e:
-                                entry["error"] = str(e)
+                            entry.update(_verify_log(q._msgs if kind == "messages" else q._journal))
                         results.append(entry)
                         bar.update(len(results))
                 finally:

@@ -112,8 +112,12 @@ def child_main() -> None:
 
 
 def child_env() -> dict:
+    """The environment of a test's child interpreter: it imports the qlog
+    this process imported (the installed package after a plain `pip install
+    .`, whose source tree holds no compiled modules) and the tests' helpers."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS_DIR, _QLOG_PARENT, env.get("PYTHONPATH")]))
+    env.pop("PYTHONHASHSEED", None)
     return env
 
 

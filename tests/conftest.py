@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -10,8 +9,7 @@ import time
 from typing import Callable, Sequence
 
 import pytest
-
-import qlog
+from _crashkit import child_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -44,23 +42,12 @@ def wait_until() -> Callable[..., object]:
     return _wait_until
 
 
-def _child_env() -> dict:
-    env = dict(os.environ)
-    # Children import the same qlog as this process: the installed package,
-    # not the source tree (which holds no compiled modules after a plain
-    # `pip install .`).
-    qlog_parent = os.path.dirname(os.path.dirname(os.path.abspath(qlog.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [qlog_parent, env.get("PYTHONPATH", "")]))
-    env.pop("PYTHONHASHSEED", None)
-    return env
-
-
 def _run_python(code: str, args: Sequence[str] = (), timeout: float = 60.0,
                 input: str | None = None) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (``sys.argv[1:]`` = ``args``); return the finished process."""
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=_child_env(), input=input,
+        capture_output=True, text=True, timeout=timeout, env=child_env(), input=input,
     )
 
 
@@ -69,7 +56,7 @@ def _spawn_python(code: str, args: Sequence[str] = ()) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-u", "-c", code, *map(str, args)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, bufsize=1, env=_child_env(),
+        text=True, bufsize=1, env=child_env(),
     )
 
 

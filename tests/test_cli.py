@@ -7,6 +7,7 @@ one process and with a supervisor of two, stopped by real signals.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import pathlib
@@ -17,9 +18,10 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import pytest
+from _crashkit import child_env
 from damage import flip_byte, records, segment_base, segments
 
 import qlog
@@ -32,12 +34,7 @@ SUBCOMMANDS = ["worker", "send", "stats", "peek", "dlq", "dlq redrive", "verify"
 
 
 def cli_env() -> Dict[str, str]:
-    env = dict(os.environ)
-    # The checkout first; then the directory of the qlog these tests import
-    # (it holds the compiled modules after a plain `pip install .`).
-    qlog_parent = os.path.dirname(os.path.dirname(os.path.abspath(qlog.__file__)))
-    paths = [str(ROOT), qlog_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env = child_env()
     env.pop(_SUPERVISOR_ENV, None)
     return env
 
@@ -629,14 +626,20 @@ def handled(out: pathlib.Path) -> List[List[str]]:
     return [line.split() for line in out.read_text().splitlines()]
 
 
-def start_worker(app: Dict[str, pathlib.Path], *args: str) -> subprocess.Popen:
-    err = open(app["dir"] / "worker.log", "ab")
+@contextlib.contextmanager
+def running_worker(app: Dict[str, pathlib.Path], *args: str) -> Iterator[subprocess.Popen]:
+    """``qlog worker app:broker ARGS`` logging to worker.log; killed on the
+    way out if the test left it running."""
+    with open(app["dir"] / "worker.log", "ab") as err:
+        w = subprocess.Popen([sys.executable, "-m", "qlog", "worker", "app:broker", *args],
+                             cwd=app["dir"], env=cli_env(), stdin=subprocess.DEVNULL,
+                             stdout=err, stderr=err)
     try:
-        return subprocess.Popen([sys.executable, "-m", "qlog", "worker", "app:broker", *args],
-                                cwd=app["dir"], env=cli_env(), stdin=subprocess.DEVNULL,
-                                stdout=err, stderr=err)
+        yield w
     finally:
-        err.close()
+        if w.poll() is None:
+            w.kill()
+            w.wait()
 
 
 def children(pid: int) -> List[int]:
@@ -659,17 +662,12 @@ def test_worker_runs_the_consumers_until_sigterm_and_exits_0(app, wait_until) ->
     app["release"].touch()
     with qlog.open(app["data"]) as b:
         q = b.queue(Q)
-        w = start_worker(app)
-        try:
+        with running_worker(app) as w:
             q.send_batch([1, 2, 3, 4, 5])
             wait_until(lambda: len(handled(app["out"])) == 5, timeout=30, what="all five handled")
             wait_until(lambda: q.stats().acked == 5, timeout=30, what="all five acked")
             w.send_signal(signal.SIGTERM)
             assert w.wait(30) == 0
-        finally:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
         assert sorted(int(body) for body, _pid in handled(app["out"])) == [1, 2, 3, 4, 5]
         assert {pid for _body, pid in handled(app["out"])} == {str(w.pid)}
         st = q.stats()
@@ -681,8 +679,7 @@ def test_worker_runs_the_consumers_until_sigterm_and_exits_0(app, wait_until) ->
 def test_worker_sigterm_mid_batch_finishes_it_takes_nothing_new_and_exits_0(app, wait_until) -> None:
     with qlog.open(app["data"]) as b:
         q = b.queue(Q)
-        w = start_worker(app, "--shutdown-timeout", "60")
-        try:
+        with running_worker(app, "--shutdown-timeout", "60") as w:
             q.send("first")
             wait_until(lambda: len(handled(app["out"])) == 1, timeout=30, what="the handler started")
             w.send_signal(signal.SIGTERM)
@@ -693,10 +690,6 @@ def test_worker_sigterm_mid_batch_finishes_it_takes_nothing_new_and_exits_0(app,
             assert q.stats().acked == 0  # nothing acked before the handler returns
             app["release"].touch()
             assert w.wait(30) == 0
-        finally:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
         assert [body for body, _pid in handled(app["out"])] == ["first"]
         st = q.stats()
         assert (st.acked, st.backlog, st.in_flight) == (1, 1, 0)
@@ -704,42 +697,39 @@ def test_worker_sigterm_mid_batch_finishes_it_takes_nothing_new_and_exits_0(app,
 
 
 def test_worker_processes_supervises_and_restarts_its_workers(app, wait_until) -> None:
-    sup = start_worker(app, "--processes", "2", "--shutdown-timeout", "20")
     seen: set = set()
+    with running_worker(app, "--processes", "2", "--shutdown-timeout", "20") as sup:
 
-    def two_children() -> List[int]:
-        kids = children(sup.pid)
-        seen.update(kids)
-        return kids if len(kids) == 2 else []
+        def two_children() -> List[int]:
+            kids = children(sup.pid)
+            seen.update(kids)
+            return kids if len(kids) == 2 else []
 
-    try:
-        first = wait_until(two_children, timeout=30, what="two workers")
-        os.kill(first[0], signal.SIGKILL)  # a worker dies: another takes its place
-        wait_until(lambda: first[0] not in two_children() and two_children(), timeout=30,
-                   what="a replacement worker")
-        workers = two_children()
-        assert first[1] in workers
-        with qlog.open(app["data"]) as b:
-            q = b.queue(Q)
-            q.send_batch(["a", "b"])  # the first taken is held: the other worker takes the second
-            wait_until(lambda: len(handled(app["out"])) == 2, timeout=30, what="both messages taken")
-            assert {int(pid) for _body, pid in handled(app["out"])} == set(workers)
-            app["release"].touch()
-            wait_until(lambda: q.stats().acked == 2, timeout=30, what="both acked")
-        sup.send_signal(signal.SIGTERM)
-        assert sup.wait(30) == 0
-        assert children(sup.pid) == []
-        for pid in seen:
-            assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} outlived its supervisor"
-    finally:
-        for pid in seen:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
+        try:
+            first = wait_until(two_children, timeout=30, what="two workers")
+            os.kill(first[0], signal.SIGKILL)  # a worker dies: another takes its place
+            wait_until(lambda: first[0] not in two_children() and two_children(), timeout=30,
+                       what="a replacement worker")
+            workers = two_children()
+            assert first[1] in workers
+            with qlog.open(app["data"]) as b:
+                q = b.queue(Q)
+                q.send_batch(["a", "b"])  # the first taken is held: the other worker takes the second
+                wait_until(lambda: len(handled(app["out"])) == 2, timeout=30, what="both messages taken")
+                assert {int(pid) for _body, pid in handled(app["out"])} == set(workers)
+                app["release"].touch()
+                wait_until(lambda: q.stats().acked == 2, timeout=30, what="both acked")
+            sup.send_signal(signal.SIGTERM)
+            assert sup.wait(30) == 0
+            assert children(sup.pid) == []
+            for pid in seen:
+                assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} outlived its supervisor"
+        finally:
+            for pid in seen:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
     log = (app["dir"] / "worker.log").read_text()
     assert f"(pid {first[0]}) was killed by SIGKILL; starting another" in log
 

@@ -13,30 +13,17 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
+from _crashkit import child_env
 
 import qlog
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "signup"
-# The children import the qlog this process imported (the checkout's, or the
-# one installed from it), as tests/_crashkit.py's child_env() does.
-QLOG_PARENT = str(Path(qlog.__file__).resolve().parents[1])
 QUEUE, DLQ = "welcome-emails", "welcome-emails-dlq"
 DEADLINE = 30.0  # seconds to wait for a condition before the test fails
-
-
-def wait_for(what: str, cond: Callable[[], object], deadline: float = DEADLINE) -> object:
-    end = time.monotonic() + deadline
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 def read_lines(path: Path) -> List[str]:
@@ -60,8 +47,7 @@ class Example:
         self._logs: Dict[int, Path] = {}  # pid -> its stderr
 
     def env(self, **knobs: object) -> Dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIGNUP_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [QLOG_PARENT, str(ROOT), env.get("PYTHONPATH")]))
+        env = {k: v for k, v in child_env().items() if not k.startswith("SIGNUP_")}
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ in examples/
         env["SIGNUP_DATA"] = str(self.data)
         env.update({k: str(v) for k, v in knobs.items()})
@@ -161,7 +147,7 @@ def done(q: qlog.Queue, acked: int, dead_lettered: int = 0) -> bool:
     return s.backlog == 0 and s.in_flight == 0 and s.acked == acked and s.dead_lettered == dead_lettered
 
 
-def test_signup_is_saved_and_its_welcome_email_sent_once(ex: Example) -> None:
+def test_signup_is_saved_and_its_welcome_email_sent_once(ex: Example, wait_until) -> None:
     app = ex.start_app()
     worker = ex.start_worker()
     status, body = ex.signup("ada@example.com", "Ada")
@@ -169,8 +155,8 @@ def test_signup_is_saved_and_its_welcome_email_sent_once(ex: Example) -> None:
     assert set(body) == {"userId", "messageId"}
     assert ex.users() == [{"userId": body["userId"], "email": "ada@example.com", "name": "Ada"}]
 
-    wait_for("the welcome email", ex.outbox)
-    wait_for("the message acked", lambda: done(ex.queue(), acked=1))
+    wait_until(ex.outbox, what="the welcome email")
+    wait_until(lambda: done(ex.queue(), acked=1), what="the message acked")
     assert ex.outbox() == [{"messageId": body["messageId"], "userId": body["userId"],
                             "to": "ada@example.com", "subject": "Welcome, Ada!"}]
     out = subprocess.run([sys.executable, "-m", "qlog", "stats", str(ex.data), "--json", "--interval", "0"],
@@ -181,14 +167,14 @@ def test_signup_is_saved_and_its_welcome_email_sent_once(ex: Example) -> None:
     assert ex.stop(app) == 0, ex.log_of(app)
 
 
-def test_bounced_email_ends_in_the_dlq_while_a_good_one_is_sent(ex: Example) -> None:
+def test_bounced_email_ends_in_the_dlq_while_a_good_one_is_sent(ex: Example, wait_until) -> None:
     ex.start_app()
     ex.start_worker(SIGNUP_RETRY_DELAY=0)
     bad_status, bad = ex.signup("bob@bounce.example", "Bob")
     good_status, good = ex.signup("ada@example.com", "Ada")
     assert (bad_status, good_status) == (202, 202), (bad, good)
 
-    wait_for("Bob's message dead-lettered", lambda: done(ex.queue(), acked=1, dead_lettered=1))
+    wait_until(lambda: done(ex.queue(), acked=1, dead_lettered=1), what="Bob's message dead-lettered")
     [dead] = ex.queue(DLQ).peek(10)
     assert dead.id == bad["messageId"]
     assert dead.body == {"userId": bad["userId"], "email": "bob@bounce.example", "name": "Bob"}
@@ -236,24 +222,24 @@ def test_health_check_and_unknown_paths(ex: Example) -> None:
     assert ex.request("POST", "/nope", b"{}")[0] == 404
 
 
-def test_email_of_a_killed_worker_is_sent_once_by_the_next(ex: Example) -> None:
+def test_email_of_a_killed_worker_is_sent_once_by_the_next(ex: Example, wait_until) -> None:
     ex.start_app()
     first = ex.start_worker(SIGNUP_EMAIL_SECONDS=30, SIGNUP_VISIBILITY_TIMEOUT=2)
     status, body = ex.signup("ada@example.com", "Ada")
     assert status == 202, body
     mid = body["messageId"]
-    wait_for("the first worker to start the email", lambda: f"started {mid}" in ex.started())
+    wait_until(lambda: f"started {mid}" in ex.started(), what="the first worker to start the email")
     assert ex.stop(first, signal.SIGKILL) == -signal.SIGKILL
     assert ex.outbox() == []
     assert ex.queue().stats().acked == 0
 
     ex.start_worker(SIGNUP_EMAIL_SECONDS=0, SIGNUP_VISIBILITY_TIMEOUT=2)
-    wait_for("the message acked", lambda: done(ex.queue(), acked=1))
+    wait_until(lambda: done(ex.queue(), acked=1), what="the message acked")
     assert [e["messageId"] for e in ex.outbox()] == [mid]
     assert ex.started() == [f"started {mid}"] * 2  # delivered to each worker
 
 
-def test_redelivered_message_whose_email_went_out_is_not_sent_again(ex: Example) -> None:
+def test_redelivered_message_whose_email_went_out_is_not_sent_again(ex: Example, wait_until) -> None:
     # A worker that died between sending the email and acking its message:
     # the outbox has the email, the queue still has the message.
     ex.start_app()
@@ -264,23 +250,23 @@ def test_redelivered_message_whose_email_went_out_is_not_sent_again(ex: Example)
     ex.data.joinpath("outbox.jsonl").write_text(json.dumps(line) + "\n")
 
     ex.start_worker()
-    wait_for("the message acked", lambda: done(ex.queue(), acked=1))
+    wait_until(lambda: done(ex.queue(), acked=1), what="the message acked")
     assert ex.outbox() == [line]
     assert ex.started() == []
 
 
-def test_sigterm_stops_an_idle_worker(ex: Example) -> None:
+def test_sigterm_stops_an_idle_worker(ex: Example, wait_until) -> None:
     worker = ex.start_worker()
-    wait_for("the worker to start consuming", lambda: "consuming welcome-emails" in ex.log_of(worker))
+    wait_until(lambda: "consuming welcome-emails" in ex.log_of(worker), what="the worker to start consuming")
     assert ex.stop(worker) == 0, ex.log_of(worker)
 
 
-def test_sigterm_mid_email_lets_the_email_finish_then_exits_0(ex: Example) -> None:
+def test_sigterm_mid_email_lets_the_email_finish_then_exits_0(ex: Example, wait_until) -> None:
     ex.start_app()
     worker = ex.start_worker(SIGNUP_EMAIL_SECONDS=2)
     status, body = ex.signup("ada@example.com", "Ada")
     assert status == 202, body
-    wait_for("the worker to start the email", lambda: f"started {body['messageId']}" in ex.started())
+    wait_until(lambda: f"started {body['messageId']}" in ex.started(), what="the worker to start the email")
     assert ex.stop(worker) == 0, ex.log_of(worker)
     assert [e["messageId"] for e in ex.outbox()] == [body["messageId"]]
     assert done(ex.queue(), acked=1)
