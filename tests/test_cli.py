@@ -480,9 +480,10 @@ def test_verify_reports_a_damaged_record_and_exits_1(data) -> None:
     assert "queues/jobs/messages: 0 records" in p.stdout
     doc = json.loads(run_cli("verify", data, "--json").stdout)
     assert doc["ok"] is False
-    assert doc["logs"][0]["damage"] == [{"segment": segment_base(seg), "offset": victim.offset,
-                                         "length": victim.size, "after_seq": victim.seq - 1,
-                                         "kind": "record"}]
+    (x,) = doc["logs"][0]["damage"]
+    assert {k: x[k] for k in ("segment", "offset", "length", "after_seq", "kind", "first_seq", "last_seq")} == {
+        "segment": segment_base(seg), "offset": victim.offset, "length": victim.size,
+        "after_seq": victim.seq - 1, "kind": "record", "first_seq": victim.seq, "last_seq": victim.seq}
 
 
 # -- pause, resume, purge -------------------------------------------------------------
