@@ -71,9 +71,15 @@ class Problem:
     segment: Optional[int] = None
     after_seq: Optional[int] = None
 
+    @property
+    def log(self) -> Optional[str]:
+        """'messages' or 'state' when the problem is in one of the queue's logs."""
+        parts = self.file.split(os.sep)
+        return parts[2] if len(parts) > 2 and parts[0] == "queues" and parts[2] in LOGS else None
+
     def ids(self, id_prefix: Optional[str]) -> Optional[Tuple[str, Optional[str]]]:
         """Message ids of the first and last message affected (message log only)."""
-        if id_prefix is None or self.first_seq is None or not self.file.split(os.sep)[-2:-1] == ["messages"]:
+        if id_prefix is None or self.first_seq is None or self.log != "messages":
             return None
         last = None if self.last_seq is None else f"{id_prefix}{self.last_seq:016x}"
         return f"{id_prefix}{self.first_seq:016x}", last
@@ -203,7 +209,7 @@ def _check_index(root: str, queue: str, seg: str, base: int, seqs: List[int],
             out.problems.append(Problem(
                 queue, _rel(root, seg), size, ix.segment_length - size, "truncated",
                 f"sealed segment is {size} bytes, its index says {ix.segment_length}",
-                first if last is None or first <= last else None, last if last is None or first <= last else None,
+                *((first, last) if last is None or first <= last else (None, None)),
                 segment=base, after_seq=seqs[-1] if seqs else None))
 
 
@@ -230,10 +236,8 @@ def _problem(root: str, queue: str, seg: str, base: int, active: bool, next_base
                        first, None, segment=base, after_seq=after)
     else:
         last = next_base - 1 if next_base is not None else None
-        return Problem(queue, rel, d.offset, d.length, "damaged-tail",
-                       "a sealed segment ends in damage (cut short or overwritten)",
-                       first, last if last is None or last >= first else first - 1, segment=base,
-                       after_seq=after)
+        d = d._replace(kind="damaged-tail")
+        detail = "a sealed segment ends in damage (cut short or overwritten)"
     if last is not None and last < first:
         first = last = None  # no sequence number lies in the damaged bytes
     return Problem(queue, rel, d.offset, d.length, d.kind, detail, first, last, segment=base, after_seq=after)

@@ -683,7 +683,7 @@ def _problem_text(p: Problem, pre: Optional[str]) -> str:
     else:
         head = f"damage: {where} kind {p.kind}"
     lost = lost_text(p, pre)
-    what = "messages" if p.file.split(os.sep)[-2:-1] == ["messages"] else "records"
+    what = "messages" if p.log == "messages" else "records"
     return head + f": {p.detail}" + (f"; {what} affected: {lost}" if lost else "")
 
 

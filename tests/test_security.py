@@ -239,6 +239,17 @@ def test_a_hostile_queue_name_is_refused_and_creates_nothing(tmp_path, name) -> 
         assert tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("entry", ['queue = "../x"', 'queue = "ok"\ndead_letter_queue = "../y"'])
+def test_a_hostile_name_in_qlog_toml_is_refused_and_creates_nothing(tmp_path, entry) -> None:
+    d = tmp_path / "data"
+    qlog.open(d).close()
+    (d / "qlog.toml").write_text(f"[[queues.consumers]]\n{entry}\n")
+    before = snapshot(tmp_path)
+    with pytest.raises(qlog.InvalidQueueNameError, match="use 1 to 63 characters"):
+        qlog.open(d)
+    assert snapshot(tmp_path) == before
+
+
 def test_the_longest_name_is_one_path_component(tmp_path) -> None:
     d = tmp_path / "data"
     with qlog.open(d) as b:
@@ -509,3 +520,28 @@ def test_repair_of_a_damaged_state_journal_delivers_again_what_the_damage_hid(tm
     got = drain(d, "jobs", later=3600)
     assert set(got) >= set(range(5, 10)) | set(range(15, 30))  # the hidden pull's messages come back
     assert len(got) == len(set(got))
+
+
+def test_a_sealed_segment_cut_at_a_batch_boundary_is_found_through_its_index(tmp_path) -> None:
+    d = tmp_path / "data"
+    fill(d, "jobs", batches=20)
+    with qlog.open(d) as b:
+        assert len(b.queue("jobs").peek(1000)) == 200  # reads every segment: sealed ones get an index
+    msgs = d / "queues" / "jobs" / "messages"
+    segs = segments(msgs)
+    seg = segs[1]
+    assert os.path.exists(seg[:-4] + ".idx")
+    recs = records(seg)
+    starts = [i for i, r in enumerate(recs) if not r.flags & 2]  # first record of each batch
+    k = starts[len(starts) // 2]
+    truncate_to(seg, recs[k].offset)  # no torn bytes: only the index knows
+    p = run_cli("verify", d, "--json")
+    assert p.returncode == 1
+    (x,) = json.loads(p.stdout)["logs"][0]["damage"]
+    assert (x["kind"], x["segment"], x["first_seq"], x["last_seq"]) == (
+        "truncated", segment_base(seg), recs[k].seq, segment_base(segs[2]) - 1)
+    p = run_cli("repair", d)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"lost message seqs {recs[k].seq}-{segment_base(segs[2]) - 1}" in p.stdout
+    assert run_cli("verify", d).returncode == 0
+    assert sorted(drain(d, "jobs")) == sorted(set(range(200)) - set(range(recs[k].seq, segment_base(segs[2]))))
