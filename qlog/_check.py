@@ -257,10 +257,18 @@ def _id_prefix(qdir: str) -> Tuple[Optional[str], Optional[str]]:
         return None, f"queue.json does not parse: {e}"
 
 
-def _journal_records(lg: LogCheck) -> Iterator[Tuple[int, bytes]]:
-    for s in lg.segments:
-        for r in iter_segment(s.path):
-            yield r.seq, r.payload
+JOURNAL_TAGS = frozenset(b"PARDEX")  # FORMAT.md, "State journal record"
+
+
+def journal_record_error(payload: bytes) -> Optional[str]:
+    """Why a state journal record (that passed its CRC) cannot be applied, or None."""
+    try:
+        tag = decode_journal_record(payload)[0]
+    except (ValueError, struct.error) as e:
+        return str(e)
+    if tag[0] not in JOURNAL_TAGS:
+        return f"unknown record tag {tag!r}"
+    return None
 
 
 def check_queue(root: str, name: str) -> QueueCheck:
@@ -272,16 +280,14 @@ def check_queue(root: str, name: str) -> QueueCheck:
         problems.append(Problem(name, _rel(root, os.path.join(qdir, "queue.json")), None, None, "queue.json", why))
     logs = [check_log(root, name, log) for log in LOGS]
     journal = logs[1]
-    first_journal: Optional[int] = None
-    for seq, payload in _journal_records(journal):
-        if first_journal is None:
-            first_journal = seq
-        try:
-            decode_journal_record(payload)
-        except (ValueError, struct.error) as e:
-            journal.problems.append(Problem(name, _rel(root, journal.path), None, None, "journal-record",
-                                            f"journal record {seq} passes its CRC but does not parse: {e}",
-                                            seq, seq))
+    for sg in journal.segments:
+        for r in iter_segment(sg.path):
+            why = journal_record_error(r.payload)
+            if why:
+                journal.problems.append(Problem(
+                    name, _rel(root, sg.path), None, None, "journal-record",
+                    f"journal record {r.seq} passes its CRC but cannot be applied: {why}",
+                    r.seq, r.seq, segment=sg.base))
     ck = os.path.join(qdir, "checkpoint")
     applied = 0
     if os.path.exists(ck):
@@ -481,8 +487,6 @@ def repair_queue(root: str, name: str, *, dry_run: bool = False,
         rebuild = False
         for lg in chk.logs:
             bad = {p.segment for p in lg.problems if p.segment is not None}
-            if any(p.kind == "journal-record" for p in lg.problems):
-                rebuild = True
             for s in lg.segments:
                 if s.base not in bad:
                     continue
@@ -492,9 +496,12 @@ def repair_queue(root: str, name: str, *, dry_run: bool = False,
                     if p.segment == s.base:
                         lost = lost_text(p, chk.id_prefix)
                         what = "message" if lg.log == "messages" else "journal record"
-                        lines.append(f"{_rel(root, s.path)}: {p.kind} at offset {p.offset}: " +
+                        at = "" if p.offset is None else f" at offset {p.offset}"
+                        lines.append(f"{_rel(root, s.path)}: {p.kind}{at}: " +
                                      (f"lost {what} {lost}" if lost else "no record lost"))
                 recs = list(iter_segment(s.path))
+                if lg.log == "state":  # records replay would skip are not kept
+                    recs = [r for r in recs if journal_record_error(r.payload) is None]
                 kept = "would be kept" if dry_run else "is kept"
                 lines.append(f"{_rel(root, s.path)}: {verb}keep {len(recs)} intact records in a replacement "
                              f"segment; the original {kept} as {os.path.basename(s.path)}.quarantined-{stamp}")

@@ -677,7 +677,8 @@ def _problem_text(p: Problem, pre: Optional[str]) -> str:
     where = f"{p.file}" + ("" if p.offset is None else f" offset {p.offset}") + \
         ("" if p.length is None else f" length {p.length}")
     if p.segment is not None:
-        head = f"damage: segment {p.segment} offset {p.offset} length {p.length} kind {p.kind}"
+        at = "" if p.offset is None else f" offset {p.offset} length {p.length}"
+        head = f"damage: segment {p.segment}{at} kind {p.kind}"
         if p.after_seq is not None:
             head += f" (after record {p.after_seq})"
     else:

@@ -545,3 +545,20 @@ def test_a_sealed_segment_cut_at_a_batch_boundary_is_found_through_its_index(tmp
     assert f"lost message seqs {recs[k].seq}-{segment_base(segs[2]) - 1}" in p.stdout
     assert run_cli("verify", d).returncode == 0
     assert sorted(drain(d, "jobs")) == sorted(set(range(200)) - set(range(recs[k].seq, segment_base(segs[2]))))
+
+
+@pytest.mark.parametrize("payload", [b"\x01", b"Z\x00\x00", b"A\x00\x01\x05\x00\x00\x00"],
+                         ids=["short", "unknown-tag", "array-past-end"])
+def test_a_journal_record_that_cannot_be_applied_is_reported_and_repaired(tmp_path, payload) -> None:
+    d = tmp_path / "data"
+    fill(d, "jobs", batches=2)
+    with qlog.open(d) as b:
+        b.queue("jobs").pull(5).ack_all()
+    with qlog.Log(d / "queues" / "jobs" / "state", durability="none") as log:
+        bad = log.append(payload)  # a valid record (CRC and all) that replay cannot apply
+    p = run_cli("verify", d)
+    assert p.returncode == 1 and f"journal record {bad} passes its CRC but cannot be applied" in p.stdout
+    p = run_cli("repair", d)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert run_cli("verify", d).returncode == 0
+    assert sorted(drain(d, "jobs", later=3600)) == list(range(5, 20))
