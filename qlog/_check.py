@@ -25,7 +25,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import errors
 from ._message import HEADER as _MSG_HEADER
@@ -209,7 +209,8 @@ def _check_index(root: str, queue: str, seg: str, base: int, seqs: List[int],
             out.problems.append(Problem(
                 queue, _rel(root, seg), size, ix.segment_length - size, "truncated",
                 f"sealed segment is {size} bytes, its index says {ix.segment_length}",
-                *((first, last) if last is None or first <= last else (None, None)),
+                first_seq=first if last is None or first <= last else None,
+                last_seq=last if last is None or first <= last else None,
                 segment=base, after_seq=seqs[-1] if seqs else None))
 
 
@@ -217,10 +218,11 @@ def _problem(root: str, queue: str, seg: str, base: int, active: bool, next_base
              seqs: List[int], d: Damage) -> Problem:
     rel = _rel(root, seg)
     after = d.after_seq
-    first = base if after is None else after + 1
+    first: Optional[int] = base if after is None else after + 1
     later = [s for s in seqs if s > (after if after is not None else base - 1)]
+    last: Optional[int]
     if d.kind == "record":
-        last: Optional[int] = (later[0] - 1) if later else (next_base - 1 if next_base is not None else None)
+        last = (later[0] - 1) if later else (next_base - 1 if next_base is not None else None)
         detail = "a damaged region in the middle of the segment (bit rot or an overwrite)"
     elif d.kind == "segment-header":
         return Problem(queue, rel, d.offset, d.length, d.kind,
@@ -238,7 +240,7 @@ def _problem(root: str, queue: str, seg: str, base: int, active: bool, next_base
         last = next_base - 1 if next_base is not None else None
         d = d._replace(kind="damaged-tail")
         detail = "a sealed segment ends in damage (cut short or overwritten)"
-    if last is not None and last < first:
+    if first is not None and last is not None and last < first:
         first = last = None  # no sequence number lies in the damaged bytes
     return Problem(queue, rel, d.offset, d.length, d.kind, detail, first, last, segment=base, after_seq=after)
 
@@ -452,12 +454,6 @@ def rebuild_state(checkpoint: Optional[QueueState], messages: Dict[int, bytes],
         st.applied = seq + 1
     heapq.heapify(st.heap)
     return st
-
-
-@dataclass
-class RepairAction:
-    what: str
-    problem: Optional[Problem] = None
 
 
 def lost_text(p: Problem, pre: Optional[str]) -> str:

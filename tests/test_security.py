@@ -12,7 +12,7 @@ import pathlib
 import stat
 import time
 from array import array
-from typing import Dict, Iterator, List, Set, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 from damage import flip_byte, records, segment_base, segments, truncate_to
