@@ -273,6 +273,25 @@ def journal_record_error(payload: bytes) -> Optional[str]:
     return None
 
 
+def _pull_gap(journal: LogCheck, applied: int, cursor: int) -> Optional[Tuple[int, int, int]]:
+    """``(journal seq, cursor, frm)`` of the first pull record, replaying from
+    ``applied`` with the message cursor at ``cursor``, that starts past the
+    cursor: pull records before it are missing (FORMAT.md: each pull record
+    holds the cursor before and after it; a purge raises the cursor)."""
+    for sg in journal.segments:
+        for r in iter_segment(sg.path):
+            if r.seq < applied or journal_record_error(r.payload):
+                continue
+            tag, sc, _ = decode_journal_record(r.payload)
+            if tag == b"P" and len(sc) >= 3:
+                if sc[1] > cursor:
+                    return r.seq, cursor, sc[1]
+                cursor = max(cursor, sc[2])
+            elif tag == b"X" and sc:
+                cursor = max(cursor, sc[0])
+    return None
+
+
 def check_queue(root: str, name: str) -> QueueCheck:
     """Every check of one queue: both logs, journal records, checkpoint, coverage."""
     qdir = os.path.join(root, "queues", name)
@@ -291,20 +310,23 @@ def check_queue(root: str, name: str) -> QueueCheck:
                     f"journal record {r.seq} passes its CRC but cannot be applied: {why}",
                     r.seq, r.seq, segment=sg.base))
     ck = os.path.join(qdir, "checkpoint")
-    applied = 0
+    start: Optional[Tuple[int, int]] = (0, 0)  # (journal position, message cursor) replay starts at
     if os.path.exists(ck):
         try:
             st = QueueState.from_snapshot(_read(ck))
-            applied = st.applied
+            start = (st.applied, st.cursor)
         except errors.QlogError as e:
-            applied = -1
+            start = None
             problems.append(Problem(name, _rel(root, ck), 0, os.path.getsize(ck), "checkpoint", str(e)))
-    segs = journal.segments
-    if applied >= 0 and segs and segs[0].base > applied:
-        problems.append(Problem(
-            name, _rel(root, journal.path), None, None, "journal-gap",
-            f"the state journal starts at record {segs[0].base} but the checkpoint needs it from {applied}",
-            applied, segs[0].base - 1))
+    if start is not None:
+        gap = _pull_gap(journal, *start)
+        if gap is not None:
+            seq, cursor, frm = gap
+            ids = "" if pre is None else f" (ids {pre}{cursor:016x} to {pre}{frm - 1:016x})"
+            problems.append(Problem(
+                name, _rel(root, journal.path), None, None, "journal-gap",
+                f"pull records are missing before journal record {seq}: replay would count messages "
+                f"{cursor}-{frm - 1}{ids} as lost and never deliver them again", seq, seq))
     return QueueCheck(name, qdir, pre, logs, problems)
 
 

@@ -476,9 +476,10 @@ def test_repair_refuses_while_a_process_has_the_queue_open(tmp_path, spawn_pytho
     assert run_cli("verify", d).returncode == 0
 
 
-def _pull(deadline: int, frm: int, to: int, new: List[int]) -> bytes:
+def _pull(deadline: int, frm: int, to: int, new: List[int], sent: int = 1) -> bytes:
+    """A pull record leasing ``new`` until ``deadline`` (µs), moving the cursor ``frm`` -> ``to``."""
     e: List[int] = []
-    return encode(b"P", [deadline, frm, to, 0, 0], [new, [1] * len(new), e, e, e, e, e, e, e])
+    return encode(b"P", [deadline, frm, to, 0, 0], [new, [sent] * len(new), e, e, e, e, e, e, e])
 
 
 def test_rebuild_state_delivers_again_what_a_lost_pull_record_hid() -> None:
@@ -562,3 +563,21 @@ def test_a_journal_record_that_cannot_be_applied_is_reported_and_repaired(tmp_pa
     assert p.returncode == 0, p.stdout + p.stderr
     assert run_cli("verify", d).returncode == 0
     assert sorted(drain(d, "jobs", later=3600)) == list(range(5, 20))
+
+
+def test_missing_pull_records_are_a_journal_gap_and_repair_delivers_what_they_hid(tmp_path) -> None:
+    d = tmp_path / "data"
+    ids = fill(d, "jobs", batches=3)  # 30 messages
+    with qlog.open(d) as b:
+        b.queue("jobs").pull(10).ack_all()  # cursor 10
+    with qlog.Log(d / "queues" / "jobs" / "state", durability="none") as log:
+        gap = log.append(_pull(0, 20, 22, [20, 21], sent=int(time.time() * 1e6)))  # as if the pulls of 10..19 had been lost
+    p = run_cli("verify", d, "--json")
+    assert p.returncode == 1
+    (x,) = json.loads(p.stdout)["queues"][0]["problems"]
+    assert (x["kind"], x["first_seq"]) == ("journal-gap", gap)
+    assert f"messages 10-19 (ids {ids[10]} to {ids[19]}) as lost" in x["detail"]
+    p = run_cli("repair", d)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert run_cli("verify", d).returncode == 0
+    assert sorted(drain(d, "jobs", later=3600)) == list(range(10, 30))
