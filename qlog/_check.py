@@ -494,7 +494,14 @@ def repair_queue(root: str, name: str, *, dry_run: bool = False,
     """Repair one queue (see the module docstring); returns the check made
     before and the lines describing what was done (or would be, with
     ``dry_run``).  Raises :class:`QueueBusyError` when a process has the
-    queue open; nothing is changed then."""
+    queue open; nothing is changed then.
+
+    Order, so that a crash part way leaves a queue that loses nothing more
+    (and that a second run finishes): the rebuilt checkpoint is written
+    first (from the intact records, which replacing segments does not
+    change), then each damaged segment is replaced.  Every file replaced
+    is first hard-linked to its quarantine name, then renamed over: its
+    name always holds the old bytes or the new ones."""
     qdir = os.path.join(root, "queues", name)
     stamp = stamp or time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{os.getpid()}"
     locks = _Locks(qdir)
@@ -502,14 +509,15 @@ def repair_queue(root: str, name: str, *, dry_run: bool = False,
         chk = check_queue(root, name)
         lines: List[str] = []
         verb = "would " if dry_run else ""
+        kept = "would be kept" if dry_run else "is kept"
+        replace: List[Tuple[SegmentCheck, List[Record]]] = []
         rebuild = False
         for lg in chk.logs:
             bad = {p.segment for p in lg.problems if p.segment is not None}
             for s in lg.segments:
                 if s.base not in bad:
                     continue
-                if lg.log == "state":
-                    rebuild = True
+                rebuild = rebuild or lg.log == "state"
                 for p in lg.problems:
                     if p.segment == s.base:
                         lost = lost_text(p, chk.id_prefix)
@@ -520,34 +528,25 @@ def repair_queue(root: str, name: str, *, dry_run: bool = False,
                 recs = list(iter_segment(s.path))
                 if lg.log == "state":  # records replay would skip are not kept
                     recs = [r for r in recs if journal_record_error(r.payload) is None]
-                kept = "would be kept" if dry_run else "is kept"
                 lines.append(f"{_rel(root, s.path)}: {verb}keep {len(recs)} intact records in a replacement "
                              f"segment; the original {kept} as {os.path.basename(s.path)}.quarantined-{stamp}")
-                if not dry_run:
-                    mode = os.stat(s.path).st_mode & 0o7777
-                    _quarantine(s.path, stamp)
-                    idx = s.path[:-4] + ".idx"
-                    if os.path.exists(idx):
-                        os.rename(idx, f"{idx}.quarantined-{stamp}")  # a cache of the old bytes
-                    write_segment_records(s.path, s.base, recs, mode)
+                replace.append((s, recs))
             for p in lg.problems:
                 if p.segment is None and p.kind == "meta":
-                    lines.append(f"{p.file}: {p.detail}: not repaired (the engine rewrites meta; "
-                                 "open the queue once to restore it)")
+                    lines.append(f"{p.file}: {p.detail}: not repaired here: the engine writes a new one "
+                                 "the next time the log is opened")
         ck = os.path.join(qdir, "checkpoint")
         ck_bad = any(p.kind == "checkpoint" for p in chk.problems)
-        if any(p.kind == "journal-gap" for p in chk.problems):
-            rebuild = True
+        rebuild = rebuild or ck_bad or any(p.kind == "journal-gap" for p in chk.problems)
         if ck_bad:
-            rebuild = True
-            lines.append(f"{_rel(root, ck)}: damaged; {'would be' if dry_run else 'is'} kept as "
-                         f"checkpoint.quarantined-{stamp}")
+            lines.append(f"{_rel(root, ck)}: damaged; {kept} as checkpoint.quarantined-{stamp}")
         if rebuild:
             msgs: Dict[int, bytes] = {}
             for s in chk.logs[0].segments:
                 for r in iter_segment(s.path):
                     msgs[r.seq] = r.payload
-            journal = [(r.seq, r.payload) for s in chk.logs[1].segments for r in iter_segment(s.path)]
+            journal = [(r.seq, r.payload) for s in chk.logs[1].segments for r in iter_segment(s.path)
+                       if journal_record_error(r.payload) is None]
             base_state = None
             if os.path.exists(ck) and not ck_bad:
                 base_state = QueueState.from_snapshot(_read(ck))
@@ -557,11 +556,19 @@ def repair_queue(root: str, name: str, *, dry_run: bool = False,
                          + f" and {len(journal)} intact journal records: {len(st.pending)} messages not done, "
                          f"cursor {st.cursor}; messages whose fate the damage hid are delivered again")
             if not dry_run:
-                mode = os.stat(ck).st_mode & 0o7777 if os.path.exists(ck) else 0o600
+                mode = 0o600
                 if os.path.exists(ck):
-                    os.rename(ck, f"{ck}.quarantined-{stamp}") if ck_bad else _quarantine(ck, stamp)
-                    _fsync_dir(qdir)
+                    mode = os.stat(ck).st_mode & 0o7777
+                    _quarantine(ck, stamp)
                 write_checkpoint(ck, st.snapshot(), mode)
+        if not dry_run:
+            for s, recs in replace:
+                mode = os.stat(s.path).st_mode & 0o7777
+                _quarantine(s.path, stamp)
+                idx = s.path[:-4] + ".idx"
+                if os.path.exists(idx):
+                    os.rename(idx, f"{idx}.quarantined-{stamp}")  # a cache of the old bytes
+                write_segment_records(s.path, s.base, recs, mode)
         for p in chk.problems:
             if p.kind == "queue.json":
                 lines.append(f"{p.file}: {p.detail}: not repaired (message ids depend on it)")
