@@ -205,7 +205,9 @@ class Report:
     acks_in_flight: int = 0
     """Messages gone whose ack was in flight at the fault."""
     redelivered: int = 0
-    """Messages delivered again at the drain after an earlier delivery."""
+    """Messages delivered again at the drain after an earlier delivery that
+    no returned retry explains: leased to (or being acked or retried by) a
+    process at the fault."""
     dead_lettered: int = 0
     """Messages found in a dead-letter queue at the drain (distinct ids)."""
     torn_tail_bytes: int = 0
@@ -380,6 +382,8 @@ def check(
     returned_batches: Set[Tuple[str, str]] = set()
     acked: Set[Tuple[str, str]] = set()
     acking: Set[Tuple[str, str]] = set()
+    dead_seen: Set[Tuple[str, str]] = set()       # (dead-letter queue, original id)
+    retried: Set[Tuple[str, str]] = set()
     max_att: Dict[Tuple[str, str], int] = defaultdict(int)
     ever_delivered: Set[Tuple[str, str]] = set()
     for f in facts:
@@ -395,6 +399,10 @@ def check(
             returned_batches.add((f.queue, f.batch))
         elif f.kind == "sending":
             intents[(f.queue, f.batch)] = f.n
+        elif f.kind == "dead":
+            dead_seen.add(k)
+        elif f.kind == "retry":
+            retried.add(k)
         elif f.kind in ("ack", "acking"):
             acking.add(k)
             if f.kind == "ack" and f in must_set:
@@ -416,7 +424,7 @@ def check(
         rep.drained[name] = [(mid, att, body) for mid, att, body, _dl in got]
         for mid, att, body, dl in got:
             rep.facts += [Fact("deliver", name, id=mid, attempts=att, key=_key_of(body)),
-                          Fact("ack", name, id=mid)]
+                          Fact("ack", name, id=mid)] + ([Fact("dead", name, id=mid)] if dl is not None else [])
             src = dl.queue if dl is not None else name
             k = (src, mid)
             if dl is not None:
@@ -426,14 +434,14 @@ def check(
                 in_dlq[k] += 1
             else:
                 present[k] += 1
-                if k in acked:
+                if k in acked or (dlq_of.get(name, ""), mid) in acked:
                     rep.duplicates_otherwise += 1
                     problems.append(f"{name}/{mid} was delivered at the drain (attempts {att}) although "
-                                    f"its ack returned")
+                                    f"its ack (or its dead letter's) returned")
                 if att <= max_att.get(k, 0):
                     problems.append(f"{name}/{mid}: attempts went back: {att} at the drain after "
                                     f"{max_att[k]} before")
-                if k in ever_delivered:
+                if k in ever_delivered and k not in retried:
                     rep.redelivered += 1
             if body is None:
                 continue
@@ -509,6 +517,9 @@ def check(
     lost: List[str] = []
     for k, f in sent.items():
         rep.checked += 1
+        dk = (dlq_of.get(k[0], ""), k[1])
+        if dk in dead_seen or dk in acking:
+            continue   # dead-lettered before (and maybe acked there): its DLQ copy is checked as a "dead" fact
         if present.get(k) or in_dlq.get(k) or k in acking:
             if k in acking and not present.get(k) and not in_dlq.get(k) and k not in acked:
                 rep.acks_in_flight += 1
