@@ -41,7 +41,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 import qlog
 
@@ -76,11 +76,11 @@ def body_key(body: Any) -> Tuple[str, int, int]:
 # ---- facts -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Fact:
+class Fact(NamedTuple):
     """One thing a workload saw (see the module docstring for ``kind``).
-    ``key`` is ``"<batch>/<index>"`` for ``sent``; ``n`` is the batch size
-    for ``sending`` and ``sent``; ``mode`` the durability the sender used."""
+    ``key`` is ``"<batch>/<index>"`` for ``sent`` and ``deliver``; ``n`` is
+    the batch size for ``sending`` and ``sent``; ``mode`` the durability the
+    sender used.  Facts are values: equal fields, same fact."""
 
     kind: str
     queue: str
@@ -284,6 +284,7 @@ def check(
     durability: str = "sync",
     clock: Optional[Callable[[], float]] = None,
     probe: bool = True,
+    ordered: bool = False,
 ) -> Report:
     """Reopen the data directory ``path`` after a fault, drain every queue
     and dead-letter queue (acking everything), and state the guarantees:
@@ -306,6 +307,12 @@ def check(
     4. attempts never go back: a message delivered at the drain has more
        attempts than every ``deliver`` fact in ``must`` for it;
     5. each queue still works: a send is accepted and delivered (``probe``).
+
+    With ``ordered`` (the facts are in the order they happened: one
+    process at a time), also: the ``deliver`` facts of a message in
+    ``must`` have strictly growing attempts, and none comes after an
+    ``ack`` of it in ``must`` (not checked in dead-letter queues, where an
+    in-flight duplicate is a second message under the same id).
 
     ``facts``: everything the workload recorded, in any order; ``must``:
     the facts that must have survived (default: every returned call, right
@@ -333,13 +340,17 @@ def check(
     sources = sorted(q for q in settings if q not in dlqs)
     order = sources + sorted(dlqs)
 
-    warn = _Warnings()
-    qlog_logger = logging.getLogger("qlog")
-    qlog_logger.addHandler(warn)
     drained: Dict[str, List[Tuple[str, int, Any, Optional[Any]]]] = {}
     corrupt_bodies: List[str] = []
     try:
-        with qlog.open(path, durability=durability, clock=clock) as broker:
+        broker = qlog.open(path, durability=durability, clock=clock)
+    except qlog.QlogError as e:
+        raise AssertionError(f"reopening {path} failed: {e!r}") from e
+    warn = _Warnings()
+    qlog_logger = logging.getLogger("qlog")
+    qlog_logger.addHandler(warn)
+    try:
+        with broker:
             on_disk = set(broker.queues())
             stray = on_disk - set(order)
             assert not stray, f"queues on disk that the workload did not declare: {sorted(stray)}"
@@ -369,6 +380,8 @@ def check(
             if probe:
                 for name in order:
                     _probe(queues[name], name, problems)
+    except qlog.QlogError as e:
+        raise AssertionError(f"draining {path} failed: {e!r}") from e
     finally:
         qlog_logger.removeHandler(warn)
     if warn.records:
@@ -412,6 +425,14 @@ def check(
             if f.key != "?":
                 key_owner.setdefault((f.queue, f.key), f.id)
             if f in must_set:
+                # (a dead-letter queue can hold two copies under one id: not checked there)
+                if ordered and f.queue not in dlqs and f.attempts <= max_att[k]:
+                    problems.append(f"{f.queue}/{f.id} was delivered with attempts {f.attempts} after "
+                                    f"attempts {max_att[k]}")
+                if ordered and f.queue not in dlqs and k in acked:
+                    rep.duplicates_otherwise += 1
+                    problems.append(f"{f.queue}/{f.id} was delivered (attempts {f.attempts}) after its "
+                                    f"ack returned")
                 max_att[k] = max(max_att[k], f.attempts)
 
     # ---- the drain, message by message -------------------------------------------
@@ -423,8 +444,16 @@ def check(
     for name, got in drained.items():
         rep.drained[name] = [(mid, att, body) for mid, att, body, _dl in got]
         for mid, att, body, dl in got:
-            rep.facts += [Fact("deliver", name, id=mid, attempts=att, key=_key_of(body)),
-                          Fact("ack", name, id=mid)] + ([Fact("dead", name, id=mid)] if dl is not None else [])
+            try:
+                batch, i, n = body_key(body)
+                key = f"{batch}/{i}"
+            except ValueError as e:
+                if body is not None:
+                    corrupt_bodies.append(f"{name}/{mid}: {e}")
+                key = "?"
+            rep.facts += [Fact("deliver", name, mid, att, key), Fact("ack", name, mid)]
+            if dl is not None:
+                rep.facts.append(Fact("dead", name, mid))
             src = dl.queue if dl is not None else name
             k = (src, mid)
             if dl is not None:
@@ -443,14 +472,8 @@ def check(
                                     f"{max_att[k]} before")
                 if k in ever_delivered and k not in retried:
                     rep.redelivered += 1
-            if body is None:
+            if key == "?":
                 continue
-            try:
-                batch, i, n = body_key(body)
-            except ValueError as e:
-                corrupt_bodies.append(f"{name}/{mid}: {e}")
-                continue
-            key = f"{batch}/{i}"
             prev = drain_key.setdefault(k, key)
             if prev != key:
                 corrupt_bodies.append(f"{name}/{mid}: copies hold {prev} and {key}")

@@ -202,3 +202,15 @@ def test_messages_past_retention_count_as_expired_not_lost(tmp_path):
         w.sent(Q, "r", "sync", q.send_batch([make_body("r", i, 2) for i in range(2)]))
     rep = check(path, read_facts([side]), settings=settings, clock=lambda: time.time() + 3600)
     assert (rep.expired, rep.lost, rep.checked) == (2, 0, 2)
+
+
+def test_an_ordered_history_has_growing_attempts_and_no_delivery_after_an_ack(history):
+    path, side, ids, _w = history
+    facts = read_facts([side])
+    shutil.copytree(path, path + "-copy")
+    back = facts + [Fact("deliver", Q, id=ids[5], attempts=3), Fact("deliver", Q, id=ids[5], attempts=2)]
+    with pytest.raises(AssertionError, match=f"{Q}/{ids[5]} was delivered with attempts 2 after attempts 3"):
+        check(path, back, settings=SETTINGS, ordered=True)
+    after_ack = facts + [Fact("deliver", Q, id=ids[0], attempts=2)]   # ids[0]'s ack returned before
+    with pytest.raises(AssertionError, match=f"{Q}/{ids[0]} was delivered \\(attempts 2\\) after its ack returned"):
+        check(path + "-copy", after_ack, settings=SETTINGS, ordered=True)

@@ -33,7 +33,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import pytest
 
@@ -269,7 +269,8 @@ class Matrix:
     def check(self, sides: List[str]) -> Report:
         self.facts += read_facts(sides)
         try:
-            rep = check(self.path, self.facts, settings=SETTINGS, durability=self.durability)
+            # One victim at a time, each round's facts after the last check's: the history is ordered.
+            rep = check(self.path, self.facts, settings=SETTINGS, durability=self.durability, ordered=True)
         except AssertionError as e:
             raise AssertionError(f"after kill {self.kills} ({self.role}, {self.durability}): {e}\n"
                                  f"{self.rerun()}") from None
