@@ -51,7 +51,7 @@ SETTINGS = {
     DLQ: dict(message_retention=None),
 }
 MODES = ("none", "interval", "sync")
-KILLS = {"producer": 8, "consumer": 8, "worker": 6}   # per durability mode: 66 kills in all
+KILLS = {"producer": 12, "consumer": 12, "worker": 7}   # per durability mode: 93 kills in all
 ROUND_MESSAGES = 60       # sent before each consumer or worker round
 CHECKPOINT_EVERY = 20     # journal records between checkpoints: kills land in checkpoints
 
