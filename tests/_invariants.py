@@ -208,7 +208,9 @@ def read_facts(paths: Iterable[str]) -> List[Fact]:
 @dataclass
 class Report:
     """What :func:`check` found.  ``lost``, ``corrupt`` and
-    ``duplicates_otherwise`` are 0 whenever it returns."""
+    ``duplicates_otherwise`` are 0 whenever it returns.  ``checked``,
+    ``acks_in_flight`` and ``expired`` count over the whole history given;
+    the other counts are of what this drain found."""
 
     checked: int = 0
     """Distinct messages accounted for (sent ones and ones found at the drain)."""
@@ -239,7 +241,9 @@ class Report:
     got): a workload that goes on after the check adds them to its history."""
 
     def add(self, other: "Report") -> None:
-        """Add ``other``'s counts to these (for totals over many checks)."""
+        """Add ``other``'s counts to these (for totals over checks of
+        separate histories; a history that goes on from check to check
+        takes the history-wide counts from its last report instead)."""
         for name in ("checked", "lost", "corrupt", "duplicates_in_flight", "duplicates_otherwise", "expired",
                      "sends_in_flight", "acks_in_flight", "redelivered", "dead_lettered", "torn_tail_bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))

@@ -39,7 +39,7 @@ import pytest
 
 import qlog
 from _crashkit import Child, child_env, jitter
-from _invariants import Fact, FactWriter, Report, body_key, check, make_body, read_facts
+from _invariants import Fact, FactWriter, Report, check, make_body, read_facts
 from test_queue_crash import small_journal
 
 QUEUE = "jobs"
@@ -54,6 +54,7 @@ MODES = ("none", "interval", "sync")
 KILLS = {"producer": 12, "consumer": 12, "worker": 7}   # per durability mode: 93 kills in all
 ROUND_MESSAGES = 60       # sent before each consumer or worker round
 CHECKPOINT_EVERY = 20     # journal records between checkpoints: kills land in checkpoints
+FAIL_EVERY = 4            # the worker's handler fails every message whose index in its batch is a multiple
 
 # ---- the zygote: one interpreter, a fork per victim -----------------------------
 
@@ -160,7 +161,7 @@ facts = FactWriter(os.path.join({side_dir!r}, "worker-%d.txt" % os.getpid()))
 
 
 def failing(m):
-    return body_key(m.body)[1] % 4 == 0
+    return body_key(m.body)[1] % {fail_every} == 0
 
 
 @broker.consumer({queue!r}, max_batch_size=8, max_batch_timeout=0, **{settings!r})
@@ -180,11 +181,6 @@ def handle(batch):
 """
 
 
-def worker_failing(body: dict) -> bool:
-    """Which messages the worker's handler fails (as APP's ``failing``)."""
-    return body_key(body)[1] % 4 == 0
-
-
 # ---- the test ------------------------------------------------------------------------
 
 
@@ -193,6 +189,7 @@ class Zygote:
 
     def __init__(self) -> None:
         self.child = Child("zygote", module="test_kill_matrix")
+        self.pids: List[int] = []
         self.child.wait_line("ready")
 
     def start(self, func: str, **kwargs: object) -> int:
@@ -200,7 +197,9 @@ class Zygote:
         self.child.proc.stdin.write((json.dumps({"func": func, "kwargs": kwargs}) + "\n").encode())
         self.child.proc.stdin.flush()
         self.child.wait_until(lambda c: sum(x.startswith("pid ") for x in c.lines) > before, "a fork")
-        return int([x for x in self.child.lines if x.startswith("pid ")][-1].split()[1])
+        pid = int([x for x in self.child.lines if x.startswith("pid ")][-1].split()[1])
+        self.pids.append(pid)
+        return pid
 
     def exited(self, pid: int) -> Optional[int]:
         for x in self.child.lines:
@@ -221,7 +220,12 @@ class Zygote:
             f"process {pid} ended with wait status {status}, not by SIGKILL:\n{self.child.stderr}")
 
     def close(self) -> None:
-        self.child.finish()
+        """Kill a forked process still running (a test that failed half-way), then end the zygote."""
+        for pid in self.pids:
+            if self.exited(pid) is None:
+                os.kill(pid, signal.SIGKILL)
+                self.child.wait_until(lambda c: self.exited(pid) is not None, f"process {pid} reaped")
+        assert self.child.finish() == 0, self.child.stderr
 
 
 def _seed(role: str, durability: str) -> int:
@@ -275,12 +279,12 @@ class Matrix:
             raise AssertionError(f"after kill {self.kills} ({self.role}, {self.durability}): {e}\n"
                                  f"{self.rerun()}") from None
         self.facts += rep.facts
-        checked = self.total.checked
         self.total.add(rep)
-        # Every check covers the whole history: count each message once.
+        # The history goes on from check to check: its history-wide counts are the last check's,
+        # and the messages of sends in flight each check found are added to the ones sent.
         self.sent.update((f.queue, f.id) for f in self.facts if f.kind == "sent")
         self.total.checked = len(self.sent) + self.total.sends_in_flight
-        assert self.total.checked >= checked
+        self.total.acks_in_flight, self.total.expired = rep.acks_in_flight, rep.expired
         return rep
 
     def summary(self) -> str:
@@ -327,7 +331,7 @@ def _run_workers(m: Matrix, wait_until) -> None:
     app.mkdir()
     (app / "app.py").write_text(APP.format(
         checkpoint_every=CHECKPOINT_EVERY, data=m.path, durability=m.durability, side_dir=str(app),
-        queue=QUEUE, settings=SETTINGS[QUEUE]))
+        queue=QUEUE, settings=SETTINGS[QUEUE], fail_every=FAIL_EVERY))
     env = child_env()
     env.pop("QLOG_SUPERVISOR_PID", None)
     for r in range(KILLS["worker"]):
@@ -339,7 +343,7 @@ def _run_workers(m: Matrix, wait_until) -> None:
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         side = str(app / f"worker-{w.pid}.txt")
         sent = [f for f in read_facts([sends]) if f.kind == "sent"]
-        good = {f.id for f in sent if int(f.key.split("/")[1]) % 4 != 0}
+        good = {f.id for f in sent if int(f.key.split("/")[1]) % FAIL_EVERY != 0}
 
         def done() -> bool:
             """Every good message acked and every failing one dead-lettered (its last retry asked for)."""
