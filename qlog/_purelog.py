@@ -63,6 +63,7 @@ logger = logging.getLogger("qlog")
 _MIN_SEGMENT = 4096
 _MAX_SEGMENT = 1 << 40
 _ALLOC_CHUNK = 4 << 20
+_DROP_EVERY = 2 << 20  # bytes read through mappings before their pages are dropped
 _POLL_MIN = 0.0005
 _POLL_MAX = 0.020
 _HDR = F.SEG_HEADER_SIZE
@@ -203,7 +204,7 @@ class _Seg:
         self.idx_saved = False
 
     def close(self) -> None:
-        if self.map is not None:
+        if isinstance(self.map, mmap.mmap):
             try:
                 self.map.close()
             except BufferError:  # a payload view is still alive: the GC unmaps it
@@ -272,6 +273,7 @@ class Log:
         self._life = threading.Condition()
         self._calls = 0
         self._n_fsyncs = self._n_appends = self._n_corrupt = 0
+        self._touched = 0
         self._rec_bytes = self._rec_records = 0
         self._w_fd = -1
         self._w_base = -1
@@ -938,12 +940,12 @@ class Log:
         if sealed and not s.sealed:
             s.sealed = True
             s.size = os.fstat(s.fd).st_size
-            if s.map is not None and s.maplen < s.size:
+            if isinstance(s.map, mmap.mmap) and s.maplen < s.size:
                 s.map.close()
                 s.map = None
         bound = s.size if s.sealed else write_end
         if s.map is None or s.maplen < bound:
-            if s.map is not None:
+            if isinstance(s.map, mmap.mmap):
                 try:
                     s.map.close()
                 except BufferError:
@@ -960,9 +962,10 @@ class Log:
                         raise errors.FormatError("base differs from the file name")
                     s.salt, s.salt32 = h.salt, h.salt & _U32
                 except errors.FormatError:
-                    s.header_bad = True
+                    s.header_bad = True  # costs no record: the records name the salt
                     s.salt32 = _infer_salt(s.map, min(bound, s.maplen))
                     s.salt = s.salt32
+                    self._n_corrupt += 1
         if s.sealed and not s.idx_saved and s.scanned_to == _HDR and not s.header_bad:
             self._idx_load(s)
         return True
@@ -999,6 +1002,15 @@ class Log:
             pass
         s.idx_saved = True
 
+    def _drop_resident(self) -> None:
+        """Memory stays flat however much a handle reads: the mapped pages
+        are dropped from this process (the data stays in the page cache and
+        the file; a later access maps it again)."""
+        self._touched = 0
+        for s in self._segs.values():
+            if isinstance(s.map, mmap.mmap) and s.maplen:
+                s.map.madvise(mmap.MADV_DONTNEED)
+
     def _count_damage(self, s: _Seg, off: int) -> None:
         if off not in s.damage:
             s.damage.add(off)
@@ -1024,6 +1036,7 @@ class Log:
             off = nx
             if nx >= bound:
                 break
+        self._touched += max(0, off - s.scanned_to)
         s.scanned_to, s.scan_last = max(off, s.scanned_to), last
         if s.sealed and not s.idx_saved and not s.header_bad and s.iseq:
             self._idx_save(s)
@@ -1052,6 +1065,8 @@ class Log:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         with self._call(), self._rmu:
             out = self._read(from_seq, max_records, max_bytes)
+            if self._touched >= _DROP_EVERY:
+                self._drop_resident()
         if not out:
             return []
         if unpack is None:
@@ -1102,6 +1117,7 @@ class Log:
                         return out
                     out.append((seq, bytes(buf[off + _RH:off + _RH + length])))
                     nbytes += length
+                    self._touched += size
                 off += size
             if len(out) >= max_records:
                 return out

@@ -99,6 +99,7 @@ def test_writer_killed_while_another_appends_is_repaired_and_the_survivor_goes_o
         assert seq == log.next_seq - 1 and log.read(seq) == [(seq, b"after")]
 
 
+@pytest.mark.c_only("the victim dies at a chosen system call of the C engine's roll (its syscall table)")
 @pytest.mark.parametrize("step", list(ROLL_STEPS))
 def test_writer_killed_at_each_step_of_a_roll_is_repaired(tmp_path, step):
     """The writer dies (SIGKILL) at a chosen system call of a segment roll,

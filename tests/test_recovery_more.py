@@ -62,6 +62,7 @@ BOOT_B = "10111213-1415-4617-8819-1a1b1c1d1e1f"
 
 @pytest.mark.parametrize("boot_before, boot_after", [("", ""), ("", BOOT_B), (BOOT_A, "")],
                          ids=["none-then-none", "none-then-some", "some-then-none"])
+@pytest.mark.c_only("fault injection and boot ids through the C engine's syscall table (_simvfs)")
 def test_no_boot_id_never_reuses_a_number_handed_out_before_a_power_cut(
         tmp_path, boot_before, boot_after) -> None:
     """Without a boot id the engine cannot tell a restart from a reboot, so
@@ -219,6 +220,7 @@ class SegmentSyscalls(DroppingWriteback):
         return r
 
 
+@pytest.mark.c_only("fault injection and boot ids through the C engine's syscall table (_simvfs)")
 def test_reopen_after_a_reopen_failed_in_recovery_still_rewrites_the_segment_a_failed_fsync_dropped(
         tmp_path) -> None:
     """A failed fdatasync dropped the segment's dirty pages; an open whose
@@ -268,6 +270,7 @@ def test_reopen_after_a_reopen_failed_in_recovery_still_rewrites_the_segment_a_f
 
 
 @pytest.mark.parametrize("damaged", [0, 1, 2], ids=["first-record", "middle-record", "last-record"])
+@pytest.mark.c_only("fault injection and boot ids through the C engine's syscall table (_simvfs)")
 def test_every_batch_broken_by_damage_after_a_reboot_is_dropped_whole_beyond_64_batches(
         log_dir, damaged) -> None:
     """After a reboot a batch broken by damage in the active segment is
