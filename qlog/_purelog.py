@@ -24,9 +24,13 @@ shared mapping; this engine uses ``flock`` and polling):
 - A writer killed while holding the lock leaves a flag in ``ctl``; the next
   writer zeroes the bytes of its unpublished batch, completes or undoes its
   segment roll, and goes on.
-- ``wait``/``wait_change`` and the "sync" group commit's followers poll the
-  shared state with a backoff from 0.5 ms doubling up to 20 ms: a waiter
-  sees an append at most 20 ms late.
+- The "sync" group commit's leader holds a POSIX record lock on the last
+  byte of ``ctl`` while it runs fdatasync; appenders waiting for that lock
+  find their records covered when they get it.
+- ``wait``/``wait_change`` poll the shared state with a backoff from 0.5 ms
+  doubling up to 20 ms: a waiter sees an append at most 20 ms late.  The
+  "interval" flusher wakes every ``flush_interval`` and syncs if the log is
+  dirty.
 
 One directory is used by one engine at a time: a handle of either engine
 that finds the log open in a process using the other engine (``ctl`` held
@@ -226,8 +230,8 @@ class Log:
     ``durability``:
 
     - ``"sync"``: ``append`` returns after an fdatasync of the active segment
-      that started after the record was stored (one fdatasync per process
-      covers every thread of that process waiting);
+      that started after the record was stored (group commit: one fdatasync
+      covers every appender waiting, in every process);
     - ``"interval"``: returns once the record is in the kernel; a background
       thread syncs every ``flush_interval`` seconds while the log is dirty;
     - ``"none"``: returns once the record is in the kernel.
@@ -869,26 +873,39 @@ class Log:
             with self._smu:
                 if self._get(_SYNCED) >= target:
                     return
-                with self._locked():
-                    base = self._get(_ACTIVE_BASE)
-                    upto = self._get(_NEXT_SEQ)
-                    try:
-                        fd = os.open(self._seg_path(base), os.O_RDONLY | os.O_CLOEXEC)
-                    except OSError as e:
-                        raise self._oserr(e, f"sync of {self.path!r} failed") from None
+                # the group commit's leader lock: a POSIX record lock on the
+                # last byte of ctl (independent of the flocks); the processes
+                # waiting for it find their records covered by its fdatasync
+                fcntl.lockf(self._ctlfd, fcntl.LOCK_EX, 1, _CTL_SIZE - 1)
                 try:
-                    os.fdatasync(fd)
-                    self._n_fsyncs += 1
-                except OSError as e:
-                    with self._locked():
-                        self._poison()
-                    raise errors.StorageError(e.errno or _errno.EIO,
-                                              f"sync of {self.path!r} failed: {e.strerror}") from None
+                    if self._get(_SYNCED) < target:
+                        self._commit()
                 finally:
-                    os.close(fd)
-                with self._locked():
-                    if self._get(_SYNCED) < upto:
-                        self._set(_SYNCED, upto)
+                    fcntl.lockf(self._ctlfd, fcntl.LOCK_UN, 1, _CTL_SIZE - 1)
+
+    def _commit(self) -> None:
+        """One fdatasync of the active segment covering every record
+        published before it started."""
+        with self._locked():
+            base = self._get(_ACTIVE_BASE)
+            upto = self._get(_NEXT_SEQ)
+            try:
+                fd = os.open(self._seg_path(base), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise self._oserr(e, f"sync of {self.path!r} failed") from None
+        try:
+            os.fdatasync(fd)
+            self._n_fsyncs += 1
+        except OSError as e:
+            with self._locked():
+                self._poison()
+            raise errors.StorageError(e.errno or _errno.EIO,
+                                      f"sync of {self.path!r} failed: {e.strerror}") from None
+        finally:
+            os.close(fd)
+        with self._locked():
+            if self._get(_SYNCED) < upto:
+                self._set(_SYNCED, upto)
 
     def sync(self) -> None:
         """Make every record appended so far, by any process, durable.

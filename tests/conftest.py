@@ -103,7 +103,8 @@ def spawn_python():
 # (qlog/_purelog.py): `qlog.Log` is the engine under test, and child
 # interpreters get QLOG_PURE to match.  A test that needs the C engine's
 # internals (its syscall table, tests/_simvfs.py; its cffi handle) is marked
-# `@pytest.mark.c_only("why")` and runs as [c] only.
+# `@pytest.mark.c_only("why")` and runs as [c] only; `@pytest.mark.engines("pure")`
+# picks the engines explicitly (a cheaper variant of a slow test for one engine).
 
 ENGINE_MODULES = {
     "test_log", "test_recovery", "test_recovery_more", "test_lifecycle", "test_crash",
@@ -114,13 +115,21 @@ ENGINE_MODULES = {
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "c_only(reason): the test needs the C engine's internals; it runs as [c] only")
+    config.addinivalue_line(
+        "markers", "engines(*names): the engines (of 'c', 'pure') a test of an engine module runs against")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if metafunc.module.__name__.rsplit(".", 1)[-1] not in ENGINE_MODULES:
         return
-    engines = ["c"] if metafunc.definition.get_closest_marker("c_only") else ["c", "pure"]
-    metafunc.fixturenames.append("engine")
+    engines = ["c", "pure"]
+    only = metafunc.definition.get_closest_marker("engines")
+    if only is not None:
+        engines = list(only.args)
+    if metafunc.definition.get_closest_marker("c_only"):
+        engines = ["c"]
+    if "engine" not in metafunc.fixturenames:
+        metafunc.fixturenames.append("engine")
     metafunc.parametrize("engine", engines, indirect=True)
 
 

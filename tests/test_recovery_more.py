@@ -153,8 +153,9 @@ print(json.dumps({"probes": probes, "read": got, "corrupt_while_racing": corrupt
 
 
 def test_readers_racing_a_writer_that_rolls_on_every_append_neither_crash_nor_see_damage(
-        log_dir, spawn_python) -> None:
-    args = [log_dir, ROLL_APPENDS, ROLL_SEGMENT, ROLL_RECORD]
+        log_dir, spawn_python, engine) -> None:
+    appends = ROLL_APPENDS if engine == "c" else ROLL_APPENDS // 3  # the pure engine: fewer rolls
+    args = [log_dir, appends, ROLL_SEGMENT, ROLL_RECORD]
     qlog.Log(log_dir, durability="none", segment_bytes=ROLL_SEGMENT).close()
     readers = {mode: spawn_python(ROLL_READER, args + [mode]) for mode in ("past-end-1", "past-end-2", "tail")}
     for mode, r in readers.items():
@@ -163,16 +164,16 @@ def test_readers_racing_a_writer_that_rolls_on_every_append_neither_crash_nor_se
     writer = spawn_python(ROLL_WRITER, args)
     out, err = writer.communicate(timeout=240)
     assert writer.returncode == 0, f"writer exited with {writer.returncode}: {err}"
-    assert int(out) >= ROLL_APPENDS, f"the writer did not roll on every append ({out.strip()} segments)"
+    assert int(out) >= appends, f"the writer did not roll on every append ({out.strip()} segments)"
     for mode, r in readers.items():
         out, err = r.communicate(timeout=240)
         assert r.returncode == 0, f"{mode} reader exited with {r.returncode}: {err}"
         report = json.loads(out)
-        assert report["read"] == ROLL_APPENDS, (mode, report)
+        assert report["read"] == appends, (mode, report)
         assert report["corrupt_while_racing"] == 0 and report["corrupt"] == 0, (mode, report)
         assert report["probes"] > 1, (mode, report)
     with qlog.Log(log_dir, durability="none", segment_bytes=ROLL_SEGMENT) as log:
-        assert [s for s, _ in read_all(log)] == list(range(ROLL_APPENDS))
+        assert [s for s, _ in read_all(log)] == list(range(appends))
         assert log.stats().corrupt_records == 0
 
 
