@@ -120,6 +120,22 @@ def _boot_id() -> str:
         return ""
 
 
+def _on_nfs(path: str) -> bool:
+    """Whether ``path`` lies on an NFS mount (from /proc/self/mountinfo)."""
+    real = os.path.realpath(path)
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                point = left.split()[4].replace("\\040", " ")
+                if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                    best, fstype = point, right.split()[0]
+    except (OSError, IndexError):
+        return False
+    return fstype.startswith("nfs")
+
+
 def _check(buf: Any, off: int, end: int, salt32: int, last: Optional[int]) -> Optional[Tuple[int, int, int, int]]:
     """``(size, seq, flags, length)`` when a valid record of the segment whose
     salt32 is given starts at ``off`` and ends by ``end``; else None.
@@ -339,6 +355,10 @@ class Log:
                     os.close(pfd)
             except FileExistsError:
                 pass
+            if _on_nfs(p):
+                raise errors.UnsupportedFilesystemError(
+                    f"cannot open log {p!r}: directory is on NFS, which qlog does not support"
+                )
             self._dirfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
             self._lockfd = os.open(os.path.join(p, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(self._lockfd, fcntl.LOCK_EX)
