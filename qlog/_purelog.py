@@ -106,7 +106,6 @@ _READY = 216        # set last by the handle that built ctl
 
 _Q = struct.Struct("<Q")
 _QQ = struct.Struct("<QQ")
-_QQQ = struct.Struct("<QQQ")
 _META = struct.Struct("<8sIIQ36sI")
 _REC = struct.Struct("<IIQqIBBH")
 _REC_LEN = struct.Struct("<I")
