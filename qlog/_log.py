@@ -13,13 +13,13 @@ import math
 import os
 import threading
 from array import array
-from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from . import errors
 from ._modes import DEFAULT_FILE_MODE, check_mode
 from ._glue import pack as _pack, unpack as _unpack
 from ._qlog_c import ffi, lib
+from ._types import Damage, LogStats, VerifyReport
 
 __all__ = ["Log", "LogStats", "Damage", "MAX_RECORD", "DURABILITY_MODES"]
 
@@ -43,52 +43,6 @@ _alloc = ffi.new_allocator(should_clear_after_alloc=False)
 logger = logging.getLogger("qlog")
 
 
-@dataclass(frozen=True)
-class LogStats:
-    """A snapshot of a log's counters (``Log.stats()``)."""
-
-    first_seq: int
-    """Lowest sequence number still on disk."""
-    next_seq: int
-    """The number the next append gets."""
-    synced_seq: int
-    """Every record below this number is on stable storage."""
-    segments: int
-    corrupt_records: int
-    """Damaged records this handle skipped (never returned)."""
-    recovered_bytes_dropped: int
-    """Bytes of a torn tail dropped when this handle opened the log."""
-    recovered_records_dropped: int
-    """Complete records dropped with the torn tail: the rest of their batch was missing."""
-    fsyncs: int
-    appends: int
-    poisoned: bool
-
-
-@dataclass(frozen=True)
-class Damage:
-    """One damaged region found by ``Log.verify()``."""
-
-    segment: int
-    """Base sequence number of the segment file."""
-    offset: int
-    length: int
-    after_seq: Optional[int]
-    """Last intact record before the damage, if any."""
-    kind: str
-    """'record', 'segment-header', 'torn-tail' or 'not-a-segment'."""
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    records: int
-    damage: List[Damage]
-
-    @property
-    def ok(self) -> bool:
-        return not self.damage
-
-
 def _raise(code: int, what: str, h=None) -> None:
     msg = ffi.string(lib.qlog_strerror(code)).decode()
     if code == lib.QLOG_ENOSPC:
@@ -109,6 +63,16 @@ def _raise(code: int, what: str, h=None) -> None:
     if code == lib.QLOG_ENOMEM:
         raise MemoryError(f"{what}: {msg}")
     raise errors.QlogError(f"{what}: {msg} (code {code})")
+
+
+def _held_by_pure_engine(path: str) -> bool:
+    """Whether the control file of the log at ``path`` is marked by the
+    pure-Python engine (qlog/_purelog.py), which keeps its own layout there."""
+    try:
+        with open(os.path.join(path, "ctl"), "rb") as f:
+            return f.read(8) == b"QLOGPURE"
+    except OSError:
+        return False
 
 
 class Log:
@@ -170,6 +134,12 @@ class Log:
             if rc == lib.QLOG_EIO:
                 err = ffi.errno
                 raise errors.StorageError(err, f"cannot open log {self.path!r}: {os.strerror(err)}")
+            if rc == lib.QLOG_ECORRUPT and _held_by_pure_engine(self.path):
+                raise errors.EngineConflictError(
+                    f"cannot open log {self.path!r} with the C engine: it is open (in this or another "
+                    f"process) with the pure-Python engine; one directory is used by one "
+                    f"engine at a time (close it there, or use the same engine: QLOG_PURE)"
+                )
             _raise(rc, f"cannot open log {self.path!r}")
         # Freed when the last reference goes (a call racing close() holds one).
         self._h = ffi.gc(out[0], lib.qlog_free)

@@ -34,9 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import errors
-from ._glue import ids as _ids, scan_messages as _scan
-from ._log import Log
-from ._qlog_c import lib as _lib
+from ._engine import Log, append1 as _append1, ids as _ids, scan_messages as _scan
 from ._message import (
     CONTENT_TYPES,
     CT_BYTES,
@@ -75,7 +73,6 @@ _SCAN_LIMIT = 10_000  # messages a pull looks past (delayed ones) before returni
 _READ_GAP = 64  # messages wanted this close together come in one read
 _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
-_append1 = _lib.qlog_append1
 
 
 @dataclass(frozen=True)
