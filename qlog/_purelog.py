@@ -56,6 +56,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from . import _pure as F
 from . import errors
+from ._modes import DEFAULT_FILE_MODE, check_mode, dir_mode
 from ._types import DURABILITY_MODES, MAX_RECORD, Damage, LogStats, VerifyReport
 
 __all__ = ["Log", "LogStats", "Damage", "VerifyReport", "MAX_RECORD", "DURABILITY_MODES",
@@ -253,6 +254,10 @@ class Log:
 
     In every mode a returned append survives the process being killed.
     Waits poll the shared state (0.5 ms backoff doubling up to 20 ms).
+
+    ``mode`` is the permission of every file the log creates (default
+    ``0o600``), as for the C engine; a directory it creates gets execute
+    wherever read is set.
     """
 
     engine = "pure"
@@ -264,9 +269,12 @@ class Log:
         durability: str = "sync",
         segment_bytes: int = 64 << 20,
         flush_interval: float = 0.1,
+        mode: int = DEFAULT_FILE_MODE,
     ) -> None:
         self._closed = True
         self._h: Optional[Log] = None
+        check_mode(mode)
+        self.mode = mode
         if durability not in DURABILITY_MODES:
             raise ValueError(
                 f"durability must be one of {sorted(DURABILITY_MODES)}, got {durability!r}"
@@ -346,7 +354,7 @@ class Log:
         p = self.path
         try:
             try:
-                os.mkdir(p, 0o700)
+                os.mkdir(p, dir_mode(self.mode))
                 pfd = os.open(os.path.join(p, ".."), os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     os.fsync(pfd)  # the new directory's name is durable
@@ -359,9 +367,9 @@ class Log:
                     f"cannot open log {p!r}: directory is on NFS, which qlog does not support"
                 )
             self._dirfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
-            self._lockfd = os.open(os.path.join(p, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lockfd = os.open(os.path.join(p, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
             fcntl.flock(self._lockfd, fcntl.LOCK_EX)
-            self._ctlfd = os.open(os.path.join(p, "ctl"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._ctlfd = os.open(os.path.join(p, "ctl"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
             if os.fstat(self._ctlfd).st_size != _CTL_SIZE:
                 os.ftruncate(self._ctlfd, _CTL_SIZE)
             self._ctl = mmap.mmap(self._ctlfd, _CTL_SIZE, mmap.MAP_SHARED,
@@ -428,7 +436,7 @@ class Log:
                           self._boot.encode("ascii")[:36], 0)[:60]
         b = head + struct.pack("<I", F.mask_crc(F.crc32c(head)))
         tmp = os.path.join(self.path, "meta.tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.mode)
         try:
             try:
                 if os.pwrite(fd, b, 0) != len(b):
@@ -452,7 +460,7 @@ class Log:
         if salt & _U32 == 0:
             salt |= 1
         path = self._seg_path(base)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.mode)
         alloc = min(cap, _ALLOC_CHUNK)
         try:
             os.posix_fallocate(fd, 0, alloc)
@@ -1028,7 +1036,7 @@ class Log:
         path = self._seg_path(s.base, ".idx")
         tmp = path + ".tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.mode)
             try:
                 os.write(fd, b)
             finally:
