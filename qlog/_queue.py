@@ -122,6 +122,10 @@ class Queue:
         self._clock = broker._clock
         self._dir = os.path.join(broker.path, "queues", name)
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        # The queue's name must survive a power cut before anything in it
+        # can: the engine syncs the directories it creates inside, not this
+        # one's entry in queues/.
+        _fsync_dir(os.path.dirname(self._dir))
         self._idpre = self._identity()
         self.durability = settings.durability or broker.durability
         self._msgs = Log(
