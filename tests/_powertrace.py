@@ -51,6 +51,7 @@ PAGE = 4096
 #   ("S", ident)                                         the file's live bytes are durable
 #   ("D", reldir, {name: ("f", ident) | ("d", None)})    a directory's map is durable
 #   ("M", fact)                                          a workload marker
+#   ("X", ident)                                         the file is gone (unlinked)
 
 
 class TraceRecorder:
@@ -108,7 +109,7 @@ class TraceRecorder:
                     self._note(ident, sub, e.path)
             dirs[rel] = entries
         for ino in [i for i in self._ino if i not in seen]:
-            del self._ino[ino]
+            self.events.append(("X", self._ino.pop(ino)))
         return dirs
 
     def _note(self, ident: int, rel: str, path: str) -> None:
@@ -261,7 +262,9 @@ class Replay:
     power cut at the current position leaves."""
 
     def __init__(self, events: List[tuple],
-                 on_durable: Optional[Callable[[str, bytes], None]] = None) -> None:
+                 on_durable: Optional[Callable[[str, bytes, int, "Replay"], None]] = None) -> None:
+        """``on_durable(relpath, image, identity, replay)`` is called at each
+        file image that becomes durable, as the replay passes it."""
         self.events = events
         self.pos = 0
         self.live: Dict[int, bytearray] = {}
