@@ -391,9 +391,17 @@ static uint64_t last_nonzero(const uint8_t *map, uint64_t from, uint64_t to)
 {
     while (to > from) {
         uint64_t start = to - from >= 8 ? to - 8 : from;
-        for (uint64_t i = start; i < to; i++)
-            if (map[i])
+        if (to - start == 8) {
+            /* a whole word at once: the preallocated tail is megabytes of zeros */
+            uint64_t w;
+            memcpy(&w, map + start, 8);
+            if (w)
                 return to;
+        } else {
+            for (uint64_t i = start; i < to; i++)
+                if (map[i])
+                    return to;
+        }
         to = start;
     }
     return from;
