@@ -260,14 +260,17 @@ def _ids(xs: Iterable[str], limit: int = 12) -> str:
 
 
 def check_logs(path: str, tolerate: Optional[Callable[[str, Any], bool]] = None,
-               tolerated: Optional[Dict[str, int]] = None) -> Tuple[int, List[str]]:
+               tolerated: Optional[Dict[str, int]] = None,
+               settings: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Tuple[int, List[str]]:
     """Reopen every queue's message log and state journal of the data
     directory ``path`` on its own (recovery cuts a torn tail) and verify the
     CRC of every record.  Returns ``(torn tail bytes cut, damage found)``.
 
     ``tolerate(log, damage)`` (``log`` is ``"<queue>/messages"`` or
     ``"<queue>/state"``, ``damage`` a ``Log.verify()`` item) true: the
-    damage is not reported but counted in ``tolerated`` (per log)."""
+    damage is not reported but counted in ``tolerated`` (per log).
+    ``settings`` (by queue name): each log is opened with the segment size
+    its queue uses, so that checking allocates no more than the queue would."""
     torn = 0
     damage: List[str] = []
     root = os.path.join(path, "queues")
@@ -276,7 +279,14 @@ def check_logs(path: str, tolerate: Optional[Callable[[str, Any], bool]] = None,
             d = os.path.join(root, name, part)
             if not os.path.isdir(d):
                 continue
-            with qlog.Log(d, durability="none") as log:
+            seg: Dict[str, Any] = {}
+            if settings is not None:
+                import qlog._queue
+                from qlog._settings import QueueSettings
+                seg["segment_bytes"] = (
+                    settings.get(name, {}).get("segment_bytes", QueueSettings().segment_bytes)
+                    if part == "messages" else qlog._queue._JOURNAL_SEGMENT)
+            with qlog.Log(d, durability="none", **seg) as log:
                 st = log.stats()
                 torn += st.recovered_bytes_dropped
                 rep = log.verify()
@@ -352,7 +362,7 @@ def check(
     problems: List[str] = []
 
     tolerated: Dict[str, int] = {}
-    rep.torn_tail_bytes, damage = check_logs(path, tolerate_damage, tolerated)
+    rep.torn_tail_bytes, damage = check_logs(path, tolerate_damage, tolerated, settings)
     rep.damage_tolerated = sum(tolerated.values())
     explained = {log for log in tolerated if not any(d.startswith(f"{log}:") for d in damage)}
     if damage:

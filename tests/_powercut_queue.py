@@ -137,7 +137,7 @@ def workload(path: str, trace: str, seed: int, steps: int) -> None:
             batch = f"{name}-{counters[name]}"
             counters[name] += 1
             mode = SETTINGS[name].get("durability", "sync")
-            bodies = [make_body(batch, i, n, rng.choice([0, 40, 400, 1500])) for i in range(n)]
+            bodies = [make_body(batch, i, n, rng.choice([0, 200, 1500, 4000])) for i in range(n)]
             facts(Fact("sending", name, batch=batch, n=n, mode=mode))
             ids = [q.send(bodies[0])] if n == 1 and rng.random() < 0.7 else q.send_batch(bodies)
             facts(*[Fact("sent", name, id=mid, key=f"{batch}/{i}", batch=batch, n=n, mode=mode)
@@ -152,17 +152,17 @@ def workload(path: str, trace: str, seed: int, steps: int) -> None:
             left = []
             for m in batch:
                 x = rng.random()
-                if x < 0.6:
+                if x < 0.7:
                     facts(Fact("acking", name, id=m.id))
                     m.ack()
                     facts(Fact("ack", name, id=m.id))
-                elif x < 0.75:
+                elif x < 0.85:
                     facts(Fact("retrying", name, id=m.id))
                     m.retry(delay_seconds=rng.choice([0, 0, 1, 5]))
                     facts(Fact("retry", name, id=m.id))
                 else:
                     left.append(m)
-            if left and rng.random() < 0.3:
+            if left and rng.random() < 0.5:
                 facts(*[Fact("acking", name, id=m.id) for m in left])
                 batch.ack_all()
                 facts(*[Fact("ack", name, id=m.id) for m in left])
