@@ -20,7 +20,9 @@ compared with what had to survive (``check_after_cut``):
   as the same message (its original id);
 - every queue takes a send and delivers it after the cut.
 
-``QLOG_POWERCUT_SEED=<n>`` reruns one child's workload and cuts;
+``QLOG_POWERCUT_SEED=<n>`` reruns one child's workload and cuts (the push
+consumer runs in a thread: a rerun repeats every choice of the workload and
+of the cuts, not the exact interleaving of the threads);
 ``QLOG_POWERCUT_CUTS=<n>`` takes n cuts per child instead of CUTS.
 """
 
@@ -120,6 +122,9 @@ def cut_many(tmp_path, seed: int, cuts: int, total: Report, stats: dict) -> None
 
 
 def test_power_cuts_of_a_whole_broker(work_dir, monkeypatch, capsys):
+    """CHILDREN workloads, CUTS cuts of each; every cut passes the invariant
+    checker, and the cuts covered torn tails, deleted message and journal
+    segments, checkpoints and dead-letter transfers."""
     pq.small_state(monkeypatch.setattr)
     env_seed = os.environ.get("QLOG_POWERCUT_SEED")
     seeds = [int(env_seed)] if env_seed else [SEED + i for i in range(CHILDREN)]
