@@ -41,6 +41,7 @@ import qlog._state
 from _invariants import Fact, Report, body_key, check, make_body
 
 SYNC_QUEUES = ("orders", "work")
+UNSYNCED_QUEUES = ("fast", "ticks")       # durability "none" and "interval"
 QUEUES = ("orders", "fast", "ticks", "work", "work-dlq")
 RETENTION = 120.0
 VISIBILITY = 30.0
@@ -210,6 +211,8 @@ class Facts:
         # durable journal records, per queue: acked seqs, highest attempts leased
         self.durable_acked: Dict[str, Set[int]] = {q: set() for q in QUEUES}
         self.durable_att: Dict[str, Dict[int, int]] = {q: {} for q in QUEUES}
+        # message records durable in queues without "sync" (synced by a roll or a flush)
+        self.durable_msgs: Dict[str, Set[int]] = {q: set() for q in QUEUES}
 
     def on_mark(self, marker: tuple) -> None:
         if marker[0] == "t":
@@ -221,16 +224,22 @@ class Facts:
                 self.sent_at[(f.queue, f.batch)] = self.clock
 
     def on_durable(self, rel: str, data: bytes, ident: int, replay) -> None:
-        """A file's image became durable: note the journal records it holds
-        (when the file is durably named, they survive any cut from now on)."""
+        """A file's image became durable: note the journal records it holds,
+        and the message records of a queue without "sync" (when the file is
+        durably named, they survive any cut from now on)."""
         parts = rel.split("/")
-        if len(parts) != 4 or parts[0] != "queues" or parts[2] != "state" or not parts[3].endswith(".seg"):
+        if len(parts) != 4 or parts[0] != "queues" or not parts[3].endswith(".seg"):
             return
-        if not replay.durably_named(ident):
+        q = parts[1]
+        if parts[2] == "messages" and q in UNSYNCED_QUEUES:
+            if replay.durably_named(ident):
+                from qlog import _pure
+                self.durable_msgs[q].update(r.seq for r in _pure.iter_segment(data))
+            return
+        if parts[2] != "state" or not replay.durably_named(ident):
             return
         from qlog import _pure
 
-        q = parts[1]
         acked, att = self.durable_acked[q], self.durable_att[q]
         for r in _pure.iter_segment(data):
             tag, sc, ar = qlog._state.decode(r.payload)
@@ -245,7 +254,9 @@ class Facts:
     def must(self) -> Tuple[List[Fact], List[Fact]]:
         """``(facts, must)`` for ``_invariants.check`` at this cut.
 
-        Must survive: every "sync" send that returned; every ack whose
+        Must survive: every "sync" send that returned, and every other
+        send that returned whose records a roll or a flush made durable in
+        a durably named segment; every ack whose
         journal record was durable (also one whose call had not returned
         yet: the record is on disk); every delivery whose lease record was
         durable (attempts never go below it)."""
@@ -253,7 +264,7 @@ class Facts:
         must: List[Fact] = []
         acks = set()
         for f in facts:
-            if f.kind == "sent" and f.mode == "sync":
+            if f.kind == "sent" and (f.mode == "sync" or seq_of(f.id) in self.durable_msgs[f.queue]):
                 must.append(f)
             elif f.kind == "acking" and seq_of(f.id) in self.durable_acked[f.queue]:
                 acks.add((f.queue, f.id))
@@ -310,7 +321,7 @@ def unsynced_damage(replay):
     return tolerate
 
 
-def check_after_cut(out_dir: str, facts: Facts, replay, boot_hook) -> Tuple[Report, int]:
+def check_after_cut(out_dir: str, facts: Facts, replay, boot_hook) -> Tuple[Report, int, int]:
     """Reopen the directory a cut left, as after a reboot (another boot id),
     with the clock DRAIN_AHEAD seconds after the cut's, and state the
     invariants (``_invariants.check``: raises AssertionError on a violation)
@@ -318,8 +329,9 @@ def check_after_cut(out_dir: str, facts: Facts, replay, boot_hook) -> Tuple[Repo
     which messages are old enough to have expired by the drain (the clock
     when they were sent), which damage lies in bytes no fdatasync covered
     (``unsynced_damage``) and which dropped messages were never durable
-    (``DropsAfterCut``).  Returns the report and how many messages the
-    queues dropped as missing from their logs."""
+    (``DropsAfterCut``).  Returns the report, how many messages the queues
+    dropped as missing from their logs, and how many sent messages had to
+    survive the cut."""
     from _simvfs import syscalls
 
     t_drain = facts.clock + DRAIN_AHEAD
@@ -344,4 +356,4 @@ def check_after_cut(out_dir: str, facts: Facts, replay, boot_hook) -> Tuple[Repo
                         tolerate_damage=unsynced_damage(replay), may_have_expired=may_have_expired)
     finally:
         qlog_logger.removeFilter(drops)
-    return rep, drops.dropped
+    return rep, drops.dropped, sum(1 for f in must if f.kind == "sent")

@@ -102,13 +102,14 @@ def cut_many(tmp_path, seed: int, cuts: int, total: Report, stats: dict) -> None
         where = (f"seed {seed}, cut {n} at trace position {pos} of {len(events)} "
                  f"({kinds}); torn pages {torn}; rerun with QLOG_POWERCUT_SEED={seed}")
         try:
-            rep, dropped = pq.check_after_cut(out, facts, replay, boot_id_hook(new_boot_id(rng)))
+            rep, dropped, must = pq.check_after_cut(out, facts, replay, boot_id_hook(new_boot_id(rng)))
         except Exception as e:
             raise AssertionError(f"{where}: {e}") from e
         total.add(rep)
         stats["cuts"] += 1
         stats["torn"] += bool(torn)
         stats["dropped_unsynced"] += dropped
+        stats["must_survive"] += must
         shutil.rmtree(out)
     stats["events"] += len(events)
     stats["durable_acks"] += sum(len(s) for s in facts.durable_acked.values())
@@ -130,7 +131,7 @@ def test_power_cuts_of_a_whole_broker(work_dir, monkeypatch, capsys):
     seeds = [int(env_seed)] if env_seed else [SEED + i for i in range(CHILDREN)]
     cuts = int(os.environ.get("QLOG_POWERCUT_CUTS", CUTS))
     total = Report()
-    stats = dict(cuts=0, torn=0, dropped_unsynced=0, events=0, durable_acks=0, segments_deleted=0,
+    stats = dict(cuts=0, torn=0, must_survive=0, dropped_unsynced=0, events=0, durable_acks=0, segments_deleted=0,
                  journal_segments_deleted=0, checkpoints=0, dead_letter_transfers=0)
     for seed in seeds:
         cut_many(work_dir, seed, cuts, total, stats)
