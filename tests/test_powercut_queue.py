@@ -119,7 +119,9 @@ def cut_many(tmp_path, seed: int, cuts: int, total: Report, stats: dict) -> None
     stats["journal_segments_deleted"] += sum(1 for p in gone if "/state/" in p)
     stats["checkpoints"] += sum(1 for e in events if e[0] == "S" and "/checkpoint." in paths.get(e[1], ""))
     stats["dead_letter_transfers"] += sum(
-        1 for e in events if e[0] == "W" and "work-dlq/messages/" in e[2] and e[2].endswith(".seg"))
+        1 for e in events if e[0] == "M" and e[1][0] == "f" for f in e[1][1]
+        if f.kind == "deliver" and f.queue == "work" and f.attempts == pq.MAX_RETRIES_PUSH + 1
+        and pq.fails(f.key))
 
 
 def test_power_cuts_of_a_whole_broker(work_dir, monkeypatch, capsys):
