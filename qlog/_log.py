@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 from . import errors
+from ._modes import DEFAULT_FILE_MODE, check_mode
 from ._glue import pack as _pack, unpack as _unpack
 from ._qlog_c import ffi, lib
 
@@ -126,6 +127,11 @@ class Log:
     - ``"none"``: returns once the record is in the kernel.
 
     In every mode a returned append survives the process being killed.
+
+    ``mode`` is the permission of every file the log creates (default
+    ``0o600``: the owner only); the directory, when created, gets the same
+    bits plus execute wherever read is set (``0o640`` -> ``0o750``).  The
+    umask still applies, and an existing directory or file keeps its mode.
     """
 
     def __init__(
@@ -135,7 +141,9 @@ class Log:
         durability: str = "sync",
         segment_bytes: int = 64 << 20,
         flush_interval: float = 0.1,
+        mode: int = DEFAULT_FILE_MODE,
     ) -> None:
+        check_mode(mode)
         if durability not in DURABILITY_MODES:
             raise ValueError(
                 f"durability must be one of {sorted(DURABILITY_MODES)}, got {durability!r}"
@@ -154,8 +162,10 @@ class Log:
         self.durability = durability
         self.segment_bytes = segment_bytes
         self.flush_interval = float(flush_interval)
+        self.mode = mode
         out = ffi.new("qlog_log **")
-        rc = lib.qlog_open(os.fsencode(self.path), DURABILITY_MODES[durability], segment_bytes, out)
+        rc = lib.qlog_open(os.fsencode(self.path), DURABILITY_MODES[durability], segment_bytes,
+                           mode, out)
         if rc:
             if rc == lib.QLOG_EIO:
                 err = ffi.errno

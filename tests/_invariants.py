@@ -15,18 +15,24 @@ Children record facts in a side file with :class:`FactWriter`: one
 ``os.write`` of whole lines on an O_APPEND descriptor per call, so a line
 is in the kernel before the next call starts and survives a SIGKILL (a last
 line without its newline was cut short and is ignored by
-:func:`read_facts`).  Fact kinds (``Fact.kind``):
+:func:`read_facts`).  A workload in the test's own process keeps them in
+memory (``FactWriter()``, then ``.facts``).  Fact kinds (``Fact.kind``):
 
-==========  =====================================================================
-``sending`` about to send batch ``batch`` of ``n`` messages (no id yet)
-``sent``    ``send`` / ``send_batch`` returned ``id`` for message ``key``
-``deliver`` a pull (or a push handler) got ``id`` with ``attempts`` (body ``key``)
-``acking``  about to ack ``id`` (the ack may or may not take effect)
-``ack``     ``ack()`` / ``ack_all()`` returned for ``id``
-``retrying`` about to retry ``id`` (a push handler about to raise, a retry call)
-``retry``   ``retry()`` returned for ``id``
-``dead``    ``id`` was seen in the dead-letter queue ``queue``
-==========  =====================================================================
+============  ===================================================================
+``sending``   about to send batch ``batch`` of ``n`` messages (no id yet)
+``sent``      ``send`` / ``send_batch`` returned ``id`` for message ``key``
+``deliver``   a pull (or a push handler) got ``id`` with ``attempts`` (body ``key``)
+``acking``    about to ack ``id`` (the ack may or may not take effect)
+``ack``       ``ack()`` / ``ack_all()`` returned for ``id``
+``retrying``  about to retry ``id`` (a push handler about to raise, a retry call)
+``retry``     ``retry()`` returned for ``id``
+``dead``      ``id`` was seen in the dead-letter queue ``queue``
+============  ===================================================================
+
+A power-cut test, for instance, records with ``w = FactWriter()``, cuts,
+and calls ``check(path, w.facts, settings=..., must=[the facts returned
+before the cut's durable point])``; a crash test reads its children's side
+files and calls ``check(path, read_facts(paths), settings=...)``.
 
 Bodies are :func:`make_body` dicts: they name their batch, their index and
 the batch's size, and carry a digest of those, so a body read back is either
@@ -41,7 +47,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 import qlog
 
@@ -54,7 +60,9 @@ def _digest(batch: str, i: int, n: int) -> str:
 
 def make_body(batch: str, i: int, n: int, pad: int = 0) -> Dict[str, Any]:
     """The body of message ``i`` of batch ``batch`` (``n`` messages), with
-    ``pad`` extra characters that are also checked."""
+    ``pad`` extra characters that are also checked.  ``batch`` names the
+    batch uniquely in its queue (no spaces, no "/")."""
+    assert batch and " " not in batch and "/" not in batch, f"bad batch name {batch!r}"
     d = _digest(batch, i, n)
     return {"b": batch, "i": i, "n": n, "h": d[:16], "pad": (d * (pad // 64 + 1))[:pad]}
 
@@ -76,11 +84,11 @@ def body_key(body: Any) -> Tuple[str, int, int]:
 # ---- facts -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Fact:
+class Fact(NamedTuple):
     """One thing a workload saw (see the module docstring for ``kind``).
-    ``key`` is ``"<batch>/<index>"`` for ``sent``; ``n`` is the batch size
-    for ``sending`` and ``sent``; ``mode`` the durability the sender used."""
+    ``key`` is ``"<batch>/<index>"`` for ``sent`` and ``deliver``; ``n`` is
+    the batch size for ``sending`` and ``sent``; ``mode`` the durability the
+    sender used.  Facts are values: equal fields, same fact."""
 
     kind: str
     queue: str
@@ -105,16 +113,26 @@ def _key_of(body: Any) -> str:
 
 class FactWriter:
     """A child's side file: each method records one returned call (or one
-    call about to be made) with a single ``os.write`` of whole lines."""
+    call about to be made) with a single ``os.write`` of whole lines.
 
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    Without a ``path`` the facts are kept in memory instead, in order, in
+    ``facts`` (for a workload in the test's own process, e.g. one whose
+    power is cut: it picks the facts that must survive from that list)."""
+
+    def __init__(self, path: Optional[str] = None) -> None:
+        self.fd = -1 if path is None else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.facts: List[Fact] = []
 
     def _write(self, lines: Iterable[str]) -> None:
+        lines = list(lines)
+        if not lines:
+            return
+        if self.fd < 0:
+            self.facts += parse_facts(lines)
+            return
         data = "".join(line + "\n" for line in lines).encode()
-        if data:
-            n = os.write(self.fd, data)
-            assert n == len(data), f"short write to a side file: {n} of {len(data)} bytes"
+        n = os.write(self.fd, data)
+        assert n == len(data), f"short write to a side file: {n} of {len(data)} bytes"
 
     def sending(self, queue: str, batch: str, n: int, mode: str) -> None:
         self._write([f"sending {queue} {batch} {n} {mode}"])
@@ -145,7 +163,9 @@ class FactWriter:
         self._ids("dead", dlq, ids)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def parse_facts(lines: Iterable[str]) -> List[Fact]:
@@ -188,7 +208,9 @@ def read_facts(paths: Iterable[str]) -> List[Fact]:
 @dataclass
 class Report:
     """What :func:`check` found.  ``lost``, ``corrupt`` and
-    ``duplicates_otherwise`` are 0 whenever it returns."""
+    ``duplicates_otherwise`` are 0 whenever it returns.  ``checked``,
+    ``acks_in_flight`` and ``expired`` count over the whole history given;
+    the other counts are of what this drain found."""
 
     checked: int = 0
     """Distinct messages accounted for (sent ones and ones found at the drain)."""
@@ -222,7 +244,9 @@ class Report:
     got): a workload that goes on after the check adds them to its history."""
 
     def add(self, other: "Report") -> None:
-        """Add ``other``'s counts to these (for totals over many checks)."""
+        """Add ``other``'s counts to these (for totals over checks of
+        separate histories; a history that goes on from check to check
+        takes the history-wide counts from its last report instead)."""
         for name in ("checked", "lost", "corrupt", "duplicates_in_flight", "duplicates_otherwise", "expired",
                      "sends_in_flight", "acks_in_flight", "redelivered", "dead_lettered", "torn_tail_bytes",
                      "damage_tolerated"):
@@ -309,6 +333,7 @@ def check(
     durability: str = "sync",
     clock: Optional[Callable[[], float]] = None,
     probe: bool = True,
+    ordered: bool = False,
     tolerate_damage: Optional[Callable[[str, Any], bool]] = None,
     may_have_expired: Optional[Callable[[str, str], bool]] = None,
 ) -> Report:
@@ -333,6 +358,12 @@ def check(
     4. attempts never go back: a message delivered at the drain has more
        attempts than every ``deliver`` fact in ``must`` for it;
     5. each queue still works: a send is accepted and delivered (``probe``).
+
+    With ``ordered`` (the facts are in the order they happened: one
+    process at a time), also: the ``deliver`` facts of a message in
+    ``must`` have strictly growing attempts, and none comes after an
+    ``ack`` of it in ``must`` (not checked in dead-letter queues, where an
+    in-flight duplicate is a second message under the same id).
 
     ``facts``: everything the workload recorded, in any order; ``must``:
     the facts that must have survived (default: every returned call, right
@@ -374,13 +405,17 @@ def check(
     sources = sorted(q for q in settings if q not in dlqs)
     order = sources + sorted(dlqs)
 
-    warn = _Warnings()
-    qlog_logger = logging.getLogger("qlog")
-    qlog_logger.addHandler(warn)
     drained: Dict[str, List[Tuple[str, int, Any, Optional[Any]]]] = {}
     corrupt_bodies: List[str] = []
     try:
-        with qlog.open(path, durability=durability, clock=clock) as broker:
+        broker = qlog.open(path, durability=durability, clock=clock)
+    except qlog.QlogError as e:
+        raise AssertionError(f"reopening {path} failed: {e!r}") from e
+    warn = _Warnings()
+    qlog_logger = logging.getLogger("qlog")
+    qlog_logger.addHandler(warn)
+    try:
+        with broker:
             on_disk = set(broker.queues())
             stray = on_disk - set(order)
             assert not stray, f"queues on disk that the workload did not declare: {sorted(stray)}"
@@ -411,6 +446,8 @@ def check(
             if probe:
                 for name in order:
                     _probe(queues[name], name, problems)
+    except qlog.QlogError as e:
+        raise AssertionError(f"draining {path} failed: {e!r}") from e
     finally:
         qlog_logger.removeHandler(warn)
     warn.records = [w for w in warn.records
@@ -427,7 +464,7 @@ def check(
     returned_batches: Set[Tuple[str, str]] = set()
     acked: Set[Tuple[str, str]] = set()
     acking: Set[Tuple[str, str]] = set()
-    dead_seen: Set[Tuple[str, str]] = set()       # (dead-letter queue, original id)
+    dead_seen: Set[Tuple[str, str]] = set()       # (dead-letter queue, original id), must survive
     retried: Set[Tuple[str, str]] = set()
     max_att: Dict[Tuple[str, str], int] = defaultdict(int)
     ever_delivered: Set[Tuple[str, str]] = set()
@@ -445,7 +482,8 @@ def check(
         elif f.kind == "sending":
             intents[(f.queue, f.batch)] = f.n
         elif f.kind == "dead":
-            dead_seen.add(k)
+            if f in must_set:
+                dead_seen.add(k)
         elif f.kind == "retry":
             retried.add(k)
         elif f.kind in ("ack", "acking"):
@@ -457,6 +495,14 @@ def check(
             if f.key != "?":
                 key_owner.setdefault((f.queue, f.key), f.id)
             if f in must_set:
+                # (a dead-letter queue can hold two copies under one id: not checked there)
+                if ordered and f.queue not in dlqs and f.attempts <= max_att[k]:
+                    problems.append(f"{f.queue}/{f.id} was delivered with attempts {f.attempts} after "
+                                    f"attempts {max_att[k]}")
+                if ordered and f.queue not in dlqs and k in acked:
+                    rep.duplicates_otherwise += 1
+                    problems.append(f"{f.queue}/{f.id} was delivered (attempts {f.attempts}) after its "
+                                    f"ack returned")
                 max_att[k] = max(max_att[k], f.attempts)
 
     # ---- the drain, message by message -------------------------------------------
@@ -468,8 +514,16 @@ def check(
     for name, got in drained.items():
         rep.drained[name] = [(mid, att, body) for mid, att, body, _dl in got]
         for mid, att, body, dl in got:
-            rep.facts += [Fact("deliver", name, id=mid, attempts=att, key=_key_of(body)),
-                          Fact("ack", name, id=mid)] + ([Fact("dead", name, id=mid)] if dl is not None else [])
+            try:
+                batch, i, n = body_key(body)
+                key = f"{batch}/{i}"
+            except ValueError as e:
+                if body is not None:
+                    corrupt_bodies.append(f"{name}/{mid}: {e}")
+                key = "?"
+            rep.facts += [Fact("deliver", name, mid, att, key), Fact("ack", name, mid)]
+            if dl is not None:
+                rep.facts.append(Fact("dead", name, mid))
             src = dl.queue if dl is not None else name
             k = (src, mid)
             if dl is not None:
@@ -488,14 +542,8 @@ def check(
                                     f"{max_att[k]} before")
                 if k in ever_delivered and k not in retried:
                     rep.redelivered += 1
-            if body is None:
+            if key == "?":
                 continue
-            try:
-                batch, i, n = body_key(body)
-            except ValueError as e:
-                corrupt_bodies.append(f"{name}/{mid}: {e}")
-                continue
-            key = f"{batch}/{i}"
             prev = drain_key.setdefault(k, key)
             if prev != key:
                 corrupt_bodies.append(f"{name}/{mid}: copies hold {prev} and {key}")
@@ -591,9 +639,6 @@ def check(
     rep.lost = len(lost)
     if lost:
         problems.append(f"{len(lost)} messages lost: {_ids(lost)}")
-    if rep.duplicates_in_flight:
-        # every extra copy carries the original id by construction of the count above
-        pass
     if problems:
         raise AssertionError(f"invariants violated ({rep.line()}):\n  " + "\n  ".join(problems)
                              + (f"\n  in-flight duplicates: {_ids(dup_ids)}" if dup_ids else ""))
