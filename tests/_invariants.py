@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 import qlog
+import qlog._queue
+from qlog._settings import QueueSettings
 
 # ---- bodies ----------------------------------------------------------------------
 
@@ -305,8 +307,6 @@ def check_logs(path: str, tolerate: Optional[Callable[[str, Any], bool]] = None,
                 continue
             seg: Dict[str, Any] = {}
             if settings is not None:
-                import qlog._queue
-                from qlog._settings import QueueSettings
                 seg["segment_bytes"] = (
                     settings.get(name, {}).get("segment_bytes", QueueSettings().segment_bytes)
                     if part == "messages" else qlog._queue._JOURNAL_SEGMENT)
