@@ -104,6 +104,7 @@ _NEED_ROLL = 192    # (*) the next append starts a new segment
 _REWRITE = 200      # (*) an fsync failed: rewrite the active segment before sealing it
 _SEG_GEN = 208      # (*) bumped when segments are added or deleted
 _READY = 216        # set last by the handle that built ctl
+_SKIP_PENDING = 224 # (*) recovery skipped to _NEXT_SEQ and no record shows it yet
 
 _Q = struct.Struct("<Q")
 _QQ = struct.Struct("<QQ")
@@ -429,11 +430,14 @@ class Log:
             return None
         return reserved, boot.rstrip(b"\0").decode("ascii", "replace")
 
-    def _meta_write(self, reserved_upto: int) -> None:
+    def _meta_write(self, reserved_upto: int, boot: Optional[str] = None) -> None:
         """``meta.tmp`` written and fdatasynced, renamed over ``meta``, the
-        directory fsynced: a power cut leaves the old mark or the new one."""
+        directory fsynced: a power cut leaves the old mark or the new one.
+        ``boot=""`` writes a mark that names no boot: every open applies it,
+        in this boot too."""
+        boot_id = self._boot if boot is None else boot
         head = _META.pack(F.META_MAGIC, F.FORMAT_VERSION, F.META_SIZE, reserved_upto,
-                          self._boot.encode("ascii")[:36], 0)[:60]
+                          boot_id.encode("ascii")[:36], 0)[:60]
         b = head + struct.pack("<I", F.mask_crc(F.crc32c(head)))
         tmp = os.path.join(self.path, "meta.tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.mode)
@@ -621,19 +625,27 @@ class Log:
             salt, cap, valid_end, nxt = rec
         else:
             abase = valid_end = 0
-        nxt = max(nxt if rec is not None else 0, floor)
+        kept = nxt if rec is not None else 0
+        nxt = max(kept, floor)
+        # Skipped past the last record kept (a reboot): only `meta` knows it.
+        # A mark with this boot's id would stop applying at the next open in
+        # this boot, which would then number from the last record and hand
+        # out again numbers seen before the power cut; so the mark names no
+        # boot and ends at `nxt` until an append puts a record there.
+        skipped = rec is not None and nxt > kept
         if rec is None:
             cap = self.segment_bytes
             fd, salt, alloc = self._seg_create(nxt, cap)
             os.close(fd)
             abase, valid_end = nxt, _HDR
             self._set(_ALLOC_END, alloc)
-        self._meta_write(nxt + F.SEQ_RESERVE)
+        reserved = nxt if skipped else nxt + F.SEQ_RESERVE
+        self._meta_write(reserved, boot="" if skipped else None)
         _CTL_HEAD.pack_into(c, 0, CTL_MAGIC_PURE, _CTL_VERSION, _CTL_SIZE, self._boot.encode())
         for off, v in ((_WRITE_END, valid_end), (_NEXT_SEQ, nxt), (_ACTIVE_BASE, abase),
                        (_ACTIVE_SALT, salt), (_ACTIVE_CAP, cap), (_PEND_END, valid_end),
                        (_PEND_NEXT, nxt), (_PEND_BASE, abase), (_PEND_SALT, salt),
-                       (_PEND_CAP, cap), (_RESERVED, nxt + F.SEQ_RESERVE), (_SYNCED, nxt),
+                       (_PEND_CAP, cap), (_RESERVED, reserved), (_SKIP_PENDING, int(skipped)), (_SYNCED, nxt),
                        (_SEG_GEN, 1), (_REWRITE, 0), (_BUSY, 0)):
             self._set(off, v)
         self._set(_READY, 1)
@@ -819,8 +831,16 @@ class Log:
                         self._set(_ALLOC_END, want)
                     seq = g(_NEXT_SEQ)
                     if seq + n > g(_RESERVED):
-                        self._meta_write(seq + n + F.SEQ_RESERVE)
-                        self._set(_RESERVED, seq + n + F.SEQ_RESERVE)
+                        # Right after recovery skipped numbers no record shows
+                        # the skip: this batch's numbers get a mark that names
+                        # no boot; the next append writes the usual one.
+                        if g(_SKIP_PENDING):
+                            self._meta_write(seq + n, boot="")
+                            self._set(_RESERVED, seq + n)
+                            self._set(_SKIP_PENDING, 0)
+                        else:
+                            self._meta_write(seq + n + F.SEQ_RESERVE)
+                            self._set(_RESERVED, seq + n + F.SEQ_RESERVE)
                 except OSError as e:
                     raise self._oserr(e, f"append to {self.path!r} failed") from None
                 self._set(_PEND_END, end)
