@@ -647,11 +647,16 @@ ROLES = ("producer", "pull", "worker")
 
 
 class Proc:
+    """A child process: its role, its slot in the role, its instance id."""
+
     def __init__(self, role: str, index: int, inst: int, popen: subprocess.Popen, log: str) -> None:
         self.role, self.index, self.inst, self.popen, self.log = role, index, inst, popen, log
 
 
 class Soak:
+    """The run's children: starting, killing (seeded victims and intervals),
+    restarting and stopping them; the kills and failures made."""
+
     def __init__(self, args: argparse.Namespace, root: str) -> None:
         self.args = args
         self.root = root
