@@ -946,9 +946,10 @@ def print_end(report: Dict[str, Any], args: argparse.Namespace, root: str) -> No
     print(f"  retried {t['retried']}, handler raised for {t['raised']}, left leased {t['left']}; "
           f"redelivered as asked {t['redelivered_as_asked']}")
     print(f"  lost {t['lost']}, corrupt {t['corrupt']}, duplicates {t['duplicates_in_flight'] + t['first_seen_again']} "
-          f"(all in flight at a kill: {t['duplicates_in_flight']} delivered again after a killed process wrote "
-          f"down its delivery, {t['first_seen_again']} first seen with attempts > 1, an earlier delivery taken by "
-          f"a process killed before it wrote it down), unexplained duplicates {t['duplicates_unexplained']}, "
+          f"({t['duplicates_in_flight']} delivered again after a process killed while holding them wrote "
+          f"their delivery down; {t['first_seen_again']} first seen with attempts > 1: an earlier delivery left "
+          f"no line, as when a process is killed between taking a message and writing it down), "
+          f"unexplained duplicates {t['duplicates_unexplained']}, "
           f"delivered after ack {t['delivered_after_ack']}, attempts not growing {t['attempts_not_growing']}")
     print(f"  kills {t['kills']} ({', '.join(f'{r} {n}' for r, n in t['kills_by_role'].items())}); "
           f"child failures {t['child_failures']}; sends of a killed producer's last call delivered "
