@@ -352,11 +352,13 @@ static int seg_create(qlog_log *log, uint64_t base, uint64_t cap, int *fd_out,
         return code;
     }
     fmt_seg_header_encode(hdr, base, salt, now_ns());
-    if (qlog_sys.pwrite(fd, hdr, sizeof hdr, 0) != (int64_t)sizeof hdr) {
+    int64_t w = qlog_sys.pwrite(fd, hdr, sizeof hdr, 0);
+    if (w != (int64_t)sizeof hdr) {
+        int code = (w < 0 && errno == ENOSPC) ? QLOG_ENOSPC : QLOG_EIO;
         log_fail(log, QLOG_EIO);
         qlog_sys.close(fd);
         qlog_sys.unlink(path);
-        return QLOG_EIO;
+        return code;
     }
     /* The header and the allocation are durable before the file's name is:
      * a segment that survives a power cut by name always has its header. */
