@@ -228,7 +228,7 @@ static void repair_writer(qlog_log *log)
             fsync_dir(log);
     }
     log_path(log, c->active_base, ".seg", path, sizeof path);
-    int fd = qlog_sys.open(path, O_RDWR, 0);
+    int fd = qlog_sys.open(path, O_RDWR | O_NOFOLLOW, 0);
     if (fd < 0) {
         STORE(&c->need_roll, 1);
         return;
@@ -437,7 +437,7 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
 {
     char path[4200];
     log_path(log, base, ".seg", path, sizeof path);
-    int fd = qlog_sys.open(path, O_RDWR, 0);
+    int fd = qlog_sys.open(path, O_RDWR | O_NOFOLLOW, 0);
     if (fd < 0)
         return log_fail(log, QLOG_EIO);
     struct stat st;
@@ -619,7 +619,7 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
  * would end: a segment whose creation was cut short. */
 static int seg_holds_no_data(const char *path)
 {
-    int fd = qlog_sys.open(path, O_RDONLY, 0);
+    int fd = qlog_sys.open(path, O_RDONLY | O_NOFOLLOW, 0);
     if (fd < 0)
         return 0;
     struct stat st;

@@ -43,6 +43,12 @@ _alloc = ffi.new_allocator(should_clear_after_alloc=False)
 logger = logging.getLogger("qlog")
 
 
+def _strerror(err: int) -> str:
+    if err == _errno.ELOOP:  # the engine opens segments with O_NOFOLLOW
+        return "a segment file is a symbolic link, and qlog does not follow links in a log directory"
+    return os.strerror(err)
+
+
 def _raise(code: int, what: str, h=None) -> None:
     msg = ffi.string(lib.qlog_strerror(code)).decode()
     if code == lib.QLOG_ENOSPC:
@@ -51,7 +57,7 @@ def _raise(code: int, what: str, h=None) -> None:
         raise errors.LogPoisonedError(_errno.EIO, f"{what}: {msg}")
     if code == lib.QLOG_EIO:
         err = lib.qlog_errno(h) if h is not None else 0
-        raise errors.StorageError(err, f"{what}: {os.strerror(err) if err else msg}")
+        raise errors.StorageError(err, f"{what}: {_strerror(err) if err else msg}")
     if code == lib.QLOG_EFORMAT:
         raise errors.FormatError(f"{what}: {msg}")
     if code == lib.QLOG_ENFS:
@@ -133,7 +139,7 @@ class Log:
         if rc:
             if rc == lib.QLOG_EIO:
                 err = ffi.errno
-                raise errors.StorageError(err, f"cannot open log {self.path!r}: {os.strerror(err)}")
+                raise errors.StorageError(err, f"cannot open log {self.path!r}: {_strerror(err)}")
             if rc == lib.QLOG_ECORRUPT and _held_by_pure_engine(self.path):
                 raise errors.EngineConflictError(
                     f"cannot open log {self.path!r} with the C engine: it is open (in this or another "

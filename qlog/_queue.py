@@ -55,6 +55,7 @@ from ._settings import (
     MAX_DELAY,
     MAX_PULL_BATCH,
     MAX_SEND_BATCH,
+    MAX_SEND_BATCH_BYTES,
     QueueSettings,
     check_name,
     load_toml,
@@ -98,6 +99,9 @@ class QueueStats:
     """Seconds since the oldest message not yet done was sent; None when empty."""
     paused: bool = False
     """Delivery is paused (:meth:`Queue.pause_delivery`): sends are kept, nothing is delivered."""
+    lost: int = 0
+    """Messages found missing when their turn came: a damaged segment of the
+    message log (or of the state journal) held them."""
 
 
 def _delay_us(value: Optional[float], default: float, what: str) -> int:
@@ -233,7 +237,7 @@ class Queue:
         content_type: str = "json",
         delay_seconds: Optional[float] = None,
     ) -> List[str]:
-        """Send up to 1,000 messages as one atomic, durable write: after any
+        """Send up to 1,000 messages (256 MiB of bodies in all) as one atomic, durable write: after any
         crash all of them are in the queue or none.  Items are bodies (of
         ``content_type``) or :class:`MessageSendRequest` with their own
         options.  Returns the ids in order."""
@@ -268,6 +272,8 @@ class Queue:
             if big > limit:
                 i = next(i for i, b in enumerate(bodies) if len(b) > limit)
                 self._too_large(i, len(bodies[i]), limit)
+            if big * n > MAX_SEND_BATCH_BYTES:
+                self._batch_bytes(sum(map(len, bodies)))
             prefix = HEADER.pack(VERSION, ct, 0, delay // 1000, now)
             try:
                 seq = self._msgs.append_batch(bodies, prefix)
@@ -289,6 +295,7 @@ class Queue:
                 if len(data) > limit:
                     self._too_large(i, len(data), limit)
                 payloads.append(HEADER.pack(VERSION, mct, 0, mdelay // 1000, now) + data)
+            self._batch_bytes(sum(map(len, payloads)) - HEADER.size * n)
             try:
                 seq = self._msgs.append_batch(payloads)
             except errors.DiskFullError as e:
@@ -306,6 +313,7 @@ class Queue:
             raise errors.BatchTooLargeError(
                 f"a batch needs 1 to {MAX_SEND_BATCH} messages, got {len(items)}"
             )
+        self._batch_bytes(sum(len(d) for _, d in items))
         now = self._now_us()
         limit = self.settings.max_message_size
         payloads = []
@@ -329,6 +337,13 @@ class Queue:
             f"({need} bytes needed in {self._msgs.path}); nothing was sent: free space "
             "(consumed messages' segments are removed as the queue checkpoints) and send again",
         ) from None
+
+    def _batch_bytes(self, total: int) -> None:
+        if total > MAX_SEND_BATCH_BYTES:
+            raise errors.BatchTooLargeError(
+                f"send_batch of {total} bytes of message bodies is more than the limit of "
+                f"{MAX_SEND_BATCH_BYTES} bytes; nothing was sent"
+            )
 
     def _encode_at(self, body: Any, ct: int, i: int) -> bytes:
         try:
@@ -595,6 +610,7 @@ class Queue:
                 purged=st.purged,
                 oldest_age=None if oldest is None else max(0.0, (now - oldest) / 1e6),
                 paused=self.paused,
+                lost=st.lost,
             )
 
     # -- pausing -----------------------------------------------------------
