@@ -15,7 +15,9 @@ test_queue_settings.py; this table is the list of them all.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import os
 import struct
 from dataclasses import dataclass
@@ -169,6 +171,26 @@ def opened(env: Env) -> Any:
         b.close()
 
 
+class CommandFailed(Exception):
+    """``qlog`` (the command) exited non-zero: ``args`` = (status, stderr)."""
+
+
+def cli(*argv: str) -> Callable[[Env], Any]:
+    """Run the ``qlog`` command in this process; raise CommandFailed with its
+    exit status and error output unless it succeeds."""
+    def act(env: Env) -> None:
+        from qlog._cli import main
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main([a.replace("{dir}", env.path) for a in argv])
+            except SystemExit as e:     # argparse's own usage errors
+                code = e.code
+        if code:
+            raise CommandFailed(f"exit status {code}: {err.getvalue()}")
+    return act
+
+
 MiB = 1 << 20
 Req = qlog.MessageSendRequest
 LIMIT = "131072"     # the default max_message_size
@@ -259,6 +281,11 @@ ROWS: List[Row] = [
         qlog.InvalidQueueNameError, "dead_letter_queue", "1 to 63 characters") for n in HOSTILE_NAMES[:-2]],
     *[R(f"consumer-dlq-name-{n!r}", lambda env, n=n: env.broker.consumer("q", dead_letter_queue=n),
         qlog.InvalidQueueNameError, "dead_letter_queue", "1 to 63 characters") for n in ("../x", "a/b", "x" * 64)],
+    *[R(f"cli-send-name-{n!r}", cli("send", "{dir}", n, "1"), CommandFailed, "exit status 2", "1 to 63 characters")
+      for n in HOSTILE_NAMES[:-2]],
+    R("cli-send-body-not-json", cli("send", "{dir}", "q", "{nope"), CommandFailed, "exit status", "JSON"),
+    R("cli-send-delay", cli("send", "{dir}", "q", "1", "--delay", "86401"), CommandFailed, "exit status 2",
+      "86400"),
     R("toml-queue-name", opened, qlog.InvalidQueueNameError, "'../x'", "1 to 63",
       damage=toml('[[queues.consumers]]\nqueue = "../x"\n')),
     R("toml-dlq-name", opened, qlog.InvalidQueueNameError, "'a/b'", "1 to 63",
