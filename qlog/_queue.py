@@ -1010,9 +1010,12 @@ class Broker:
         self.durability = durability
         self._clock = clock or time.time
         self.mode = mode
-        makedirs(os.path.join(self.path, "queues"), mode)
-        self._check_format()
+        # Everything that can refuse the directory is checked before
+        # anything is created in it.
         self._file_settings = load_toml(self.path)
+        makedirs(self.path, mode)
+        self._check_format()
+        makedirs(os.path.join(self.path, "queues"), mode)
         self._queues: Dict[str, Queue] = {}
         self._lock = threading.RLock()
         self._closed = False

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import io
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
@@ -122,6 +123,15 @@ def magic(b: bytes) -> bytes:
 
 def newer_version(b: bytes) -> bytes:
     return recrc(b[:8] + struct.pack("<I", 2) + b[12:-4])
+
+
+def only(name: str, data: bytes) -> Callable[[Env], None]:
+    """Empty the data directory but for one file."""
+    def damage(env: Env) -> None:
+        shutil.rmtree(env.path)
+        os.mkdir(env.path)
+        write(os.path.join(env.path, name), data)
+    return damage
 
 
 def symlink_middle_segment(env: Env) -> None:
@@ -308,7 +318,10 @@ ROWS: List[Row] = [
     R("toml-syntax", opened, qlog.SettingsError, "not valid TOML", damage=toml("max_retries = = 3\n")),
     R("toml-not-utf8", opened, qlog.SettingsError, "not valid TOML",
       damage=lambda env: write(os.path.join(env.path, "qlog.toml"), b"durability = \"\xff\"\n")),
+    R("new-dir-bad-toml", opened, qlog.SettingsError, "'max_retries'", "100",
+      damage=only("qlog.toml", b'[[queues.consumers]]\nqueue = "q"\nmax_retries = 101\n')),
     # -- the data directory's format
+    R("new-dir-format-newer", opened, qlog.FormatError, "format 7", "format 1", damage=only("qlog-format", b"7\n")),
     R("format-newer", opened, qlog.FormatError, "format 2", "format 1", damage=format_file(b"2\n")),
     R("format-garbage", opened, qlog.FormatError, "qlog-format", "b'banana'", damage=format_file(b"banana\n")),
     R("format-empty", opened, qlog.FormatError, "qlog-format", damage=format_file(b"")),
