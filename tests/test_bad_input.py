@@ -207,10 +207,6 @@ LIMIT = "131072"     # the default max_message_size
 big = b"x" * (128 * 1024 + 1)
 
 
-class Circular(list):
-    pass
-
-
 circ: List[Any] = []
 circ.append(circ)
 

@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import subprocess
 from typing import Callable, Dict, List, Optional
 
