@@ -15,7 +15,6 @@
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <sys/vfs.h>
 #include <linux/futex.h>
 #include <limits.h>
 #include <time.h>
@@ -846,6 +845,27 @@ int qlog_open(const char *dir, int durability, uint64_t segment_bytes, int mode,
         r = QLOG_ENOMEM;
         goto fail;
     }
+    /* NFS is refused before anything is created: the directory's
+     * filesystem, or its parent's while it does not exist yet (checked
+     * again below, once it does). */
+    int64_t fstype;
+    int known = qlog_sys.fs_type(dir, &fstype) == 0;
+    if (!known) {
+        char parent[4200];
+        snprintf(parent, sizeof parent, "%s", dir);
+        char *slash = strrchr(parent, '/');
+        if (!slash)
+            snprintf(parent, sizeof parent, ".");
+        else if (slash == parent)
+            slash[1] = '\0';
+        else
+            *slash = '\0';
+        known = qlog_sys.fs_type(parent, &fstype) == 0;
+    }
+    if (known && fstype == NFS_SUPER_MAGIC) {
+        r = QLOG_ENFS;
+        goto fail;
+    }
     if (qlog_sys.mkdir(dir, mode | ((mode & 0444) >> 2)) == 0) {
         /* a new directory: make its name durable in the parent */
         char parent[4200];
@@ -859,8 +879,7 @@ int qlog_open(const char *dir, int durability, uint64_t segment_bytes, int mode,
         r = log_fail(log, QLOG_EIO);
         goto fail;
     }
-    struct statfs sfs;
-    if (statfs(dir, &sfs) == 0 && sfs.f_type == NFS_SUPER_MAGIC) {
+    if (qlog_sys.fs_type(dir, &fstype) == 0 && fstype == NFS_SUPER_MAGIC) {
         r = QLOG_ENFS;
         goto fail;
     }

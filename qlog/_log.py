@@ -43,6 +43,26 @@ _alloc = ffi.new_allocator(should_clear_after_alloc=False)
 logger = logging.getLogger("qlog")
 
 
+NFS_SUPER_MAGIC = 0x6969
+
+
+def refuse_nfs(path: str) -> None:
+    """Raise :class:`~qlog.UnsupportedFilesystemError` if ``path`` (or,
+    while it does not exist, its nearest existing parent) is on NFS, which
+    the engine refuses.  Checked through the engine's syscall table."""
+    p = os.path.abspath(path)
+    while not os.path.isdir(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    t = ffi.new("qlog_vfs *")
+    lib.qlog_vfs_get(t)
+    out = ffi.new("int64_t *")
+    if t.fs_type(os.fsencode(p), out) == 0 and out[0] == NFS_SUPER_MAGIC:
+        raise errors.UnsupportedFilesystemError(
+            f"{path} is on NFS, which qlog does not support (its file locks and shared "
+            "mappings are not safe there): use a local filesystem"
+        )
+
+
 def _strerror(err: int) -> str:
     if err == _errno.ELOOP:  # the engine opens segments with O_NOFOLLOW
         return "a segment file is a symbolic link, and qlog does not follow links in a log directory"

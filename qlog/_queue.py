@@ -978,6 +978,16 @@ class _FileLock:
         self.release()
 
 
+def _refuse_nfs(path: str) -> None:
+    """The C engine's NFS check, made before anything is created (the
+    pure-Python engine has its own, when it opens a log)."""
+    try:
+        from ._log import refuse_nfs
+    except ImportError:  # no compiled engine
+        return
+    refuse_nfs(path)
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -1012,6 +1022,7 @@ class Broker:
         self.mode = mode
         # Everything that can refuse the directory is checked before
         # anything is created in it.
+        _refuse_nfs(self.path)
         self._file_settings = load_toml(self.path)
         makedirs(self.path, mode)
         self._check_format()
