@@ -156,10 +156,10 @@ class Faults:
 def summary(request):
     """Report the counts once the module's tests have run (any order)."""
     yield
-    tr = request.config.pluginmanager.getplugin("terminalreporter")
-    if tr is not None:
-        tr.write_line(f"test_disk_full: disk-full cases {CASES['disk_full']}, EIO cases {CASES['eio']}, "
-                      f"messages lost {CASES['lost']}, corrupt {CASES['corrupt']}")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(f"\ntest_disk_full: disk-full cases {CASES['disk_full']}, EIO cases {CASES['eio']}, "
+              f"messages lost {CASES['lost']}, corrupt {CASES['corrupt']}")
 
 
 @pytest.fixture
