@@ -99,9 +99,6 @@ class QueueStats:
     """Seconds since the oldest message not yet done was sent; None when empty."""
     paused: bool = False
     """Delivery is paused (:meth:`Queue.pause_delivery`): sends are kept, nothing is delivered."""
-    lost: int = 0
-    """Messages found missing when their turn came: a damaged segment of the
-    message log (or of the state journal) held them."""
 
 
 def _delay_us(value: Optional[float], default: float, what: str) -> int:
@@ -610,7 +607,6 @@ class Queue:
                 purged=st.purged,
                 oldest_age=None if oldest is None else max(0.0, (now - oldest) / 1e6),
                 paused=self.paused,
-                lost=st.lost,
             )
 
     # -- pausing -----------------------------------------------------------
@@ -1024,9 +1020,9 @@ class Broker:
         # anything is created in it.
         _refuse_nfs(self.path)
         self._file_settings = load_toml(self.path)
-        makedirs(self.path, mode)
-        self._check_format()
+        self._check_format(create=False)
         makedirs(os.path.join(self.path, "queues"), mode)
+        self._check_format()  # made after queues/: its directory fsync covers both
         self._queues: Dict[str, Queue] = {}
         self._lock = threading.RLock()
         self._closed = False
@@ -1077,13 +1073,20 @@ class Broker:
                 self._sender_pool = ThreadPoolExecutor(32, thread_name_prefix="qlog-send")
             return self._sender_pool
 
-    def _check_format(self) -> None:
+    def _check_format(self, create: bool = True) -> None:
+        """Refuse a directory of another data format; with ``create``, mark
+        a new one with this format, durably."""
         path = os.path.join(self.path, _FORMAT_FILE)
         try:
+            if not create:
+                raise FileExistsError(path)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.mode)
         except FileExistsError:
-            with io.open(path, "rb") as f:
-                raw = f.read().strip()
+            try:
+                with io.open(path, "rb") as f:
+                    raw = f.read().strip()
+            except FileNotFoundError:
+                return  # not created yet (create=False)
             try:
                 version = int(raw)
             except ValueError:

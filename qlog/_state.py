@@ -123,7 +123,7 @@ class QueueState:
         self.deleted = 0
         self.expired = 0
         self.purged = 0
-        self.lost = 0  # messages skipped over by a damaged journal or message log
+        self.lost = 0  # messages skipped over by a damaged journal
 
     # -- applying records ------------------------------------------------
 
@@ -155,19 +155,6 @@ class QueueState:
             self.lost += frm - old
         if to > old:
             self.cursor = to
-            # Every message in [start, to) that the puller read is new,
-            # deferred or expired; the others are missing from the message
-            # log (a damaged segment): count them.
-            start = max(frm, old)
-            seen = len(new) if not new or new[0] >= start else sum(1 for s_ in new if s_ >= start)
-            if dfr:
-                seen += sum(1 for s_ in dfr if s_ >= start)
-            if exp:
-                seen += sum(1 for s_ in exp if s_ >= start)
-            if seen < to - start:
-                logger.warning("messages %d to %d: %d missing from the message log (damaged); "
-                               "counted as lost", start, to - 1, to - start - seen)
-                self.lost += to - start - seen
         if new:
             if new[0] < old:  # (only after damage) keep what is known
                 new_sent = [t for s_, t in zip(new, new_sent) if s_ >= old]
