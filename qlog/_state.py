@@ -135,6 +135,9 @@ class QueueState:
             fn = _APPLY.get(tag)
             if fn is None:
                 raise ValueError(f"unknown record tag {tag!r}")
+            for i in _SEQ_ARRAYS[tag]:
+                if i < len(ar) and len(ar[i]) and min(ar[i]) < 0:
+                    raise ValueError("a negative message number")
             fn(self, sc, ar)
         except (ValueError, struct.error, IndexError, TypeError) as e:
             # A record that passed its CRC but does not parse was written by
@@ -349,9 +352,9 @@ class QueueState:
     def from_snapshot(cls, data: bytes) -> "QueueState":
         """The state a checkpoint holds.  Raises CorruptStateError for one
         that :meth:`snapshot` cannot have written (CRC, magic, length, a
-        negative position or counter, entries not in strictly ascending
-        order, a leased flag other than 0 or 1), FormatError for another
-        version."""
+        negative position, counter or message number, entries not in
+        strictly ascending order, a leased flag other than 0 or 1),
+        FormatError for another version."""
         if len(data) < _CKPT_HEAD.size + 4:
             raise errors.CorruptStateError("checkpoint is shorter than its header")
         (crc,) = struct.unpack_from("<I", data, len(data) - 4)
@@ -376,6 +379,8 @@ class QueueState:
         seqs, att, leased, due, sent = (mv[i * n:(i + 1) * n] for i in range(5))
         if any(a >= b for a, b in zip(seqs, seqs[1:])):
             raise errors.CorruptStateError("checkpoint entries are not in ascending order")
+        if n and seqs[0] < 0:
+            raise errors.CorruptStateError("checkpoint holds a negative message number")
         if not set(leased) <= {0, 1}:
             raise errors.CorruptStateError("checkpoint holds a leased flag other than 0 or 1")
         for i in range(n):
@@ -389,6 +394,10 @@ _I64_MAX = (1 << 63) - 1
 _CKPT_MAGIC = b"QLOGCKPT"
 _CKPT_VERSION = 1
 _CKPT_HEAD = struct.Struct("<8sI9q")
+
+
+# Which arrays of each record hold message numbers (never negative).
+_SEQ_ARRAYS = {b"P": (0, 2, 4, 7, 8), b"A": (0,), b"R": (0,), b"D": (0,), b"E": (0,), b"X": ()}
 
 
 def _pull(st: QueueState, sc, ar) -> None:

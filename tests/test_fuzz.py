@@ -36,6 +36,7 @@ import traceback
 from array import array
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import damage
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
@@ -154,11 +155,11 @@ class Template:
         self.record_offsets = {n: [r.offset for r in _walk_records(files[n])] for n in self.segments}
 
 
-def _walk_records(data: bytes) -> List[Any]:
-    import damage  # tests/damage.py: record offsets, parsed from FORMAT.md
-    path = tempfile.mktemp(prefix="qlog-fuzz-walk-")
+def _walk_records(data: bytes) -> List[damage.RecordInfo]:
+    """The valid records of a segment's bytes, with their offsets (tests/damage.py)."""
+    fd, path = tempfile.mkstemp(prefix="qlog-fuzz-walk-")
     try:
-        with open(path, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
         return damage.records(path)
     finally:
@@ -751,14 +752,45 @@ def _checkpoint_with(seqs: List[int], leased: List[int], counters: Tuple[int, ..
     ([3, 1], [0, 0], (0,) * 6, "not in ascending order"),
     ([0, 1], [1, 5], (0,) * 6, "leased flag other than 0 or 1"),
     ([0], [0], (-1, 0, 0, 0, 0, 0), "negative position, counter or count"),
+    ([-1, 4], [0, 0], (0,) * 6, "negative message number"),
 ])
 def test_checkpoint_that_passes_its_crc_but_no_snapshot_could_be_is_refused(
     seqs: List[int], leased: List[int], counters: Tuple[int, ...], problem: str,
 ) -> None:
     with pytest.raises(errors.CorruptStateError, match=problem):
         _state.QueueState.from_snapshot(_checkpoint_with(seqs, leased, counters))
-    good = _checkpoint_with(sorted(set(seqs)), [0] * len(set(seqs)))
+    fixed = sorted({abs(s) for s in seqs})
+    good = _checkpoint_with(fixed, [0] * len(fixed))
     assert _state.QueueState.from_snapshot(good).snapshot() == good
+
+
+def test_journal_record_naming_a_negative_message_is_skipped() -> None:
+    stt = _state.QueueState()
+    stt.apply(_state.encode(b"P", [100, 0, 2, 0, 0], [[0, 1], [7, 7]] + [[]] * 7))
+    before = (_counters(stt), _entries(stt))
+    stt.apply(_state.encode(b"P", [100, 2, 4, 0, 0], [[3, -2], [7, 7]] + [[]] * 7))
+    stt.apply(_state.encode(b"A", [], [[-1, 0]]))
+    assert (_counters(stt), _entries(stt)) == before
+    assert _state.QueueState.from_snapshot(stt.snapshot()).floor() == 0
+
+
+def test_queue_over_a_checkpoint_naming_a_negative_message_refuses_it(
+    queue_template: QueueTemplate,
+) -> None:
+    """Found by the queue fuzzer: such a checkpoint (CRC intact) loaded, and
+    the queue then failed at close with OverflowError when it truncated its
+    message log below message -1."""
+    first_seq_slot = (84 - 12) // 8  # the first entry's message number
+    files = mutate_queue_files(queue_template, [("int64", 0, first_seq_slot, -1, True)])
+    assert struct.unpack_from("<q", files["queues/jobs/checkpoint"], 84)[0] == -1
+    d = materialise_tree(files)
+    try:
+        out = in_child(queue_examines, d)
+    finally:
+        shutil.rmtree(d)
+    kind, msg = out["error"]
+    assert kind is errors.CorruptStateError
+    assert "checkpoint" in msg and "negative message number" in msg
 
 
 @pytest.mark.parametrize("entry_field, value", [
