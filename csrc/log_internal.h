@@ -125,6 +125,7 @@ struct qlog_log {
     int dirfd;
     int ctl_fd;
     int durability;
+    int file_mode;              /* permission bits of files the engine creates */
     uint64_t segment_bytes;
     qlog_ctl *ctl;
     uint64_t poison_gen;        /* ctl->poison_gen when this handle opened */

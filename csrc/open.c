@@ -140,7 +140,7 @@ int meta_write(qlog_log *log, uint64_t reserved_upto)
     snprintf(tmp, sizeof tmp, "%s/meta.tmp", log->dir);
     snprintf(path, sizeof path, "%s/meta", log->dir);
     fmt_meta_encode(buf, reserved_upto, log->boot_id);
-    int fd = qlog_sys.open(tmp, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    int fd = qlog_sys.open(tmp, O_RDWR | O_CREAT | O_TRUNC, log->file_mode);
     if (fd < 0)
         return log_fail(log, QLOG_EIO);
     int64_t w = qlog_sys.pwrite(fd, buf, sizeof buf, 0);
@@ -331,7 +331,7 @@ static int seg_create(qlog_log *log, uint64_t base, uint64_t cap, int *fd_out,
     uint8_t hdr[QLOG_SEG_HEADER_SIZE];
     uint64_t salt = random_salt();
     log_path(log, base, ".seg", path, sizeof path);
-    int fd = qlog_sys.open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    int fd = qlog_sys.open(path, O_RDWR | O_CREAT | O_TRUNC, log->file_mode);
     if (fd < 0)
         return log_fail(log, QLOG_EIO);
     uint64_t alloc = cap < QLOG_ALLOC_CHUNK ? cap : QLOG_ALLOC_CHUNK;
@@ -792,9 +792,11 @@ static int ctl_valid(const qlog_log *log)
            strncmp(c->boot_id, log->boot_id, sizeof c->boot_id) == 0;
 }
 
-int qlog_open(const char *dir, int durability, uint64_t segment_bytes, qlog_log **out)
+int qlog_open(const char *dir, int durability, uint64_t segment_bytes, int mode, qlog_log **out)
 {
     *out = NULL;
+    if ((mode & ~0666) != 0 || (mode & 0600) != 0600)
+        return QLOG_EINVAL;   /* owner rw, no execute, setuid, setgid or sticky bits */
     if (durability < QLOG_DURABILITY_NONE || durability > QLOG_DURABILITY_SYNC)
         return QLOG_EINVAL;
     if (segment_bytes < 4096 || segment_bytes > ((uint64_t)1 << 40))
@@ -807,6 +809,7 @@ int qlog_open(const char *dir, int durability, uint64_t segment_bytes, qlog_log 
     log->dir = strdup(dir);
     log->dirfd = log->ctl_fd = log->w_fd = log->s_fd = -1;
     log->durability = durability;
+    log->file_mode = mode;
     log->segment_bytes = segment_bytes;
     pthread_mutex_init(&log->rmu, NULL);
     pthread_rwlock_init(&log->life, NULL);
@@ -818,7 +821,7 @@ int qlog_open(const char *dir, int durability, uint64_t segment_bytes, qlog_log 
         r = QLOG_ENOMEM;
         goto fail;
     }
-    if (qlog_sys.mkdir(dir, 0755) == 0) {
+    if (qlog_sys.mkdir(dir, mode | ((mode & 0444) >> 2)) == 0) {
         /* a new directory: make its name durable in the parent */
         char parent[4200];
         snprintf(parent, sizeof parent, "%s/..", dir);
@@ -844,13 +847,13 @@ int qlog_open(const char *dir, int durability, uint64_t segment_bytes, qlog_log 
 
     char path[4200];
     snprintf(path, sizeof path, "%s/lock", dir);
-    lockfd = qlog_sys.open(path, O_RDWR | O_CREAT, 0644);
+    lockfd = qlog_sys.open(path, O_RDWR | O_CREAT, log->file_mode);
     if (lockfd < 0 || flock(lockfd, LOCK_EX) != 0) {
         r = log_fail(log, QLOG_EIO);
         goto fail;
     }
     snprintf(path, sizeof path, "%s/ctl", dir);
-    log->ctl_fd = qlog_sys.open(path, O_RDWR | O_CREAT, 0644);
+    log->ctl_fd = qlog_sys.open(path, O_RDWR | O_CREAT, log->file_mode);
     if (log->ctl_fd < 0) {
         r = log_fail(log, QLOG_EIO);
         goto fail;

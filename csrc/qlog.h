@@ -128,7 +128,14 @@ typedef struct qlog_damage {
 #define QLOG_DAMAGE_TORN_TAIL   3   /* unfinished records at the end of the active segment */
 #define QLOG_DAMAGE_NOT_SEGMENT 4   /* a .seg file too short or not a segment */
 
-int  qlog_open(const char *dir, int durability, uint64_t segment_bytes, qlog_log **out);
+/* Open (creating if missing) the log in `dir`.  `mode` is the permission
+ * of every file the engine creates (segments, indexes, meta, ctl, lock):
+ * owner read and write, no execute or special bits (0600 to 0666, else
+ * QLOG_EINVAL); a directory it creates gets the same bits plus execute
+ * wherever read is set (0640 -> 0750).  The process umask still applies.
+ * An existing directory or file keeps the mode it has. */
+#define QLOG_DEFAULT_FILE_MODE 0600
+int  qlog_open(const char *dir, int durability, uint64_t segment_bytes, int mode, qlog_log **out);
 /* Close: calls in other threads finish first (a blocked qlog_wait returns
  * QLOG_ECLOSED), later calls return QLOG_ECLOSED.  The handle's memory
  * stays valid until qlog_free, so a racing call never touches freed memory. */

@@ -234,7 +234,7 @@ static void idx_save(qlog_log *log, seginfo *s)
     uint32_t crc = qlog_crc32c(0, buf, IDX_OFF_CRC);
     crc = qlog_crc32c(crc, buf + QLOG_IDX_HEADER_SIZE, s->icount * QLOG_IDX_ENTRY_SIZE);
     st32(buf + IDX_OFF_CRC, qlog_crc_mask(crc));
-    int fd = qlog_sys.open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int fd = qlog_sys.open(tmp, O_WRONLY | O_CREAT | O_TRUNC, log->file_mode);
     if (fd >= 0) {
         int ok = qlog_sys.pwrite(fd, buf, len, 0) == (int64_t)len;
         qlog_sys.close(fd);

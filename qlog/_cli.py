@@ -8,7 +8,8 @@ data directory from the shell.
     qlog stats DIR [--json]                     counts and rates of every queue
     qlog peek DIR QUEUE [-n N] [--json]         look at messages without leasing them
     qlog dlq redrive DIR DLQ [--to QUEUE]       move dead letters back to be consumed
-    qlog verify DIR [--json]                    check the CRC of every record
+    qlog verify DIR [QUEUE ...] [--json]        check every record, read-only
+    qlog repair DIR [QUEUE ...] [--dry-run]     set damaged files aside, keep intact messages
     qlog pause DIR QUEUE / qlog resume DIR QUEUE
     qlog purge DIR QUEUE [--yes]                delete every message of a queue
 
@@ -39,6 +40,7 @@ import traceback
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, TextIO, Tuple
 
 from . import __version__
+from ._check import Problem, QueueBusyError, lost_text, check_queue, queue_names, repair_queue
 from ._message import CT_BYTES, CT_JSON, CT_PICKLE, CT_TEXT, Message
 from ._queue import _FORMAT_FILE, Broker, Queue
 from ._queue import open as _open_broker
@@ -186,12 +188,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser(
         "verify", help="check every record's CRC; exit 1 on damage",
-        description="Check the CRC of every record of every queue's message log and state "
-        "journal. Read-only. Exit status 1 when damage is found.",
+        description="Check every record of every queue's message log and state journal, the "
+        "state journal's records and the checkpoint, with a reader that shares no code with the "
+        "writer. Read-only: opens every file read-only, creates, locks and cuts nothing (a torn "
+        "tail is reported as what recovery would cut, and left as it is). Prints each problem "
+        "with its file, offset, kind and the message seqs and ids affected. Exit status 1 when "
+        "damage is found, 0 when clean.",
     )
     v.add_argument("dir", metavar="DIR")
+    v.add_argument("queues", metavar="QUEUE", nargs="*", help="check only these queues")
     v.add_argument("--json", action="store_true", help="one JSON object instead of text")
     v.set_defaults(func=cmd_verify)
+
+    rp = sub.add_parser(
+        "repair", help="set damaged files aside, keep every intact message",
+        description="Repair damaged queues: each damaged segment is replaced by one holding its "
+        "intact records under their own sequence numbers, and the damaged file is kept as "
+        "<name>.quarantined-<time> (never deleted). A damaged checkpoint or state journal is set "
+        "aside the same way and the consumer state rebuilt so that no message that is not done "
+        "is dropped (messages whose fate the damage hid are delivered again). Prints the seqs "
+        "and ids of the messages lost. Refuses (exit 1, nothing changed) while any process has "
+        "the queue open.",
+    )
+    rp.add_argument("dir", metavar="DIR")
+    rp.add_argument("queues", metavar="QUEUE", nargs="*", help="repair only these queues (default: all)")
+    rp.add_argument("--dry-run", action="store_true", help="print what would be done; change nothing")
+    rp.set_defaults(func=cmd_repair)
 
     for name, func, what in (
         ("pause", cmd_pause, "stop delivering a queue's messages (sends are kept), in every process"),
@@ -616,69 +638,122 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- verify ----------------------------------------------------------------------
+# -- verify and repair -------------------------------------------------------------
 
 
-def _verify_log(log: Any) -> Dict[str, Any]:
-    """Records and damaged regions of one log, or the error that stopped the check."""
-    try:
-        report = log.verify()
-    except (QlogError, OSError) as e:
-        return {"error": str(e)}
-    return {"records": report.records,
-            "damage": [{"segment": d.segment, "offset": d.offset, "length": d.length,
-                        "after_seq": d.after_seq, "kind": d.kind} for d in report.damage]}
+def _data_dir(path: str) -> str:
+    """``path`` when it is a data directory; UsageError otherwise.  Reads only."""
+    if not os.path.exists(path):
+        raise UsageError(f"data directory {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise UsageError(f"data directory {path!r} is not a directory")
+    if not os.path.isfile(os.path.join(path, _FORMAT_FILE)):
+        raise UsageError(f"{path!r} holds no qlog data (it has no {_FORMAT_FILE} file)")
+    return path
+
+
+def _named_queues(root: str, names: Sequence[str]) -> List[str]:
+    """The queues to work on: every queue of ``root``, or the existing ones named."""
+    have = queue_names(root)
+    if not names:
+        return have
+    for n in names:
+        _queue_name(n)
+        if n not in have:
+            known = ", ".join(have) if have else "none"
+            raise UsageError(f"no queue {n!r} in {root!r} (its queues: {known})")
+    return list(dict.fromkeys(names))
+
+
+def _problem_json(p: Problem, pre: Optional[str]) -> Dict[str, Any]:
+    ids = p.ids(pre)
+    return {"file": p.file, "segment": p.segment, "offset": p.offset, "length": p.length,
+            "after_seq": p.after_seq, "kind": p.kind, "detail": p.detail,
+            "first_seq": p.first_seq, "last_seq": p.last_seq,
+            "first_id": None if ids is None else ids[0], "last_id": None if ids is None else ids[1]}
+
+
+def _problem_text(p: Problem, pre: Optional[str]) -> str:
+    where = f"{p.file}" + ("" if p.offset is None else f" offset {p.offset}") + \
+        ("" if p.length is None else f" length {p.length}")
+    if p.segment is not None:
+        at = "" if p.offset is None else f" offset {p.offset} length {p.length}"
+        head = f"damage: segment {p.segment}{at} kind {p.kind}"
+        if p.after_seq is not None:
+            head += f" (after record {p.after_seq})"
+    else:
+        head = f"damage: {where} kind {p.kind}"
+    lost = lost_text(p, pre)
+    what = "messages" if p.log == "messages" else "records"
+    return head + f": {p.detail}" + (f"; {what} affected: {lost}" if lost else "")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    with _open_existing(args.dir) as broker:
-        names = broker.queues()
-        bar = _Progress(2 * len(names))
-        results: List[Dict[str, Any]] = []
-        try:
-            for name in names:
-                try:
-                    q: Optional[Queue] = broker.queue(name)
-                    opened: Optional[str] = None
-                except (QlogError, OSError) as e:
-                    q, opened = None, f"the queue cannot be opened: {e}"
-                try:
-                    for kind in ("messages", "state"):
-                        entry: Dict[str, Any] = {
-                            "queue": name, "log": kind, "path": os.path.join(broker.path, "queues", name, kind),
-                            "records": 0, "damage": [], "error": opened,
-                        }
-                        if q is not None:
-                            entry.update(_verify_log(q._msgs if kind == "messages" else q._journal))
-                        results.append(entry)
-                        bar.update(len(results))
-                finally:
-                    if q is not None:
-                        q.close()
-        finally:
-            bar.finish()
-    records = sum(r["records"] for r in results)
-    bad = [r for r in results if r["damage"] or r["error"]]
+    """Check every queue with the pure-Python reader: read-only (no file is
+    created, locked, recovered or cut).  Exit 1 on any problem."""
+    root = _data_dir(args.dir)
+    names = _named_queues(root, args.queues)
+    bar = _Progress(len(names))
+    checks = []
+    try:
+        for name in names:
+            checks.append(check_queue(root, name))
+            bar.update(len(checks))
+    finally:
+        bar.finish()
+    records = sum(lg.records for c in checks for lg in c.logs)
+    nlogs = sum(len(c.logs) for c in checks)
+    bad = [c for c in checks if c.all_problems]
     if args.json:
-        print(json.dumps({"ok": not bad, "records": records, "logs": results}))
+        print(json.dumps({
+            "ok": not bad, "records": records,
+            "logs": [{"queue": c.name, "log": lg.log, "path": lg.path, "records": lg.records,
+                      "error": lg.error, "damage": [_problem_json(p, c.id_prefix) for p in lg.problems]}
+                     for c in checks for lg in c.logs],
+            "queues": [{"queue": c.name, "id_prefix": c.id_prefix,
+                        "problems": [_problem_json(p, c.id_prefix) for p in c.problems]} for c in checks],
+        }))
         return EXIT_FAILED if bad else EXIT_OK
-    for r in results:
-        rel = os.path.join("queues", r["queue"], r["log"])
-        if r["error"] is not None:
-            print(f"{rel}: cannot be checked: {r['error']}")
-            continue
-        extra = f", {_plural(len(r['damage']), 'damaged region')}" if r["damage"] else ""
-        print(f"{rel}: {_plural(r['records'], 'record')}{extra}")
-        for d in r["damage"]:
-            after = "" if d["after_seq"] is None else f" (after record {d['after_seq']})"
-            print(f"  damage: segment {d['segment']} offset {d['offset']} length {d['length']} "
-                  f"kind {d['kind']}{after}")
+    for c in checks:
+        for lg in c.logs:
+            rel = os.path.join("queues", c.name, lg.log)
+            extra = f", {_plural(len(lg.problems), 'damaged region')}" if lg.problems else ""
+            print(f"{rel}: {_plural(lg.records, 'record')}{extra}")
+            for p in lg.problems:
+                print(f"  {_problem_text(p, c.id_prefix)}")
+        for p in c.problems:
+            print(f"queues/{c.name}: {_problem_text(p, c.id_prefix)}")
     if bad:
-        regions = sum(len(r["damage"]) for r in results)
-        print(f"damage: {_plural(regions, 'damaged region')} in {len(bad)} of "
-              f"{_plural(len(results), 'log')} ({_plural(records, 'intact record')})")
+        n = sum(len(c.all_problems) for c in checks)
+        print(f"damage: {_plural(n, 'problem')} in {_plural(len(bad), 'queue')} of {len(checks)} "
+              f"({_plural(records, 'intact record')}); `qlog repair {args.dir}` sets damaged files aside "
+              "and keeps the intact records")
         return EXIT_FAILED
-    print(f"ok: {_plural(records, 'record')} in {_plural(len(results), 'log')}, no damage")
+    print(f"ok: {_plural(records, 'record')} in {_plural(nlogs, 'log')}, no damage")
+    return EXIT_OK
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    root = _data_dir(args.dir)
+    names = _named_queues(root, args.queues)
+    changed = 0
+    for name in names:
+        try:
+            chk, lines = repair_queue(root, name, dry_run=args.dry_run)
+        except QueueBusyError as e:
+            raise Failed(str(e)) from None
+        if not lines:
+            print(f"queues/{name}: no damage")
+            continue
+        changed += 1
+        for line in lines:
+            print(line)
+    if args.dry_run:
+        print(f"dry run: {_plural(changed, 'queue')} would be repaired; nothing was changed")
+    elif changed:
+        print(f"repaired {_plural(changed, 'queue')}; damaged files were kept as *.quarantined-*")
+    else:
+        print("nothing to repair")
     return EXIT_OK
 
 

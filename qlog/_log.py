@@ -13,12 +13,13 @@ import math
 import os
 import threading
 from array import array
-from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from . import errors
+from ._modes import DEFAULT_FILE_MODE, check_mode
 from ._glue import pack as _pack, unpack as _unpack
 from ._qlog_c import ffi, lib
+from ._types import Damage, LogStats, VerifyReport
 
 __all__ = ["Log", "LogStats", "Damage", "MAX_RECORD", "DURABILITY_MODES"]
 
@@ -40,52 +41,6 @@ _DAMAGE_KINDS = {
 }
 _alloc = ffi.new_allocator(should_clear_after_alloc=False)
 logger = logging.getLogger("qlog")
-
-
-@dataclass(frozen=True)
-class LogStats:
-    """A snapshot of a log's counters (``Log.stats()``)."""
-
-    first_seq: int
-    """Lowest sequence number still on disk."""
-    next_seq: int
-    """The number the next append gets."""
-    synced_seq: int
-    """Every record below this number is on stable storage."""
-    segments: int
-    corrupt_records: int
-    """Damaged records this handle skipped (never returned)."""
-    recovered_bytes_dropped: int
-    """Bytes of a torn tail dropped when this handle opened the log."""
-    recovered_records_dropped: int
-    """Complete records dropped with the torn tail: the rest of their batch was missing."""
-    fsyncs: int
-    appends: int
-    poisoned: bool
-
-
-@dataclass(frozen=True)
-class Damage:
-    """One damaged region found by ``Log.verify()``."""
-
-    segment: int
-    """Base sequence number of the segment file."""
-    offset: int
-    length: int
-    after_seq: Optional[int]
-    """Last intact record before the damage, if any."""
-    kind: str
-    """'record', 'segment-header', 'torn-tail' or 'not-a-segment'."""
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    records: int
-    damage: List[Damage]
-
-    @property
-    def ok(self) -> bool:
-        return not self.damage
 
 
 def _raise(code: int, what: str, h=None) -> None:
@@ -110,6 +65,16 @@ def _raise(code: int, what: str, h=None) -> None:
     raise errors.QlogError(f"{what}: {msg} (code {code})")
 
 
+def _held_by_pure_engine(path: str) -> bool:
+    """Whether the control file of the log at ``path`` is marked by the
+    pure-Python engine (qlog/_purelog.py), which keeps its own layout there."""
+    try:
+        with open(os.path.join(path, "ctl"), "rb") as f:
+            return f.read(8) == b"QLOGPURE"
+    except OSError:
+        return False
+
+
 class Log:
     """A durable, append-only log of byte records in a directory.
 
@@ -126,6 +91,11 @@ class Log:
     - ``"none"``: returns once the record is in the kernel.
 
     In every mode a returned append survives the process being killed.
+
+    ``mode`` is the permission of every file the log creates (default
+    ``0o600``: the owner only); the directory, when created, gets the same
+    bits plus execute wherever read is set (``0o640`` -> ``0o750``).  The
+    umask still applies, and an existing directory or file keeps its mode.
     """
 
     def __init__(
@@ -135,7 +105,9 @@ class Log:
         durability: str = "sync",
         segment_bytes: int = 64 << 20,
         flush_interval: float = 0.1,
+        mode: int = DEFAULT_FILE_MODE,
     ) -> None:
+        check_mode(mode)
         if durability not in DURABILITY_MODES:
             raise ValueError(
                 f"durability must be one of {sorted(DURABILITY_MODES)}, got {durability!r}"
@@ -154,12 +126,20 @@ class Log:
         self.durability = durability
         self.segment_bytes = segment_bytes
         self.flush_interval = float(flush_interval)
+        self.mode = mode
         out = ffi.new("qlog_log **")
-        rc = lib.qlog_open(os.fsencode(self.path), DURABILITY_MODES[durability], segment_bytes, out)
+        rc = lib.qlog_open(os.fsencode(self.path), DURABILITY_MODES[durability], segment_bytes,
+                           mode, out)
         if rc:
             if rc == lib.QLOG_EIO:
                 err = ffi.errno
                 raise errors.StorageError(err, f"cannot open log {self.path!r}: {os.strerror(err)}")
+            if rc == lib.QLOG_ECORRUPT and _held_by_pure_engine(self.path):
+                raise errors.EngineConflictError(
+                    f"cannot open log {self.path!r} with the C engine: it is open (in this or another "
+                    f"process) with the pure-Python engine; one directory is used by one "
+                    f"engine at a time (close it there, or use the same engine: QLOG_PURE)"
+                )
             _raise(rc, f"cannot open log {self.path!r}")
         # Freed when the last reference goes (a call racing close() holds one).
         self._h = ffi.gc(out[0], lib.qlog_free)

@@ -34,9 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import errors
-from ._glue import ids as _ids, scan_messages as _scan
-from ._log import Log
-from ._qlog_c import lib as _lib
+from ._engine import Log, append1 as _append1, ids as _ids, scan_messages as _scan
 from ._message import (
     CONTENT_TYPES,
     CT_BYTES,
@@ -63,6 +61,7 @@ from ._settings import (
     resolve,
     validate,
 )
+from ._modes import DEFAULT_FILE_MODE, check_mode, makedirs
 from ._state import ATT, DUE, LEASED, SENT, QueueState, encode, read_checkpoint, write_checkpoint
 
 logger = logging.getLogger("qlog")
@@ -74,7 +73,6 @@ _SCAN_LIMIT = 10_000  # messages a pull looks past (delayed ones) before returni
 _READ_GAP = 64  # messages wanted this close together come in one read
 _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
-_append1 = _lib.qlog_append1
 
 
 @dataclass(frozen=True)
@@ -121,13 +119,15 @@ class Queue:
         self._broker = broker
         self._clock = broker._clock
         self._dir = os.path.join(broker.path, "queues", name)
-        os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        self._mode = broker.mode
+        makedirs(self._dir, self._mode)
         self._idpre = self._identity()
         self.durability = settings.durability or broker.durability
         self._msgs = Log(
             os.path.join(self._dir, "messages"),
             durability=self.durability,
             segment_bytes=settings.segment_bytes,
+            mode=self._mode,
         )
         try:
             # Acks and leases need no fsync of their own: losing one to a
@@ -136,11 +136,12 @@ class Queue:
                 os.path.join(self._dir, "state"),
                 durability="none" if self.durability == "none" else "interval",
                 segment_bytes=_JOURNAL_SEGMENT,
+                mode=self._mode,
             )
         except BaseException:
             self._msgs.close()
             raise
-        self._lockfd = os.open(os.path.join(self._dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        self._lockfd = os.open(os.path.join(self._dir, "lock"), os.O_RDWR | os.O_CREAT, self._mode)
         self._mu = threading.RLock()
         self._st: Optional[QueueState] = None
         self._ckpt_path = os.path.join(self._dir, "checkpoint")
@@ -159,7 +160,7 @@ class Queue:
             pass
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         doc = {"id_prefix": secrets.token_hex(8), "created": time.time(), "format": DATA_FORMAT}
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self._mode)
         try:
             os.write(fd, json.dumps(doc).encode())
             os.fsync(fd)
@@ -576,7 +577,7 @@ class Queue:
         when it returns; idempotent."""
         if self._closed:
             raise errors.LogClosedError(f"queue {self.name!r} is closed")
-        fd = os.open(self._paused_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        fd = os.open(self._paused_path, os.O_WRONLY | os.O_CREAT, self._mode)
         os.close(fd)
         _fsync_dir(self._dir)
 
@@ -792,7 +793,7 @@ class Queue:
                     os.unlink(os.path.join(self._dir, name))
                 except FileNotFoundError:
                     pass
-        write_checkpoint(self._ckpt_path, st.snapshot())
+        write_checkpoint(self._ckpt_path, st.snapshot(), self._mode)
         self._ckpt_pos = st.applied
         self._journal.truncate_before(st.applied)
         self._msgs.truncate_before(st.floor())
@@ -931,7 +932,9 @@ class Broker:
         *,
         durability: str = "sync",
         clock: Optional[Callable[[], float]] = None,
+        mode: int = DEFAULT_FILE_MODE,
     ) -> None:
+        check_mode(mode, errors.SettingsError)
         if durability is None:
             raise errors.SettingsError(
                 "durability passed to qlog.open() must be one of 'interval', 'none', 'sync', got None"
@@ -940,7 +943,8 @@ class Broker:
         self.path = os.fspath(path)
         self.durability = durability
         self._clock = clock or time.time
-        os.makedirs(os.path.join(self.path, "queues"), mode=0o700, exist_ok=True)
+        self.mode = mode
+        makedirs(os.path.join(self.path, "queues"), mode)
         self._check_format()
         self._file_settings = load_toml(self.path)
         self._queues: Dict[str, Queue] = {}
@@ -996,7 +1000,7 @@ class Broker:
     def _check_format(self) -> None:
         path = os.path.join(self.path, _FORMAT_FILE)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.mode)
         except FileExistsError:
             with io.open(path, "rb") as f:
                 raw = f.read().strip()
@@ -1089,11 +1093,19 @@ def open(
     *,
     durability: str = "sync",
     clock: Optional[Callable[[], float]] = None,
+    mode: int = DEFAULT_FILE_MODE,
 ) -> Broker:
     """Open (or create) a directory of queues.
 
     ``durability`` is every queue's default ("sync": a send returns after
     fdatasync; "interval": after reaching the kernel, synced every 0.1 s;
     "none").  ``clock`` returns seconds since the epoch (default
-    ``time.time``); tests pass their own to control delays and leases."""
-    return Broker(path, durability=durability, clock=clock)
+    ``time.time``); tests pass their own to control delays and leases.
+
+    ``mode`` is the permission of every file created in the directory
+    (default ``0o600``, the owner only; ``0o600`` to ``0o666``, no execute
+    bits); directories created get execute wherever read is set (``0o640``
+    -> ``0o750``).  The umask still applies.  Directories and files that
+    already exist keep their modes: pass ``mode`` when creating, or chmod
+    them yourself."""
+    return Broker(path, durability=durability, clock=clock, mode=mode)

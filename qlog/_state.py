@@ -414,13 +414,13 @@ _APPLY = {
 }
 
 
-def write_checkpoint(path: str, data: bytes) -> None:
+def write_checkpoint(path: str, data: bytes, mode: int = 0o600) -> None:
     """Atomically replace the checkpoint at ``path``: temporary file,
     fdatasync, rename, directory fsync.  A power cut leaves the old one or
-    the new one, never a torn one."""
+    the new one, never a torn one.  ``mode``: the file's permission bits."""
     d = os.path.dirname(path)
     tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
         os.fdatasync(fd)

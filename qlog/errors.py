@@ -23,6 +23,7 @@ __all__ = [
     "InvalidQueueNameError",
     "SettingsError",
     "PickleNotAllowedError",
+    "EngineConflictError",
 ]
 
 
@@ -101,3 +102,9 @@ class SettingsError(QlogError, ValueError):
 class PickleNotAllowedError(QlogError, ValueError):
     """A ``pickle`` body sent to or received from a queue that has not opted
     in with ``allow_pickle=True``."""
+
+
+class EngineConflictError(QlogError):
+    """The log directory is open in another process that uses the other
+    engine (the C engine or the pure-Python one): one directory is used by
+    one engine at a time."""

@@ -11,6 +11,14 @@ from typing import Callable, Sequence
 import pytest
 from _crashkit import child_env
 
+import qlog
+from qlog import _purelog
+
+try:
+    from qlog import _log as _c_log
+except ImportError:  # the compiled modules are missing: only the pure engine runs
+    _c_log = None
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -87,3 +95,61 @@ def spawn_python():
                     stream.close()
                 except OSError:
                     pass  # a pipe to a dead child
+
+
+# ---- both engines -----------------------------------------------------------
+#
+# Every test of these modules runs twice, as [c] (the C engine) and [pure]
+# (qlog/_purelog.py): `qlog.Log` is the engine under test, and child
+# interpreters get QLOG_PURE to match.  A test that needs the C engine's
+# internals (its syscall table, tests/_simvfs.py; its cffi handle) is marked
+# `@pytest.mark.c_only("why")` and runs as [c] only; `@pytest.mark.engines("pure")`
+# picks the engines explicitly (a cheaper variant of a slow test for one engine).
+
+ENGINE_MODULES = {
+    "test_log", "test_recovery", "test_recovery_more", "test_lifecycle", "test_crash",
+    "test_property", "test_multiprocess", "test_memory", "test_format",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "c_only(reason): the test needs the C engine's internals; it runs as [c] only")
+    config.addinivalue_line(
+        "markers", "engines(*names): the engines (of 'c', 'pure') a test of an engine module runs against")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__.rsplit(".", 1)[-1] not in ENGINE_MODULES:
+        return
+    engines = ["c", "pure"]
+    only = metafunc.definition.get_closest_marker("engines")
+    if only is not None:
+        engines = list(only.args)
+    if metafunc.definition.get_closest_marker("c_only"):
+        engines = ["c"]
+    if "engine" not in metafunc.fixturenames:
+        metafunc.fixturenames.append("engine")
+    metafunc.parametrize("engine", engines, indirect=True)
+
+
+@pytest.fixture
+def engine(request: pytest.FixtureRequest) -> str:
+    """The engine a test runs against: "c" or "pure" (from the test's parameter)."""
+    return getattr(request, "param", "c")
+
+
+@pytest.fixture(autouse=True)
+def _engine_under_test(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or "engine" not in callspec.params:
+        return
+    which = callspec.params["engine"]
+    if which == "pure":
+        monkeypatch.setattr(qlog, "Log", _purelog.Log)
+        monkeypatch.setenv("QLOG_PURE", "1")
+    else:
+        if _c_log is None:
+            pytest.skip("the compiled modules (qlog._qlog_c, qlog._glue) are not built")
+        monkeypatch.setattr(qlog, "Log", _c_log.Log)
+        monkeypatch.delenv("QLOG_PURE", raising=False)

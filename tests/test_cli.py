@@ -30,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 Q = "jobs"
 DLQ = "jobs-dlq"
 _SUPERVISOR_ENV = "QLOG_SUPERVISOR_PID"  # set by `qlog worker --processes` for its workers
-SUBCOMMANDS = ["worker", "send", "stats", "peek", "dlq", "dlq redrive", "verify", "pause", "resume", "purge"]
+SUBCOMMANDS = ["worker", "send", "stats", "peek", "dlq", "dlq redrive", "verify", "repair", "pause", "resume", "purge"]
 
 
 def cli_env() -> Dict[str, str]:
@@ -116,7 +116,7 @@ def test_no_subcommand_prints_help_and_exits_2(tmp_path) -> None:
     p = run_cli(cwd=tmp_path)
     assert p.returncode == 2
     assert "usage: qlog" in p.stderr
-    for name in ("worker", "send", "stats", "peek", "dlq", "verify", "pause", "resume", "purge"):
+    for name in ("worker", "send", "stats", "peek", "dlq", "verify", "repair", "pause", "resume", "purge"):
         assert name in p.stderr
     assert tree(tmp_path) == []
 
@@ -480,9 +480,10 @@ def test_verify_reports_a_damaged_record_and_exits_1(data) -> None:
     assert "queues/jobs/messages: 0 records" in p.stdout
     doc = json.loads(run_cli("verify", data, "--json").stdout)
     assert doc["ok"] is False
-    assert doc["logs"][0]["damage"] == [{"segment": segment_base(seg), "offset": victim.offset,
-                                         "length": victim.size, "after_seq": victim.seq - 1,
-                                         "kind": "record"}]
+    (x,) = doc["logs"][0]["damage"]
+    assert {k: x[k] for k in ("segment", "offset", "length", "after_seq", "kind", "first_seq", "last_seq")} == {
+        "segment": segment_base(seg), "offset": victim.offset, "length": victim.size,
+        "after_seq": victim.seq - 1, "kind": "record", "first_seq": victim.seq, "last_seq": victim.seq}
 
 
 # -- pause, resume, purge -------------------------------------------------------------

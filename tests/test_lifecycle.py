@@ -87,6 +87,7 @@ print(outcome[0][0], flush=True)
 """
 
 
+@pytest.mark.c_only("checks that the waiter sleeps on a futex in the C engine's mapped control file; the pure engine's waiters poll (test_engines.py covers close waking them)")
 def test_close_wakes_a_thread_blocked_in_wait_with_log_closed_error(log_dir, run_python) -> None:
     r = run_python(CLOSE_WAKES_WAITER, [log_dir], timeout=90)
     assert r.returncode == 0, f"child exited with {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
@@ -239,6 +240,7 @@ def test_append_batch_of_memoryviews_of_wide_items_stores_each_views_bytes(log_d
 
 @pytest.mark.parametrize("failed_call", ["append", "append_batch"])
 @pytest.mark.parametrize("failed_handle", ["still-open", "closed"])
+@pytest.mark.c_only("fault injection and boot ids through the C engine's syscall table (_simvfs)")
 def test_after_failed_fdatasync_a_fresh_handle_syncs_and_appends_and_no_acknowledged_record_is_lost(
         log_dir, failed_call, failed_handle) -> None:
     armed = [0]
@@ -363,6 +365,7 @@ class DroppingWriteback(Recorder):
 
 
 @pytest.mark.parametrize("failed_handle", ["still-open", "closed"])
+@pytest.mark.c_only("fault injection and boot ids through the C engine's syscall table (_simvfs)")
 def test_record_read_after_a_failed_fdatasync_survives_a_power_cut_once_sync_returns(
         tmp_path, failed_handle) -> None:
     """The failed fdatasync dropped the pages of the record being appended;

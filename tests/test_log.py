@@ -106,6 +106,7 @@ def test_record_larger_than_max_record_is_refused_and_nothing_is_written(log_dir
         assert log.read(0) == [(0, b"before"), (1, b"after")]
 
 
+@pytest.mark.c_only("calls the C engine's qlog_append with a length array")
 def test_batch_claiming_a_record_over_the_limit_is_refused_by_the_engine(log_dir) -> None:
     # append_batch hands C one buffer and the lengths; a length over the limit is refused
     # before the buffer is touched (the buffer here is far smaller than the claim).
@@ -465,6 +466,7 @@ def _switches(thread) -> int:
     raise AssertionError("no voluntary_ctxt_switches line")
 
 
+@pytest.mark.c_only("the C engine's flusher sleeps on a futex until an append; the pure engine's polls every flush_interval")
 def test_interval_flusher_sleeps_while_idle_and_wakes_on_the_next_append(log_dir, wait_until) -> None:
     with qlog.Log(log_dir, durability="interval", flush_interval=0.01) as log:
         log.append(b"first")

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from typing import List, Tuple, Union
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -107,10 +108,24 @@ def _check_log(log: qlog.Log, model: List[bytes], reads: List[Tuple[float, int, 
         assert _read_all(log, from_seq) == expected[from_seq:]
 
 
+@pytest.mark.engines("c")
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=_ops(), reads=_reads, segment_bytes=st.sampled_from([4096, 16384, 65536]))
 def test_appended_records_read_back_exactly(ops: List[Op], reads: List[Tuple[float, int, int]],
                                             segment_bytes: int) -> None:
+    _check_appends(ops, reads, segment_bytes)
+
+
+@pytest.mark.engines("pure")
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_ops(), reads=_reads, segment_bytes=st.sampled_from([4096, 16384, 65536]))
+def test_appended_records_read_back_exactly_fewer_examples(
+        ops: List[Op], reads: List[Tuple[float, int, int]], segment_bytes: int) -> None:
+    """The same property with fewer examples, for the slower pure-Python engine."""
+    _check_appends(ops, reads, segment_bytes)
+
+
+def _check_appends(ops: List[Op], reads: List[Tuple[float, int, int]], segment_bytes: int) -> None:
     d = tempfile.mkdtemp(prefix="qlog-prop-")
     try:
         model: List[bytes] = []

@@ -3,16 +3,14 @@ state what survives, for durability "sync" and "none": a process crash loses
 nothing in any mode.
 
 Children are fresh interpreters running functions of this module
-(``_crashkit.Child``).  Each records what the queue returned to it in a side
-file, one ``os.write`` of whole lines on an O_APPEND descriptor per returned
-call, so a line is in the kernel before the next call starts and survives the
-SIGKILL (a line the kill cut short has no newline and is ignored):
-
-- a consumer writes ``d <id> <attempts> <i>`` for each message a pull
-  returned (``i``: the index in its body), ``a <id>`` once ``ack()`` (or
-  ``ack_all()``) returned, ``r <id>`` once ``retry()`` returned;
-- a producer writes ``<batch> <n> <first id> <last id>`` once ``send_batch``
-  (``send`` for a batch of one) returned.
+(``_crashkit.Child``).  Each records what the queue returned to it as facts
+(``_invariants.FactWriter``: one ``os.write`` of whole lines on an O_APPEND
+descriptor per call, so a line is in the kernel before the next call starts
+and survives the SIGKILL; a line the kill cut short is ignored): a consumer
+records each delivery with its attempts, and each ack and retry before and
+after the call; a producer records each batch before and after ``send_batch``
+(``send`` for a batch of one).  ``_invariants.check`` reopens the directory,
+drains the queue and states the guarantees after every fault.
 
 Consumers run one after another on one directory, each with a clock 100 s
 ahead of the one before (``qlog.open(clock=...)``), so the leases a killed
@@ -36,6 +34,7 @@ import pytest
 import qlog
 import qlog._queue
 from _crashkit import Child, jitter
+from _invariants import Fact, FactWriter, body_key, check, make_body, read_facts
 
 QUEUE = "jobs"
 SETTINGS = dict(max_retries=100, message_retention=None, visibility_timeout=30.0)
@@ -47,6 +46,7 @@ PRODUCER_KILLS = 12
 CHECKPOINT_EVERY = 20     # journal records between checkpoints: kills land in checkpoints
 JOURNAL_SEGMENT = 65536   # the smallest segment: kills land in journal rolls and truncations
 
+BATCH = 500               # messages per send_batch of the consumer test's messages
 Event = Tuple[str, str, int, int]   # (kind "d"/"a"/"r", id, attempts, body index)
 
 
@@ -101,13 +101,13 @@ def _kill_when(child: Child, ready, wait_until, what: str, rng: random.Random) -
 
 def consumer(path: str, durability: str, side: str, clock_offset: float, seed: int) -> None:
     """Child main: pull small batches; ack most messages one by one, retry a
-    few, leave a few leased, sometimes ack_all the rest; report each returned
-    call in ``side``.  Prints "drained" and waits when nothing is visible."""
+    few, leave a few leased, sometimes ack_all the rest; record each call
+    as facts in ``side``.  Prints "drained" and waits when nothing is visible."""
     rng = random.Random(seed)
     small_journal(setattr)
     broker = qlog.open(path, durability=durability, clock=lambda: time.time() + clock_offset)
     q = broker.queue(QUEUE, **SETTINGS)
-    fd = side_file(side)
+    w = FactWriter(side)
     os.write(1, b"open\n")
     while True:
         batch = q.pull(batch_size=rng.randint(1, 20))
@@ -115,37 +115,42 @@ def consumer(path: str, durability: str, side: str, clock_offset: float, seed: i
             os.write(1, b"drained\n")
             sys.stdin.read()
             return
-        os.write(fd, "".join(f"d {m.id} {m.attempts} {m.body['i']}\n" for m in batch).encode())
+        w.delivered(QUEUE, batch)
         left = []
         for m in batch:
             x = rng.random()
             if x < 0.75:
+                w.acking(QUEUE, [m.id])
                 m.ack()
-                os.write(fd, f"a {m.id}\n".encode())
+                w.acked(QUEUE, [m.id])
             elif x < 0.85:
+                w.retrying(QUEUE, [m.id])
                 m.retry()
-                os.write(fd, f"r {m.id}\n".encode())
+                w.retried(QUEUE, [m.id])
             else:
-                left.append(m)
+                left.append(m.id)
         if left and rng.random() < 0.3:
+            w.acking(QUEUE, left)
             batch.ack_all()
-            os.write(fd, "".join(f"a {m.id}\n" for m in left).encode())
+            w.acked(QUEUE, left)
 
 
 def producer(path: str, durability: str, side: str, producer_id: int, seed: int) -> None:
-    """Child main: send batches of 1 to 1000 messages ``{"p", "batch", "i", "n"}``
-    forever, reporting each returned call in ``side``."""
+    """Child main: send batches ``p<producer_id>.<k>`` of 1 to 1000 messages
+    forever, recording each call before and after it in ``side``."""
     rng = random.Random(seed)
     broker = qlog.open(path, durability=durability)
     q = broker.queue(QUEUE, **SETTINGS)
-    fd = side_file(side)
+    w = FactWriter(side)
     os.write(1, b"open\n")
     k = 0
     while True:
         n = rng.choice([1, rng.randint(2, 20), rng.randint(20, 200), rng.randint(200, 1000)])
-        bodies = [{"p": producer_id, "batch": k, "i": i, "n": n} for i in range(n)]
+        batch = f"p{producer_id}.{k}"
+        bodies = [make_body(batch, i, n) for i in range(n)]
+        w.sending(QUEUE, batch, n, durability)
         ids = [q.send(bodies[0])] if n == 1 else q.send_batch(bodies)
-        os.write(fd, f"{k} {n} {ids[0]} {ids[-1]}\n".encode())
+        w.sent(QUEUE, batch, durability, ids)
         k += 1
 
 
@@ -164,11 +169,21 @@ def checkpoint_victim(path: str) -> None:
 # ---- checkers ------------------------------------------------------------------
 
 
-def parse_consumer_side(path: str) -> List[Event]:
+def _index(key: str) -> int:
+    """The consumer test's body index of a message key ``s<start>/<j>``."""
+    batch, j = key.split("/")
+    return int(batch[1:]) + int(j)
+
+
+def consumer_events(facts: Sequence[Fact]) -> List[Event]:
+    """One consumer's returned calls as events for :func:`check_deliveries`
+    (calls it was about to make when killed are left out)."""
     out: List[Event] = []
-    for line in side_lines(path):
-        kind, mid, *rest = line.split()
-        out.append((kind, mid, int(rest[0]), int(rest[1])) if kind == "d" else (kind, mid, 0, -1))
+    for f in facts:
+        if f.kind == "deliver":
+            out.append(("d", f.id, f.attempts, _index(f.key)))
+        elif f.kind in ("ack", "retry"):
+            out.append((f.kind[0], f.id, 0, -1))
     return out
 
 
@@ -211,44 +226,6 @@ def check_deliveries(ids: Sequence[str], runs: Sequence[Sequence[Event]]) -> Dic
     return attempts
 
 
-def check_batches(recorded: Sequence[Tuple[int, int, str, str]], drained: Sequence[Tuple[str, dict]],
-                  producer_id: int) -> int:
-    """State the invariant of a producer killed during ``send_batch``:
-    ``recorded`` are the calls it reported, ``drained`` every message a
-    consumer got after the kill (all earlier ones were acked before).
-
-    - a message is delivered once, and comes from this producer (acked
-      messages of earlier producers stay gone);
-    - every reported batch is all there, its first and last message with the
-      ids send_batch returned;
-    - every batch delivered is whole: all n messages of it;
-    - a batch never reported is the one in flight at the kill.
-    Returns how many batches were there."""
-    seen: Dict[Tuple[int, int], str] = {}
-    batches: Dict[int, Dict[int, str]] = {}
-    sizes: Dict[int, int] = {}
-    for mid, body in drained:
-        p, k, i, n = body["p"], body["batch"], body["i"], body["n"]
-        assert p == producer_id, f"message {mid} of producer {p} (acked earlier) was delivered again"
-        assert (k, i) not in seen, f"message {i} of batch {k} delivered twice: {seen[k, i]} and {mid}"
-        seen[k, i] = mid
-        assert sizes.setdefault(k, n) == n, f"batch {k} holds messages saying n={n} and n={sizes[k]}"
-        batches.setdefault(k, {})[i] = mid
-    for k, got in batches.items():
-        assert sorted(got) == list(range(sizes[k])), (
-            f"batch {k} is half there: {len(got)} of its {sizes[k]} messages")
-    for k, (kk, n, first, last) in enumerate(recorded):
-        assert kk == k, f"side file line {k} reports batch {kk}"
-        assert k in batches, f"batch {k} ({n} messages) returned by send_batch is missing"
-        assert sizes[k] == n and batches[k][0] == first and batches[k][n - 1] == last, (
-            f"batch {k}: reported {n} messages {first}..{last}, found {sizes[k]} "
-            f"{batches[k][0]}..{batches[k][sizes[k] - 1]}")
-    extra = sorted(set(batches) - set(range(len(recorded))))
-    assert extra in ([], [len(recorded)]), (
-        f"batches {extra} were never reported and are not the one in flight ({len(recorded)})")
-    return len(batches)
-
-
 # ---- tests ---------------------------------------------------------------------
 
 
@@ -269,11 +246,17 @@ def test_killed_consumers_lose_nothing_and_acked_messages_stay_acked(tmp_path, d
     small_journal(monkeypatch.setattr)
     rng = random.Random(f"consumer-kill/{durability}")
     path = str(tmp_path / "q")
+    sends = str(tmp_path / "sends.txt")
+    w = FactWriter(sends)
     with qlog.open(path, durability=durability) as broker:
         q = broker.queue(QUEUE, **SETTINGS)
         ids = []
-        for start in range(0, MESSAGES, 500):
-            ids += q.send_batch([{"i": i} for i in range(start, start + 500)])
+        for start in range(0, MESSAGES, BATCH):
+            batch = f"s{start}"
+            got = q.send_batch([make_body(batch, i, BATCH) for i in range(BATCH)])
+            w.sent(QUEUE, batch, durability, got)
+            ids += got
+    facts = read_facts([sends])
     runs: List[List[Event]] = []
     killed_busy = 0
     for k in range(CONSUMER_KILLS):
@@ -282,26 +265,34 @@ def test_killed_consumers_lose_nothing_and_acked_messages_stay_acked(tmp_path, d
                    clock_offset=(k + 1) * CLOCK_STEP, seed=rng.getrandbits(32)) as child:
             child.wait_line("open")
             acks = _kill_point(rng, 150)
-            lines = _kill_when(child, lambda: sum(e[0] == "a" for e in parse_consumer_side(side)) >= acks,
+            lines = _kill_when(child, lambda: sum(f.kind == "ack" for f in read_facts([side])) >= acks,
                                wait_until, f"consumer {k}: {acks} acks", rng)
         killed_busy += "drained" not in lines
-        runs.append(parse_consumer_side(side))
+        run = read_facts([side])
+        facts += run
+        runs.append(consumer_events(run))
     assert killed_busy == CONSUMER_KILLS, "scenario: a consumer ran out of messages before its kill"
     final_clock = lambda: time.time() + (CONSUMER_KILLS + 1) * CLOCK_STEP  # noqa: E731
-    with qlog.open(path, durability=durability, clock=final_clock) as broker:
-        got = _drain(broker.queue(QUEUE, **SETTINGS))
-        runs.append([("d", m.id, m.attempts, m.body["i"]) for m in got] + [("a", m.id, 0, -1) for m in got])
+    report = check(path, facts, settings={QUEUE: SETTINGS}, durability=durability, clock=final_clock)
+    assert report.checked == MESSAGES, report
+    got = report.drained[QUEUE]
+    runs.append([("d", mid, att, _index("/".join(map(str, body_key(body)[:2])))) for mid, att, body in got]
+                + [("a", mid, 0, -1) for mid, _att, _body in got])
     attempts = check_deliveries(ids, runs)
     assert any(len(a) > 1 for a in attempts.values()), "scenario: no message was delivered twice"
     with qlog.open(path, durability=durability, clock=final_clock) as broker:
         q = broker.queue(QUEUE, **SETTINGS)
         assert not q.pull(batch_size=100), "a message came back after the final drain acked everything"
         st = q.stats()
-        assert (st.acked, st.backlog, st.dead_lettered, st.deleted) == (MESSAGES, 0, 0, 0), st
+        # the check's probe is one more acked message
+        assert (st.acked, st.backlog, st.dead_lettered, st.deleted) == (MESSAGES + 1, 0, 0, 0), st
 
 
 @pytest.mark.parametrize("durability", MODES)
 def test_producer_killed_mid_send_batch_leaves_whole_batches(tmp_path, durability, wait_until):
+    """After each kill: every batch send_batch returned is all there under
+    the ids it returned, the batch in flight is all there or not at all,
+    and messages acked after earlier kills stay gone (``_invariants.check``)."""
     rng = random.Random(f"producer-kill/{durability}")
     path = str(tmp_path / "q")
     with qlog.open(path, durability=durability) as broker:
@@ -313,17 +304,19 @@ def test_producer_killed_mid_send_batch_leaves_whole_batches(tmp_path, durabilit
                    producer_id=p, seed=rng.getrandbits(32)) as child:
             child.wait_line("open")
             calls = _kill_point(rng, 40)
-            _kill_when(child, lambda: len(side_lines(side)) >= calls, wait_until,
-                       f"producer {p}: {calls} batches", rng)
-        recorded = [(int(k), int(n), a, b) for k, n, a, b in map(str.split, side_lines(side))]
-        with qlog.open(path, durability=durability) as broker:
-            got = _drain(broker.queue(QUEUE, **SETTINGS))
-            check_batches(recorded, [(m.id, m.body) for m in got], p)
+            _kill_when(child, lambda: len({f.batch for f in read_facts([side]) if f.kind == "sent"}) >= calls,
+                       wait_until, f"producer {p}: {calls} batches", rng)
+        # This producer's facts are the whole history: an earlier producer's
+        # message (acked by an earlier check) would be one nobody sent.
+        report = check(path, read_facts([side]), settings={QUEUE: SETTINGS}, durability=durability)
+        got = report.drained[QUEUE]
+        assert all(body_key(body)[0].startswith(f"p{p}.") for _mid, _att, body in got), (
+            f"messages of earlier producers (acked before) were delivered again after kill {p}")
         total += len(got)
     assert total > PRODUCER_KILLS * 100, f"scenario: the producers sent almost nothing ({total})"
     with qlog.open(path, durability=durability) as broker:
         st = broker.queue(QUEUE, **SETTINGS).stats()
-        assert (st.acked, st.backlog) == (total, 0), st
+        assert (st.acked, st.backlog) == (total + PRODUCER_KILLS, 0), st   # and one probe per check
 
 
 def test_checkpoint_half_written_by_a_killed_process_is_removed(tmp_path):
