@@ -277,7 +277,8 @@ def _segment_salt(data: bytes, base: Optional[int], damage: List[Damage]) -> Opt
     damage.append(Damage(0, SEG_HEADER_SIZE, "segment-header", None))
     for off in range(SEG_HEADER_SIZE, len(data) - REC_HEADER_SIZE + 1, REC_ALIGN):
         s32: int = struct.unpack_from("<I", data, off + _REC_OFF_SALT)[0]
-        if s32 and _record_at(data, off, s32, None):
+        # only a record numbered from the segment's base on is one of its own
+        if s32 and _record_at(data, off, s32, base - 1 if base else None):
             return s32
     return None
 

@@ -172,11 +172,13 @@ def _resync(buf: Any, off: int, end: int, salt32: int, last: Optional[int]) -> i
         pos = hit + 1
 
 
-def _infer_salt(buf: Any, end: int) -> int:
-    """The salt32 named by the first record that checks out under it; 0 if none."""
+def _infer_salt(buf: Any, end: int, base: int) -> int:
+    """The salt32 named by the first record that checks out under it and is
+    numbered from the segment's ``base`` on (bytes of an earlier segment
+    copied over this one must not lend it their salt); 0 if none."""
     for off in range(_HDR, end - _RH + 1, 8):
         s32 = _REC_LEN.unpack_from(buf, off + 24)[0]
-        if s32 and _check(buf, off, end, s32, None):
+        if s32 and _check(buf, off, end, s32, base - 1 if base else None):
             return s32
     return 0
 
@@ -487,7 +489,7 @@ class Log:
                         raise errors.FormatError("base differs from the file name")
                     salt, created = h.salt, h.created_ns
                 except errors.FormatError:
-                    s32 = _infer_salt(buf, fsize) if fsize else 0
+                    s32 = _infer_salt(buf, fsize, base) if fsize else 0
                     if not s32:
                         return None
                     salt, created, header_bad = s32, time.time_ns(), True
@@ -999,7 +1001,7 @@ class Log:
                     s.salt, s.salt32 = h.salt, h.salt & _U32
                 except errors.FormatError:
                     s.header_bad = True  # costs no record: the records name the salt
-                    s.salt32 = _infer_salt(s.map, min(bound, s.maplen))
+                    s.salt32 = _infer_salt(s.map, min(bound, s.maplen), s.base)
                     s.salt = s.salt32
                     self._n_corrupt += 1
         if s.sealed and not s.idx_saved and s.scanned_to == _HDR and not s.header_bad:
@@ -1302,7 +1304,7 @@ class Log:
                         salt32 = h.salt & _U32
                     except errors.FormatError:
                         add(Damage(base, 0, _HDR, None, "segment-header"))
-                        salt32 = _infer_salt(buf, end)
+                        salt32 = _infer_salt(buf, end, base)
                         if not salt32:
                             continue
                     off, last = _HDR, None

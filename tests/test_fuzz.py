@@ -842,3 +842,32 @@ def test_pure_reader_reads_a_sealed_segment_as_the_engine_does(tmp_path: Any) ->
     assert _pure.read_log(d) == engine
     # Read alone (as the last segment of a log) the cut batch is a torn tail.
     assert [r.seq for r in _pure.iter_segment(first)] == [0]
+
+
+def test_an_earlier_segments_record_copied_over_a_damaged_header_lends_no_salt(
+    templates: Tuple[Template, Template],
+) -> None:
+    """Found by the fuzzer: the first 97 bytes of segment 0 (its header and
+    first record) copied over the start of the next segment.  Its header
+    then names base 0, not the file's, so the salt is taken from the first
+    record that checks out, which was record 0: every reader returned seq 0
+    a second time and lost the segment's own records.  Only a record
+    numbered from the segment's base on may give the salt."""
+    t, other = templates
+    second = t.segments[1]
+    files = apply_mutations(t, other, [("splice", 1, False, 0, 97, 0, 0)])
+    assert files[second][:97] == t.files[t.segments[0]][:97]
+    d = materialise(files)
+    try:
+        own = [s for s in sorted(t.expected) if int(second[:20]) <= s < int(t.segments[2][:20])]
+        pure = _pure.read_log(d)
+        check_records(pure, t.expected, "pure reader")
+        out = in_child(engine_examines, d, [own[1]], 1000)
+        check_records(out["full"], t.expected, "engine read")
+        # the damaged first record is lost, the segment's others are read
+        for got in ([s for s, _ in pure], [s for s, _ in out["full"]]):
+            assert set(own[1:]) <= set(got) and own[0] not in got
+        assert out["windows"] == [(own[1], [r for r in out["full"] if r[0] >= own[1]])]
+        assert _pure.read_log(d) == out["after"]
+    finally:
+        shutil.rmtree(d)
