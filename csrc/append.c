@@ -243,10 +243,17 @@ static int append_locked(qlog_log *log, const char *buf, const uint32_t *lens, s
     }
     uint64_t seq = c->next_seq;
     if (seq + n > c->reserved_upto) {
-        r = meta_write(log, seq + n + QLOG_SEQ_RESERVE);
+        /* Right after recovery skipped numbers, no record shows the skip
+         * yet: this batch's numbers are reserved by a mark that applies in
+         * every boot (see rebuild); the next append, with this batch in the
+         * segment, writes the usual mark. */
+        int skip = c->skip_pending != 0;
+        uint64_t upto = skip ? seq + n : seq + n + QLOG_SEQ_RESERVE;
+        r = skip ? meta_write_boot(log, upto, "") : meta_write(log, upto);
         if (r)
             return r;
-        c->reserved_upto = seq + n + QLOG_SEQ_RESERVE;
+        c->reserved_upto = upto;
+        c->skip_pending = 0;
     }
 
     /* Frame.  pending_* first, so that a writer killed in the middle is

@@ -60,7 +60,8 @@ typedef struct qlog_ctl {
     uint32_t waiters;           /* threads blocked on notify */
     uint32_t sync_gen;          /* futex word: bumped after each group commit */
     uint32_t sync_waiters;      /* threads blocked on sync_gen */
-    uint32_t pad0;
+    uint32_t skip_pending;      /* under wlock: recovery skipped to next_seq and no
+                                   record shows it yet (see rebuild in open.c) */
     pthread_mutex_t wlock;
     pthread_mutex_t slock;
 
@@ -164,6 +165,7 @@ void log_path(const qlog_log *log, uint64_t base, const char *ext, char *out, si
 int  list_segments(const char *dir, uint64_t **bases, size_t *n);
 int  fsync_dir(qlog_log *log);
 int  meta_write(qlog_log *log, uint64_t reserved_upto);
+int  meta_write_boot(qlog_log *log, uint64_t reserved_upto, const char *boot_id);
 int  lock_writer(qlog_log *log);
 void take_snapshot(qlog_log *log, snapshot *s);
 int64_t now_ns(void);

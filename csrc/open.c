@@ -135,11 +135,18 @@ int fsync_dir(qlog_log *log)
  * a power cut leaves either the old mark or the new one, never a torn one. */
 int meta_write(qlog_log *log, uint64_t reserved_upto)
 {
+    return meta_write_boot(log, reserved_upto, log->boot_id);
+}
+
+/* meta_write with the given boot id: "" makes a mark that every open
+ * applies, in this boot too (see rebuild). */
+int meta_write_boot(qlog_log *log, uint64_t reserved_upto, const char *boot_id)
+{
     char tmp[4200], path[4200];
     uint8_t buf[QLOG_META_SIZE];
     snprintf(tmp, sizeof tmp, "%s/meta.tmp", log->dir);
     snprintf(path, sizeof path, "%s/meta", log->dir);
-    fmt_meta_encode(buf, reserved_upto, log->boot_id);
+    fmt_meta_encode(buf, reserved_upto, boot_id);
     int fd = qlog_sys.open(tmp, O_RDWR | O_CREAT | O_TRUNC, log->file_mode);
     if (fd < 0)
         return log_fail(log, QLOG_EIO);
@@ -384,9 +391,17 @@ static uint64_t last_nonzero(const uint8_t *map, uint64_t from, uint64_t to)
 {
     while (to > from) {
         uint64_t start = to - from >= 8 ? to - 8 : from;
-        for (uint64_t i = start; i < to; i++)
-            if (map[i])
+        if (to - start == 8) {
+            /* a whole word at once: the preallocated tail is megabytes of zeros */
+            uint64_t w;
+            memcpy(&w, map + start, 8);
+            if (w)
                 return to;
+        } else {
+            for (uint64_t i = start; i < to; i++)
+                if (map[i])
+                    return to;
+        }
         to = start;
     }
     return from;
@@ -754,7 +769,14 @@ static int rebuild(qlog_log *log)
         rec.valid_end = QLOG_SEG_HEADER_SIZE;
         c->alloc_end = alloc;
     }
-    r = meta_write(log, next + QLOG_SEQ_RESERVE);
+    /* Skipped past the last record kept (a reboot, see floor): only `meta`
+     * knows it, and a mark with this boot's id would stop applying at the
+     * next open in this boot, which would then number from the last record
+     * and hand out again numbers seen before the power cut.  So the mark
+     * names no boot (it applies at every open) and ends at `next`, until
+     * the first append puts a record there (see append_locked). */
+    int skipped = have && next > rec.next_seq;
+    r = skipped ? meta_write_boot(log, next, "") : meta_write(log, next + QLOG_SEQ_RESERVE);
     if (r)
         return r;
 
@@ -770,7 +792,8 @@ static int rebuild(qlog_log *log)
     c->pending_base = rec.base;
     c->pending_salt = rec.salt;
     c->pending_cap = rec.cap;
-    c->reserved_upto = next + QLOG_SEQ_RESERVE;
+    c->reserved_upto = skipped ? next : next + QLOG_SEQ_RESERVE;
+    c->skip_pending = (uint32_t)skipped;
     c->active_base = rec.base;
     c->active_salt = rec.salt;
     c->active_cap = rec.cap;

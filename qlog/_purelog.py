@@ -56,6 +56,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from . import _pure as F
 from . import errors
+from ._modes import DEFAULT_FILE_MODE, check_mode, dir_mode
 from ._types import DURABILITY_MODES, MAX_RECORD, Damage, LogStats, VerifyReport
 
 __all__ = ["Log", "LogStats", "Damage", "VerifyReport", "MAX_RECORD", "DURABILITY_MODES",
@@ -103,6 +104,7 @@ _NEED_ROLL = 192    # (*) the next append starts a new segment
 _REWRITE = 200      # (*) an fsync failed: rewrite the active segment before sealing it
 _SEG_GEN = 208      # (*) bumped when segments are added or deleted
 _READY = 216        # set last by the handle that built ctl
+_SKIP_PENDING = 224 # (*) recovery skipped to _NEXT_SEQ and no record shows it yet
 
 _Q = struct.Struct("<Q")
 _QQ = struct.Struct("<QQ")
@@ -255,6 +257,10 @@ class Log:
 
     In every mode a returned append survives the process being killed.
     Waits poll the shared state (0.5 ms backoff doubling up to 20 ms).
+
+    ``mode`` is the permission of every file the log creates (default
+    ``0o600``), as for the C engine; a directory it creates gets execute
+    wherever read is set.
     """
 
     engine = "pure"
@@ -266,9 +272,12 @@ class Log:
         durability: str = "sync",
         segment_bytes: int = 64 << 20,
         flush_interval: float = 0.1,
+        mode: int = DEFAULT_FILE_MODE,
     ) -> None:
         self._closed = True
         self._h: Optional[Log] = None
+        check_mode(mode)
+        self.mode = mode
         if durability not in DURABILITY_MODES:
             raise ValueError(
                 f"durability must be one of {sorted(DURABILITY_MODES)}, got {durability!r}"
@@ -348,7 +357,7 @@ class Log:
         p = self.path
         try:
             try:
-                os.mkdir(p, 0o700)
+                os.mkdir(p, dir_mode(self.mode))
                 pfd = os.open(os.path.join(p, ".."), os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     os.fsync(pfd)  # the new directory's name is durable
@@ -361,9 +370,9 @@ class Log:
                     f"cannot open log {p!r}: directory is on NFS, which qlog does not support"
                 )
             self._dirfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
-            self._lockfd = os.open(os.path.join(p, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lockfd = os.open(os.path.join(p, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
             fcntl.flock(self._lockfd, fcntl.LOCK_EX)
-            self._ctlfd = os.open(os.path.join(p, "ctl"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._ctlfd = os.open(os.path.join(p, "ctl"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
             if os.fstat(self._ctlfd).st_size != _CTL_SIZE:
                 os.ftruncate(self._ctlfd, _CTL_SIZE)
             self._ctl = mmap.mmap(self._ctlfd, _CTL_SIZE, mmap.MAP_SHARED,
@@ -423,14 +432,17 @@ class Log:
             return None
         return reserved, boot.rstrip(b"\0").decode("ascii", "replace")
 
-    def _meta_write(self, reserved_upto: int) -> None:
+    def _meta_write(self, reserved_upto: int, boot: Optional[str] = None) -> None:
         """``meta.tmp`` written and fdatasynced, renamed over ``meta``, the
-        directory fsynced: a power cut leaves the old mark or the new one."""
+        directory fsynced: a power cut leaves the old mark or the new one.
+        ``boot=""`` writes a mark that names no boot: every open applies it,
+        in this boot too."""
+        boot_id = self._boot if boot is None else boot
         head = _META.pack(F.META_MAGIC, F.FORMAT_VERSION, F.META_SIZE, reserved_upto,
-                          self._boot.encode("ascii")[:36], 0)[:60]
+                          boot_id.encode("ascii")[:36], 0)[:60]
         b = head + struct.pack("<I", F.mask_crc(F.crc32c(head)))
         tmp = os.path.join(self.path, "meta.tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.mode)
         try:
             try:
                 if os.pwrite(fd, b, 0) != len(b):
@@ -454,7 +466,7 @@ class Log:
         if salt & _U32 == 0:
             salt |= 1
         path = self._seg_path(base)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.mode)
         alloc = min(cap, _ALLOC_CHUNK)
         try:
             os.posix_fallocate(fd, 0, alloc)
@@ -615,19 +627,27 @@ class Log:
             salt, cap, valid_end, nxt = rec
         else:
             abase = valid_end = 0
-        nxt = max(nxt if rec is not None else 0, floor)
+        kept = nxt if rec is not None else 0
+        nxt = max(kept, floor)
+        # Skipped past the last record kept (a reboot): only `meta` knows it.
+        # A mark with this boot's id would stop applying at the next open in
+        # this boot, which would then number from the last record and hand
+        # out again numbers seen before the power cut; so the mark names no
+        # boot and ends at `nxt` until an append puts a record there.
+        skipped = rec is not None and nxt > kept
         if rec is None:
             cap = self.segment_bytes
             fd, salt, alloc = self._seg_create(nxt, cap)
             os.close(fd)
             abase, valid_end = nxt, _HDR
             self._set(_ALLOC_END, alloc)
-        self._meta_write(nxt + F.SEQ_RESERVE)
+        reserved = nxt if skipped else nxt + F.SEQ_RESERVE
+        self._meta_write(reserved, boot="" if skipped else None)
         _CTL_HEAD.pack_into(c, 0, CTL_MAGIC_PURE, _CTL_VERSION, _CTL_SIZE, self._boot.encode())
         for off, v in ((_WRITE_END, valid_end), (_NEXT_SEQ, nxt), (_ACTIVE_BASE, abase),
                        (_ACTIVE_SALT, salt), (_ACTIVE_CAP, cap), (_PEND_END, valid_end),
                        (_PEND_NEXT, nxt), (_PEND_BASE, abase), (_PEND_SALT, salt),
-                       (_PEND_CAP, cap), (_RESERVED, nxt + F.SEQ_RESERVE), (_SYNCED, nxt),
+                       (_PEND_CAP, cap), (_RESERVED, reserved), (_SKIP_PENDING, int(skipped)), (_SYNCED, nxt),
                        (_SEG_GEN, 1), (_REWRITE, 0), (_BUSY, 0)):
             self._set(off, v)
         self._set(_READY, 1)
@@ -813,8 +833,16 @@ class Log:
                         self._set(_ALLOC_END, want)
                     seq = g(_NEXT_SEQ)
                     if seq + n > g(_RESERVED):
-                        self._meta_write(seq + n + F.SEQ_RESERVE)
-                        self._set(_RESERVED, seq + n + F.SEQ_RESERVE)
+                        # Right after recovery skipped numbers no record shows
+                        # the skip: this batch's numbers get a mark that names
+                        # no boot; the next append writes the usual one.
+                        if g(_SKIP_PENDING):
+                            self._meta_write(seq + n, boot="")
+                            self._set(_RESERVED, seq + n)
+                            self._set(_SKIP_PENDING, 0)
+                        else:
+                            self._meta_write(seq + n + F.SEQ_RESERVE)
+                            self._set(_RESERVED, seq + n + F.SEQ_RESERVE)
                 except OSError as e:
                     raise self._oserr(e, f"append to {self.path!r} failed") from None
                 self._set(_PEND_END, end)
@@ -1030,7 +1058,7 @@ class Log:
         path = self._seg_path(s.base, ".idx")
         tmp = path + ".tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.mode)
             try:
                 os.write(fd, b)
             finally:

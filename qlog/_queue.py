@@ -121,6 +121,10 @@ class Queue:
         self._dir = os.path.join(broker.path, "queues", name)
         self._mode = broker.mode
         makedirs(self._dir, self._mode)
+        # The queue's name must survive a power cut before anything in it
+        # can: the engine syncs the directories it creates inside, not this
+        # one's entry in queues/.
+        _fsync_dir(os.path.dirname(self._dir))
         self._idpre = self._identity()
         self.durability = settings.durability or broker.durability
         self._msgs = Log(

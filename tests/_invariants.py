@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 import qlog
+import qlog._queue
+from qlog._settings import QueueSettings
 
 # ---- bodies ----------------------------------------------------------------------
 
@@ -234,6 +236,9 @@ class Report:
     """Messages found in a dead-letter queue at the drain (distinct ids)."""
     torn_tail_bytes: int = 0
     """Bytes of torn tails that reopening cut (not damage)."""
+    damage_tolerated: int = 0
+    """Damaged regions the caller's ``tolerate_damage`` explained (a power
+    cut that wrote back some unsynced pages and not others)."""
     drained: Dict[str, List[Tuple[str, int, Any]]] = field(default_factory=dict, repr=False)
     """Per queue, ``(id, attempts, body)`` of every message the drain got."""
     facts: List[Fact] = field(default_factory=list, repr=False)
@@ -245,7 +250,8 @@ class Report:
         separate histories; a history that goes on from check to check
         takes the history-wide counts from its last report instead)."""
         for name in ("checked", "lost", "corrupt", "duplicates_in_flight", "duplicates_otherwise", "expired",
-                     "sends_in_flight", "acks_in_flight", "redelivered", "dead_lettered", "torn_tail_bytes"):
+                     "sends_in_flight", "acks_in_flight", "redelivered", "dead_lettered", "torn_tail_bytes",
+                     "damage_tolerated"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def line(self) -> str:
@@ -254,7 +260,8 @@ class Report:
                 f"duplicates_otherwise={self.duplicates_otherwise} expired={self.expired} "
                 f"sends_in_flight={self.sends_in_flight} acks_in_flight={self.acks_in_flight} "
                 f"redelivered={self.redelivered} dead_lettered={self.dead_lettered} "
-                f"torn_tail_bytes={self.torn_tail_bytes}")
+                f"torn_tail_bytes={self.torn_tail_bytes}"
+                + (f" damage_tolerated={self.damage_tolerated}" if self.damage_tolerated else ""))
 
 
 class _Warnings(logging.Handler):
@@ -278,10 +285,18 @@ def _ids(xs: Iterable[str], limit: int = 12) -> str:
 # ---- the checker -------------------------------------------------------------------
 
 
-def check_logs(path: str) -> Tuple[int, List[str]]:
+def check_logs(path: str, tolerate: Optional[Callable[[str, Any], bool]] = None,
+               tolerated: Optional[Dict[str, int]] = None,
+               settings: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Tuple[int, List[str]]:
     """Reopen every queue's message log and state journal of the data
     directory ``path`` on its own (recovery cuts a torn tail) and verify the
-    CRC of every record.  Returns ``(torn tail bytes cut, damage found)``."""
+    CRC of every record.  Returns ``(torn tail bytes cut, damage found)``.
+
+    ``tolerate(log, damage)`` (``log`` is ``"<queue>/messages"`` or
+    ``"<queue>/state"``, ``damage`` a ``Log.verify()`` item) true: the
+    damage is not reported but counted in ``tolerated`` (per log).
+    ``settings`` (by queue name): each log is opened with the segment size
+    its queue uses, so that checking allocates no more than the queue would."""
     torn = 0
     damage: List[str] = []
     root = os.path.join(path, "queues")
@@ -290,12 +305,22 @@ def check_logs(path: str) -> Tuple[int, List[str]]:
             d = os.path.join(root, name, part)
             if not os.path.isdir(d):
                 continue
-            with qlog.Log(d, durability="none") as log:
+            seg: Dict[str, Any] = {}
+            if settings is not None:
+                seg["segment_bytes"] = (
+                    settings.get(name, {}).get("segment_bytes", QueueSettings().segment_bytes)
+                    if part == "messages" else qlog._queue._JOURNAL_SEGMENT)
+            with qlog.Log(d, durability="none", **seg) as log:
                 st = log.stats()
                 torn += st.recovered_bytes_dropped
                 rep = log.verify()
-                damage += [f"{name}/{part}: {x.kind} at segment {x.segment} offset {x.offset} "
-                           f"({x.length} bytes, after record {x.after_seq})" for x in rep.damage]
+                for x in rep.damage:
+                    if tolerate is not None and tolerate(f"{name}/{part}", x):
+                        if tolerated is not None:
+                            tolerated[f"{name}/{part}"] = tolerated.get(f"{name}/{part}", 0) + 1
+                        continue
+                    damage.append(f"{name}/{part}: {x.kind} at segment {x.segment} offset {x.offset} "
+                                  f"({x.length} bytes, after record {x.after_seq})")
     return torn, damage
 
 
@@ -309,6 +334,8 @@ def check(
     clock: Optional[Callable[[], float]] = None,
     probe: bool = True,
     ordered: bool = False,
+    tolerate_damage: Optional[Callable[[str, Any], bool]] = None,
+    may_have_expired: Optional[Callable[[str, str], bool]] = None,
 ) -> Report:
     """Reopen the data directory ``path`` after a fault, drain every queue
     and dead-letter queue (acking everything), and state the guarantees:
@@ -347,6 +374,17 @@ def check(
     lease and retry delay has run out; pass one nearer when retention is on
     and only what retention dropped by then may be gone).
 
+    ``tolerate_damage(log, damage)``: damage the caller can explain (a
+    power cut writes back unsynced pages in any order, and recovery cannot
+    tell a hole in them from bit rot): see :func:`check_logs`.  A log whose
+    every damaged region is explained is not held to zero corrupt records
+    skipped, nor to no "damaged record(s) found on open" warning.
+
+    ``may_have_expired(queue, id)``: whether retention may have dropped the
+    message by the drain's clock (the caller knows when it was sent).  When
+    given, it decides instead of the queue's expired count, and a batch
+    member it allows for counts as there.
+
     Returns a :class:`Report`; raises AssertionError naming the offending
     ids on any violation."""
     must_set: Set[Fact] = set(facts if must is None else must)
@@ -354,7 +392,10 @@ def check(
     rep = Report()
     problems: List[str] = []
 
-    rep.torn_tail_bytes, damage = check_logs(path)
+    tolerated: Dict[str, int] = {}
+    rep.torn_tail_bytes, damage = check_logs(path, tolerate_damage, tolerated, settings)
+    rep.damage_tolerated = sum(tolerated.values())
+    explained = {log for log in tolerated if not any(d.startswith(f"{log}:") for d in damage)}
     if damage:
         rep.corrupt += len(damage)
         problems.append(f"damaged records in the logs: {damage[:8]}")
@@ -396,7 +437,8 @@ def check(
                     batch.ack_all()
                 st = q.stats()
                 assert st.backlog == 0, f"queue {name!r} still holds {st.backlog} messages after the drain: {st}"
-                corrupt_records = q._msgs.stats().corrupt_records + q._journal.stats().corrupt_records
+                corrupt_records = ((0 if f"{name}/messages" in explained else q._msgs.stats().corrupt_records)
+                                   + (0 if f"{name}/state" in explained else q._journal.stats().corrupt_records))
                 if corrupt_records:
                     rep.corrupt += corrupt_records
                     problems.append(f"queue {name!r}: {corrupt_records} corrupt records skipped while reading")
@@ -408,6 +450,9 @@ def check(
         raise AssertionError(f"draining {path} failed: {e!r}") from e
     finally:
         qlog_logger.removeHandler(warn)
+    warn.records = [w for w in warn.records
+                    if not ("damaged record(s) found on open" in w
+                            and any(f"{os.sep}{log.replace('/', os.sep)}'" in w for log in explained))]
     if warn.records:
         rep.corrupt += len(warn.records)
         problems.append(f"the drain logged warnings (messages missing from their log): {warn.records[:5]}")
@@ -554,7 +599,8 @@ def check(
             if i in have:
                 continue
             mid = key_owner.get((src, f"{batch}/{i}"))
-            if mid is not None and (src, mid) in acking:
+            if mid is not None and ((src, mid) in acking or (
+                    may_have_expired is not None and may_have_expired(src, mid))):
                 have.add(i)
         if have != set(range(n)):
             problems.append(f"batch {batch} of {src!r} is half there: messages {sorted(have)} of {n}")
@@ -574,14 +620,14 @@ def check(
             continue
         if f not in must_set:
             continue
-        if k[0] in retention:
+        if k[0] in retention and (may_have_expired is None or may_have_expired(k[0], k[1])):
             expired_ids[k[0]].append(k[1])
             continue
         lost.append(f"{k[0]}/{k[1]} ({f.key})")
     rep.checked += rep.sends_in_flight
     for q, ids in expired_ids.items():
         rep.expired += len(ids)
-        if len(ids) > expired_by_queue.get(q, 0):
+        if may_have_expired is None and len(ids) > expired_by_queue.get(q, 0):
             lost += [f"{q}/{mid} (gone; the queue counts only {expired_by_queue.get(q, 0)} expired)"
                      for mid in ids]
     # dead-letterings seen must stay (in the DLQ, or acked there)

@@ -142,3 +142,35 @@ def test_power_cut_writing_back_only_the_end_of_a_batch_leaves_it_whole_or_gone(
             for s, p in recs:
                 decode_payload(p)
             assert log.append(b"next") > first + 3
+
+
+def test_after_a_reboot_reopening_without_appending_never_hands_out_a_number_again(tmp_path):
+    """Records handed out in "none" never reached the disk; the power goes.
+    After the reboot the log skips past every number that may have been
+    seen, and keeps doing so when it is closed and opened again in the same
+    boot before anything is appended (a process that only looked): the next
+    append gets a number above the ones handed out before the cut."""
+    rng = random.Random(11)
+    live, shadow, out = tmp_path / "live", tmp_path / "shadow", tmp_path / "after"
+    live.mkdir()
+    rec = Recorder(str(live), str(shadow), new_boot_id(rng))
+    with syscalls(**rec.hooks()):
+        with qlog.Log(live, durability="none", segment_bytes=SEGMENT) as log:
+            handed = [log.append(make_payload(i)) for i in range(5)]
+            # the power goes: nothing but the directory and `meta` is durable
+            materialise(str(live), str(shadow), str(out))
+    with syscalls(boot_id=boot_id_hook(new_boot_id(rng))):
+        for opened in range(3):
+            with qlog.Log(out, durability="none", segment_bytes=SEGMENT) as log:
+                assert read_all(log) == []
+                assert log.next_seq > max(handed), (
+                    f"open {opened} after the reboot would number from {log.next_seq}; "
+                    f"{handed} were handed out before the cut")
+        with qlog.Log(out, durability="none", segment_bytes=SEGMENT) as log:
+            first = log.append(make_payload(100))
+            assert first > max(handed)
+            second = log.append(make_payload(101))
+        with qlog.Log(out, durability="none", segment_bytes=SEGMENT) as log:
+            # in the same boot, after records: dense again, nothing lost
+            assert [s for s, _ in read_all(log)] == [first, second]
+            assert log.next_seq == second + 1
