@@ -1044,6 +1044,17 @@ class Log:
             return
         if idx.base != s.base or idx.salt != s.salt or idx.segment_length != s.size or not idx.entries:
             return
+        # A cache: one that passes its CRC but is not what a scan would build
+        # (entries out of order or outside the records, the last one not a
+        # record with its number) is ignored, and the segment scanned instead.
+        prev_seq = prev_off = -1
+        for seq, off in idx.entries:
+            if off % 8 or not _HDR <= off <= s.size - _RH or off <= prev_off or seq <= prev_seq:
+                return
+            prev_seq, prev_off = seq, off
+        hit = _check(s.map, prev_off, s.size, s.salt32, None) if s.map is not None else None
+        if not hit or hit[1] != prev_seq:
+            return
         s.iseq = [e[0] for e in idx.entries]
         s.ioff = [e[1] for e in idx.entries]
         s.scanned_to = s.size
@@ -1165,6 +1176,13 @@ class Log:
             if not s.salt32:
                 continue
             k = bisect_right(s.iseq, from_seq) - 1
+            # Start at an entry whose record checks out with its number (one
+            # damaged since, or one an index file got wrong, is passed over).
+            while k >= 0:
+                hit = _check(s.map, s.ioff[k], bound, s.salt32, None)
+                if hit and hit[1] == s.iseq[k]:
+                    break
+                k -= 1
             off = s.ioff[k] if k >= 0 else _HDR
             last: Optional[int] = None
             buf = s.map

@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import qlog
-from qlog import _pure, _state, errors
+from qlog import _pure, _purelog, _state, errors
 
 SEG_HEADER_SIZE = 64
 REC_HEADER_SIZE = 32
@@ -365,10 +365,14 @@ def read_all(log: qlog.Log, from_seq: int = 0, max_records: int = 1000) -> List[
 APPENDED = [b"appended after recovery, 1", b"appended after recovery, 2"]
 
 
-def engine_examines(d: str, starts: List[int], max_records: int) -> Dict[str, Any]:
-    """What the engine makes of directory ``d`` (runs in the child)."""
+ENGINES = {"c": lambda: qlog.Log, "pure": lambda: _purelog.Log}
+
+
+def engine_examines(d: str, starts: List[int], max_records: int, engine: str = "c") -> Dict[str, Any]:
+    """What an engine (``qlog.Log``, or the pure-Python one) makes of
+    directory ``d`` (runs in the child)."""
     out: Dict[str, Any] = {}
-    with qlog.Log(d, durability="none", segment_bytes=SEGMENT_BYTES) as log:
+    with ENGINES[engine]()(d, durability="none", segment_bytes=SEGMENT_BYTES) as log:
         out["full"] = read_all(log, 0, max_records)
         out["windows"] = [(s, read_all(log, s, max_records)) for s in starts]
         rep = log.verify()
@@ -389,6 +393,22 @@ def engine_examines(d: str, starts: List[int], max_records: int) -> Dict[str, An
 def test_mutated_logs_never_crash_the_readers_nor_yield_a_bad_record(
     templates: Tuple[Template, Template], muts: List[tuple], starts: List[int], max_records: int,
 ) -> None:
+    check_mutated_log(templates, muts, starts, max_records, "c")
+
+
+@fuzz_settings(examples=40)
+@given(muts=st.lists(mutation, min_size=1, max_size=4),
+       starts=st.lists(st.integers(0, 120), max_size=3),
+       max_records=st.sampled_from([1, 3, 1000]))
+def test_mutated_logs_in_the_pure_engine(
+    templates: Tuple[Template, Template], muts: List[tuple], starts: List[int], max_records: int,
+) -> None:
+    """The same for the pure-Python engine (qlog/_purelog.py)."""
+    check_mutated_log(templates, muts, starts, max_records, "pure")
+
+
+def check_mutated_log(templates: Tuple[Template, Template], muts: List[tuple], starts: List[int],
+                      max_records: int, engine: str) -> None:
     t, other = templates
     files = apply_mutations(t, other, muts)
     d = materialise(files)
@@ -398,7 +418,7 @@ def test_mutated_logs_never_crash_the_readers_nor_yield_a_bad_record(
         pure_before = _pure.read_log(d, damage=pure_damage)
         check_records(pure_before, t.expected, "pure reader", other.expected)
 
-        out = in_child(engine_examines, d, starts, max_records)  # open: recovery
+        out = in_child(engine_examines, d, starts, max_records, engine)  # open: recovery
         check_records(out["full"], t.expected, "engine read", other.expected)
         full = out["full"]
         for s, got in out["windows"]:
@@ -793,6 +813,7 @@ def test_queue_over_a_checkpoint_naming_a_negative_message_refuses_it(
     assert "checkpoint" in msg and "negative message number" in msg
 
 
+@pytest.mark.parametrize("engine", sorted(ENGINES))
 @pytest.mark.parametrize("entry_field, value", [
     ("offset", (1 << 64) - 64),   # before the mapping, once added to it
     ("offset", 1 << 40),          # far past the end of the file
@@ -800,7 +821,7 @@ def test_queue_over_a_checkpoint_naming_a_negative_message_refuses_it(
     ("seq", 9),                   # a number the record there does not have
 ])
 def test_index_file_that_passes_its_crc_but_lies_is_not_trusted(
-    tmp_path: Any, entry_field: str, value: int,
+    tmp_path: Any, entry_field: str, value: int, engine: str,
 ) -> None:
     """A sealed segment's .idx is a cache: an entry pointing outside the
     file or at another record must cost no record (and read no memory
@@ -818,7 +839,7 @@ def test_index_file_that_passes_its_crc_but_lies_is_not_trusted(
     open(idx, "wb").write(bytes(b))
 
     def reads(d: str) -> List[Any]:
-        with qlog.Log(d, durability="none", segment_bytes=SEGMENT_BYTES) as log:
+        with ENGINES[engine]()(d, durability="none", segment_bytes=SEGMENT_BYTES) as log:
             return [read_all(log, s) for s in (0, 1, 5)] + [log.stats().corrupt_records]
 
     got = in_child(reads, d)
