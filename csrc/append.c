@@ -68,7 +68,7 @@ static int writer_map(qlog_log *log)
     if (log->w_fd < 0) {
         char path[4200];
         log_path(log, c->active_base, ".seg", path, sizeof path);
-        log->w_fd = qlog_sys.open(path, O_RDWR, 0);
+        log->w_fd = qlog_sys.open(path, O_RDWR | O_NOFOLLOW, 0);
         if (log->w_fd < 0)
             return log_fail(log, QLOG_EIO);
     }
@@ -414,7 +414,7 @@ static int commit_as_leader(qlog_log *log)
             qlog_sys.close(log->s_fd);
         char path[4200];
         log_path(log, s.active_base, ".seg", path, sizeof path);
-        log->s_fd = qlog_sys.open(path, O_RDWR, 0);
+        log->s_fd = qlog_sys.open(path, O_RDWR | O_NOFOLLOW, 0);
         log->s_base = s.active_base;
         if (log->s_fd < 0)
             /* Rolled and deleted under us: rolls sync what they seal, so

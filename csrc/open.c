@@ -15,7 +15,6 @@
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <sys/vfs.h>
 #include <linux/futex.h>
 #include <limits.h>
 #include <time.h>
@@ -228,7 +227,7 @@ static void repair_writer(qlog_log *log)
             fsync_dir(log);
     }
     log_path(log, c->active_base, ".seg", path, sizeof path);
-    int fd = qlog_sys.open(path, O_RDWR, 0);
+    int fd = qlog_sys.open(path, O_RDWR | O_NOFOLLOW, 0);
     if (fd < 0) {
         STORE(&c->need_roll, 1);
         return;
@@ -352,11 +351,13 @@ static int seg_create(qlog_log *log, uint64_t base, uint64_t cap, int *fd_out,
         return code;
     }
     fmt_seg_header_encode(hdr, base, salt, now_ns());
-    if (qlog_sys.pwrite(fd, hdr, sizeof hdr, 0) != (int64_t)sizeof hdr) {
+    int64_t w = qlog_sys.pwrite(fd, hdr, sizeof hdr, 0);
+    if (w != (int64_t)sizeof hdr) {
+        int code = (w < 0 && errno == ENOSPC) ? QLOG_ENOSPC : QLOG_EIO;
         log_fail(log, QLOG_EIO);
         qlog_sys.close(fd);
         qlog_sys.unlink(path);
-        return QLOG_EIO;
+        return code;
     }
     /* The header and the allocation are durable before the file's name is:
      * a segment that survives a power cut by name always has its header. */
@@ -435,7 +436,7 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
 {
     char path[4200];
     log_path(log, base, ".seg", path, sizeof path);
-    int fd = qlog_sys.open(path, O_RDWR, 0);
+    int fd = qlog_sys.open(path, O_RDWR | O_NOFOLLOW, 0);
     if (fd < 0)
         return log_fail(log, QLOG_EIO);
     struct stat st;
@@ -617,7 +618,7 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
  * would end: a segment whose creation was cut short. */
 static int seg_holds_no_data(const char *path)
 {
-    int fd = qlog_sys.open(path, O_RDONLY, 0);
+    int fd = qlog_sys.open(path, O_RDONLY | O_NOFOLLOW, 0);
     if (fd < 0)
         return 0;
     struct stat st;
@@ -844,6 +845,27 @@ int qlog_open(const char *dir, int durability, uint64_t segment_bytes, int mode,
         r = QLOG_ENOMEM;
         goto fail;
     }
+    /* NFS is refused before anything is created: the directory's
+     * filesystem, or its parent's while it does not exist yet (checked
+     * again below, once it does). */
+    int64_t fstype;
+    int known = qlog_sys.fs_type(dir, &fstype) == 0;
+    if (!known) {
+        char parent[4200];
+        snprintf(parent, sizeof parent, "%s", dir);
+        char *slash = strrchr(parent, '/');
+        if (!slash)
+            snprintf(parent, sizeof parent, ".");
+        else if (slash == parent)
+            slash[1] = '\0';
+        else
+            *slash = '\0';
+        known = qlog_sys.fs_type(parent, &fstype) == 0;
+    }
+    if (known && fstype == NFS_SUPER_MAGIC) {
+        r = QLOG_ENFS;
+        goto fail;
+    }
     if (qlog_sys.mkdir(dir, mode | ((mode & 0444) >> 2)) == 0) {
         /* a new directory: make its name durable in the parent */
         char parent[4200];
@@ -857,8 +879,7 @@ int qlog_open(const char *dir, int durability, uint64_t segment_bytes, int mode,
         r = log_fail(log, QLOG_EIO);
         goto fail;
     }
-    struct statfs sfs;
-    if (statfs(dir, &sfs) == 0 && sfs.f_type == NFS_SUPER_MAGIC) {
+    if (qlog_sys.fs_type(dir, &fstype) == 0 && fstype == NFS_SUPER_MAGIC) {
         r = QLOG_ENFS;
         goto fail;
     }

@@ -84,6 +84,8 @@ typedef struct qlog_vfs {
     int     (*writeback)(int fd, int64_t off, int64_t len);  /* start writeback
                                            of a range, do not wait (a hint:
                                            makes nothing durable) */
+    int     (*fs_type)(const char *path, int64_t *type);  /* statfs(2)'s
+                                           f_type of path's filesystem */
 } qlog_vfs;
 
 void qlog_vfs_get(qlog_vfs *out);            /* the table in use */

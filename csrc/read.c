@@ -147,7 +147,7 @@ static void idx_load(qlog_log *log, seginfo *s)
 {
     char path[4200];
     log_path(log, s->base, ".idx", path, sizeof path);
-    int fd = qlog_sys.open(path, O_RDONLY, 0);
+    int fd = qlog_sys.open(path, O_RDONLY | O_NOFOLLOW, 0);
     if (fd < 0)
         return;
     struct stat st;
@@ -257,7 +257,7 @@ static int seg_ready(qlog_log *log, seginfo *s, const snapshot *snap)
     if (s->fd < 0) {
         char path[4200];
         log_path(log, s->base, ".seg", path, sizeof path);
-        s->fd = qlog_sys.open(path, O_RDONLY, 0);
+        s->fd = qlog_sys.open(path, O_RDONLY | O_NOFOLLOW, 0);
         if (s->fd < 0) {
             if (errno == ENOENT) {
                 s->gone = 1;
@@ -661,7 +661,7 @@ static int64_t verify_impl(qlog_log *log, qlog_damage *out, size_t max, uint64_t
             break;
         char path[4200];
         log_path(log, bases[i], ".seg", path, sizeof path);
-        int fd = qlog_sys.open(path, O_RDONLY, 0);
+        int fd = qlog_sys.open(path, O_RDONLY | O_NOFOLLOW, 0);
         if (fd < 0)
             continue;                   /* deleted meanwhile */
         struct stat st;

@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 static int sys_open(const char *path, int flags, int mode)
@@ -115,16 +116,25 @@ static int sys_writeback(int fd, int64_t off, int64_t len)
     return sync_file_range(fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE);
 }
 
+static int sys_fs_type(const char *path, int64_t *type)
+{
+    struct statfs s;
+    if (statfs(path, &s) != 0)
+        return -1;
+    *type = (int64_t)s.f_type;
+    return 0;
+}
+
 static const qlog_vfs default_table = {
     sys_open, sys_close, sys_pread, sys_pwrite, sys_fdatasync, sys_fsync,
     sys_rename, sys_unlink, sys_ftruncate, sys_fallocate, sys_mkdir,
-    sys_mmap, sys_munmap, sys_boot_id, sys_writeback,
+    sys_mmap, sys_munmap, sys_boot_id, sys_writeback, sys_fs_type,
 };
 
 qlog_vfs qlog_sys = {
     sys_open, sys_close, sys_pread, sys_pwrite, sys_fdatasync, sys_fsync,
     sys_rename, sys_unlink, sys_ftruncate, sys_fallocate, sys_mkdir,
-    sys_mmap, sys_munmap, sys_boot_id, sys_writeback,
+    sys_mmap, sys_munmap, sys_boot_id, sys_writeback, sys_fs_type,
 };
 
 void qlog_vfs_get(qlog_vfs *out) { *out = qlog_sys; }
@@ -149,5 +159,6 @@ void qlog_vfs_set(const qlog_vfs *t)
     if (!n.munmap) n.munmap = default_table.munmap;
     if (!n.boot_id) n.boot_id = default_table.boot_id;
     if (!n.writeback) n.writeback = default_table.writeback;
+    if (!n.fs_type) n.fs_type = default_table.fs_type;
     qlog_sys = n;
 }

@@ -43,6 +43,32 @@ _alloc = ffi.new_allocator(should_clear_after_alloc=False)
 logger = logging.getLogger("qlog")
 
 
+NFS_SUPER_MAGIC = 0x6969
+
+
+def refuse_nfs(path: str) -> None:
+    """Raise :class:`~qlog.UnsupportedFilesystemError` if ``path`` (or,
+    while it does not exist, its nearest existing parent) is on NFS, which
+    the engine refuses.  Checked through the engine's syscall table."""
+    p = os.path.abspath(path)
+    while not os.path.isdir(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    t = ffi.new("qlog_vfs *")
+    lib.qlog_vfs_get(t)
+    out = ffi.new("int64_t *")
+    if t.fs_type(os.fsencode(p), out) == 0 and out[0] == NFS_SUPER_MAGIC:
+        raise errors.UnsupportedFilesystemError(
+            f"{path} is on NFS, which qlog does not support (its file locks and shared "
+            "mappings are not safe there): use a local filesystem"
+        )
+
+
+def _strerror(err: int) -> str:
+    if err == _errno.ELOOP:  # the engine opens segments with O_NOFOLLOW
+        return "a segment file is a symbolic link, and qlog does not follow links in a log directory"
+    return os.strerror(err)
+
+
 def _raise(code: int, what: str, h=None) -> None:
     msg = ffi.string(lib.qlog_strerror(code)).decode()
     if code == lib.QLOG_ENOSPC:
@@ -51,7 +77,7 @@ def _raise(code: int, what: str, h=None) -> None:
         raise errors.LogPoisonedError(_errno.EIO, f"{what}: {msg}")
     if code == lib.QLOG_EIO:
         err = lib.qlog_errno(h) if h is not None else 0
-        raise errors.StorageError(err, f"{what}: {os.strerror(err) if err else msg}")
+        raise errors.StorageError(err, f"{what}: {_strerror(err) if err else msg}")
     if code == lib.QLOG_EFORMAT:
         raise errors.FormatError(f"{what}: {msg}")
     if code == lib.QLOG_ENFS:
@@ -133,7 +159,7 @@ class Log:
         if rc:
             if rc == lib.QLOG_EIO:
                 err = ffi.errno
-                raise errors.StorageError(err, f"cannot open log {self.path!r}: {os.strerror(err)}")
+                raise errors.StorageError(err, f"cannot open log {self.path!r}: {_strerror(err)}")
             if rc == lib.QLOG_ECORRUPT and _held_by_pure_engine(self.path):
                 raise errors.EngineConflictError(
                     f"cannot open log {self.path!r} with the C engine: it is open (in this or another "

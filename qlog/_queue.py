@@ -31,7 +31,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, NoReturn, Optional, Sequence, Tuple, Union
 
 from . import errors
 from ._engine import Log, append1 as _append1, ids as _ids, scan_messages as _scan
@@ -55,6 +55,7 @@ from ._settings import (
     MAX_DELAY,
     MAX_PULL_BATCH,
     MAX_SEND_BATCH,
+    MAX_SEND_BATCH_BYTES,
     QueueSettings,
     check_name,
     load_toml,
@@ -70,6 +71,7 @@ DATA_FORMAT = 1
 _FORMAT_FILE = "qlog-format"
 _JOURNAL_SEGMENT = 16 << 20
 _SCAN_LIMIT = 10_000  # messages a pull looks past (delayed ones) before returning
+_REC_HEAD = 32  # bytes of record header before each payload (FORMAT.md)
 _READ_GAP = 64  # messages wanted this close together come in one read
 _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
@@ -217,7 +219,10 @@ class Queue:
             raise errors.LogClosedError(f"queue {self.name!r} is closed")
         seq = _append1(h, payload, len(payload))  # Log.append, minus a call
         if seq < 0:
-            self._msgs._append_error(seq, len(payload))
+            try:
+                self._msgs._append_error(seq, len(payload))
+            except errors.DiskFullError as e:
+                self._disk_full(e, [payload])
         if now > self._next_sweep:
             self._sweep(now)
         return f"{self._idpre}{seq:016x}"
@@ -229,7 +234,7 @@ class Queue:
         content_type: str = "json",
         delay_seconds: Optional[float] = None,
     ) -> List[str]:
-        """Send up to 1,000 messages as one atomic, durable write: after any
+        """Send up to 1,000 messages (256 MiB of bodies in all) as one atomic, durable write: after any
         crash all of them are in the queue or none.  Items are bodies (of
         ``content_type``) or :class:`MessageSendRequest` with their own
         options.  Returns the ids in order."""
@@ -264,7 +269,13 @@ class Queue:
             if big > limit:
                 i = next(i for i, b in enumerate(bodies) if len(b) > limit)
                 self._too_large(i, len(bodies[i]), limit)
-            seq = self._msgs.append_batch(bodies, HEADER.pack(VERSION, ct, 0, delay // 1000, now))
+            if big * n > MAX_SEND_BATCH_BYTES:
+                self._batch_bytes(sum(map(len, bodies)))
+            prefix = HEADER.pack(VERSION, ct, 0, delay // 1000, now)
+            try:
+                seq = self._msgs.append_batch(bodies, prefix)
+            except errors.DiskFullError as e:
+                self._disk_full(e, bodies, len(prefix))
         else:
             payloads = []
             for i, m in enumerate(messages):
@@ -281,7 +292,11 @@ class Queue:
                 if len(data) > limit:
                     self._too_large(i, len(data), limit)
                 payloads.append(HEADER.pack(VERSION, mct, 0, mdelay // 1000, now) + data)
-            seq = self._msgs.append_batch(payloads)
+            self._batch_bytes(sum(map(len, payloads)) - HEADER.size * n)
+            try:
+                seq = self._msgs.append_batch(payloads)
+            except errors.DiskFullError as e:
+                self._disk_full(e, payloads)
         if now > self._next_sweep:
             self._sweep(now)
         return _ids(self._idpre, seq, n)
@@ -295,6 +310,7 @@ class Queue:
             raise errors.BatchTooLargeError(
                 f"a batch needs 1 to {MAX_SEND_BATCH} messages, got {len(items)}"
             )
+        self._batch_bytes(sum(len(d) for _, d in items))
         now = self._now_us()
         limit = self.settings.max_message_size
         payloads = []
@@ -302,7 +318,29 @@ class Queue:
             if len(data) > limit:
                 self._too_large(i, len(data), limit)
             payloads.append(HEADER.pack(VERSION, ct, 0, 0, now) + data)
-        return _ids(self._idpre, self._msgs.append_batch(payloads), len(items))
+        try:
+            seq = self._msgs.append_batch(payloads)
+        except errors.DiskFullError as e:
+            self._disk_full(e, payloads)
+        return _ids(self._idpre, seq, len(items))
+
+    def _disk_full(self, e: errors.DiskFullError, payloads: Sequence[bytes], extra: int = 0) -> NoReturn:
+        """Raise ``e`` again, naming the queue and the space the send needed."""
+        need = sum((_REC_HEAD + extra + len(p) + 7) & ~7 for p in payloads)
+        what = "a message" if len(payloads) == 1 else f"a batch of {len(payloads)} messages"
+        raise errors.DiskFullError(
+            e.errno,
+            f"no space left on device to send {what} to queue {self.name!r} "
+            f"({need} bytes needed in {self._msgs.path}); nothing was sent: free space "
+            "(consumed messages' segments are removed as the queue checkpoints) and send again",
+        ) from None
+
+    def _batch_bytes(self, total: int) -> None:
+        if total > MAX_SEND_BATCH_BYTES:
+            raise errors.BatchTooLargeError(
+                f"send_batch of {total} bytes of message bodies is more than the limit of "
+                f"{MAX_SEND_BATCH_BYTES} bytes; nothing was sent"
+            )
 
     def _encode_at(self, body: Any, ct: int, i: int) -> bytes:
         try:
@@ -457,7 +495,7 @@ class Queue:
                     b"P", (deadline, frm, cur, to_dlq, now),
                     [new, new_sent, re, re_att, dfr, dfr_due, dfr_sent, exp, dead],
                 )
-                js = self._journal.append(rec)
+                js = self._journal_append(rec, "a pull")
             except BaseException:
                 st.requeue(cands)
                 raise
@@ -648,11 +686,24 @@ class Queue:
 
     # -- acks and retries (called by Message and MessageBatch) -----------
 
+    def _journal_append(self, rec: bytes, what: str) -> int:
+        """Append ``rec`` to the state journal; a full disk is reported
+        naming the queue, what was refused and the space it needed."""
+        try:
+            return self._journal.append(rec)
+        except errors.DiskFullError as e:
+            raise errors.DiskFullError(
+                e.errno,
+                f"no space left on device to record {what} in the state journal of queue "
+                f"{self.name!r} ({(_REC_HEAD + len(rec) + 7) & ~7} bytes needed in "
+                f"{self._journal.path}); nothing was recorded: try again once space is freed",
+            ) from None
+
     def _ack(self, seqs: List[int]) -> None:
         rec = encode(b"A", (), [seqs])
         with self._mu:
             self._state()
-            js = self._journal.append(rec)
+            js = self._journal_append(rec, f"an ack of {len(seqs)} message(s)")
             self._apply_own(js, lambda s: s.apply_ack(seqs))
 
     def _extend(self, messages: List[Message], deadline_us: int) -> None:
@@ -685,7 +736,8 @@ class Queue:
                 seqs = [m._seq for m in normal]
                 atts = [m.attempts for m in normal]
                 dues = [now + delay_us] * len(normal)
-                js = self._journal.append(encode(b"R", (), [seqs, atts, dues]))
+                js = self._journal_append(encode(b"R", (), [seqs, atts, dues]),
+                                          f"a retry of {len(seqs)} message(s)")
                 self._apply_own(js, lambda s: s.apply_retry(seqs, atts, dues))
             if final:
                 # Under the lock, so that a pull finding the same lease run
@@ -797,7 +849,13 @@ class Queue:
                     os.unlink(os.path.join(self._dir, name))
                 except FileNotFoundError:
                     pass
-        write_checkpoint(self._ckpt_path, st.snapshot(), self._mode)
+        try:
+            write_checkpoint(self._ckpt_path, st.snapshot(), self._mode)
+        except errors.StorageError as e:
+            # Upkeep, not the caller's operation: that one is done.  The
+            # journal keeps every record after the previous checkpoint.
+            logger.warning("queue %r: %s", self.name, e)
+            return
         self._ckpt_pos = st.applied
         self._journal.truncate_before(st.applied)
         self._msgs.truncate_before(st.floor())
@@ -916,6 +974,16 @@ class _FileLock:
         self.release()
 
 
+def _refuse_nfs(path: str) -> None:
+    """The C engine's NFS check, made before anything is created (the
+    pure-Python engine has its own, when it opens a log)."""
+    try:
+        from ._log import refuse_nfs
+    except ImportError:  # no compiled engine
+        return
+    refuse_nfs(path)
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -948,9 +1016,13 @@ class Broker:
         self.durability = durability
         self._clock = clock or time.time
         self.mode = mode
-        makedirs(os.path.join(self.path, "queues"), mode)
-        self._check_format()
+        # Everything that can refuse the directory is checked before
+        # anything is created in it.
+        _refuse_nfs(self.path)
         self._file_settings = load_toml(self.path)
+        self._check_format(create=False)
+        makedirs(os.path.join(self.path, "queues"), mode)
+        self._check_format()  # made after queues/: its directory fsync covers both
         self._queues: Dict[str, Queue] = {}
         self._lock = threading.RLock()
         self._closed = False
@@ -1001,13 +1073,20 @@ class Broker:
                 self._sender_pool = ThreadPoolExecutor(32, thread_name_prefix="qlog-send")
             return self._sender_pool
 
-    def _check_format(self) -> None:
+    def _check_format(self, create: bool = True) -> None:
+        """Refuse a directory of another data format; with ``create``, mark
+        a new one with this format, durably."""
         path = os.path.join(self.path, _FORMAT_FILE)
         try:
+            if not create:
+                raise FileExistsError(path)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.mode)
         except FileExistsError:
-            with io.open(path, "rb") as f:
-                raw = f.read().strip()
+            try:
+                with io.open(path, "rb") as f:
+                    raw = f.read().strip()
+            except FileNotFoundError:
+                return  # not created yet (create=False)
             try:
                 version = int(raw)
             except ValueError:

@@ -13,6 +13,7 @@ from ._types import DURABILITY_MODES
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
 MAX_DELAY = 86_400  # seconds: Cloudflare's limit on a message or retry delay
 MAX_SEND_BATCH = 1000
+MAX_SEND_BATCH_BYTES = 256 << 20  # bodies of one send_batch, in all
 MAX_PULL_BATCH = 1000
 UNLIMITED = "unlimited"
 

@@ -46,7 +46,7 @@ real = ffi.new("qlog_vfs *")
 lib.qlog_vfs_get_default(real)
 
 HOOKS = ("open", "close", "pread", "pwrite", "fdatasync", "fsync", "rename", "unlink",
-         "ftruncate", "fallocate", "boot_id", "writeback")
+         "ftruncate", "fallocate", "boot_id", "writeback", "fs_type")
 PAGE = 4096
 
 _handlers: Dict[str, Callable] = {}

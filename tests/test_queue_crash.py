@@ -157,12 +157,18 @@ def producer(path: str, durability: str, side: str, producer_id: int, seed: int)
 def checkpoint_victim(path: str) -> None:
     """Child main: ack what one pull got, then close the queue and die
     (SIGKILL) in the checkpoint's fdatasync, its temporary file written."""
-    with qlog.open(path, durability="none") as broker:
-        q = broker.queue(QUEUE, **SETTINGS)
-        q.pull(batch_size=10).ack_all()
-        os.write(1, b"acked\n")
-        # The engine syncs in C; the only Python fdatasync is the checkpoint's.
-        os.fdatasync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+    from _simvfs import fd_path, real, syscalls
+
+    def fdatasync(fd: int) -> int:
+        if os.path.basename(fd_path(fd)).startswith("checkpoint."):   # its temporary file, written
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real.fdatasync(fd)
+
+    with syscalls(fatal=True, fdatasync=fdatasync):
+        with qlog.open(path, durability="none") as broker:
+            q = broker.queue(QUEUE, **SETTINGS)
+            q.pull(batch_size=10).ack_all()
+            os.write(1, b"acked\n")
     os.write(1, b"closed\n")
 
 
