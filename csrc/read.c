@@ -105,13 +105,16 @@ static int reader_refresh(qlog_log *log, uint64_t gen)
 
 /* A header that fails its CRC costs the segment nothing: each record
  * carries the salt's low half and covers it with its own CRC, so the first
- * record that checks out under the salt it names gives the salt. */
-int infer_salt(const uint8_t *map, uint64_t end, uint64_t *salt)
+ * record that checks out under the salt it names gives the salt.  Only a
+ * record numbered at or above the segment's base (its file name) can be
+ * one of its own: bytes of an earlier segment copied over this one must
+ * not lend it their salt. */
+int infer_salt(const uint8_t *map, uint64_t end, uint64_t base, uint64_t *salt)
 {
     for (uint64_t off = QLOG_SEG_HEADER_SIZE; off + QLOG_REC_HEADER_SIZE <= end;
          off += QLOG_REC_ALIGN) {
         uint32_t s32 = ld32(map + off + REC_OFF_SALT);
-        if (s32 && fmt_rec_check(map + off, end - off, s32, 0, 0, NULL)) {
+        if (s32 && fmt_rec_check(map + off, end - off, s32, base > 0, base - (base > 0), NULL)) {
             *salt = s32;
             return 1;
         }
@@ -164,26 +167,45 @@ static void idx_load(qlog_log *log, seginfo *s)
     crc = qlog_crc32c(crc, buf + QLOG_IDX_HEADER_SIZE, (size_t)count * QLOG_IDX_ENTRY_SIZE);
     if (qlog_crc_unmask(ld32(buf + IDX_OFF_CRC)) != crc)
         goto out;
+    /* The index is a cache: one that passes its CRC but is not what a scan
+     * would build (entries out of order or outside the records, the last
+     * one not a record with its number, none for a segment that may hold
+     * records) is ignored, and the segment scanned instead. */
+    if (count == 0 && s->size >= QLOG_SEG_HEADER_SIZE + QLOG_REC_HEADER_SIZE)
+        goto out;
     s->icount = 0;
     for (uint32_t i = 0; i < count; i++) {
         const uint8_t *e = buf + QLOG_IDX_HEADER_SIZE + (size_t)i * QLOG_IDX_ENTRY_SIZE;
-        if (idx_push(s, ld64(e), ld64(e + 8)))
+        uint64_t seq = ld64(e), off = ld64(e + 8);
+        if (off % QLOG_REC_ALIGN || off < QLOG_SEG_HEADER_SIZE || off > s->size ||
+            s->size - off < QLOG_REC_HEADER_SIZE ||
+            (i > 0 && (off <= s->ioff[i - 1] || seq <= s->iseq[i - 1])) || idx_push(s, seq, off)) {
+            s->icount = 0;
             goto out;
+        }
     }
-    s->scanned_to = s->size;
     s->scan_have_last = count > 0;
     s->scan_last = count ? s->iseq[count - 1] : 0;
     /* The last record's number: walk the last stride (at most ~4 KiB). */
     if (count && s->map) {
         uint64_t off = s->ioff[count - 1];
         rec_view rv;
-        uint64_t sz;
-        while (off + QLOG_REC_HEADER_SIZE <= s->size &&
-               (sz = fmt_rec_check(s->map + off, s->size - off, (uint32_t)s->salt, 0, 0, &rv))) {
+        uint64_t sz = fmt_rec_check(s->map + off, s->size - off, (uint32_t)s->salt, 0, 0, &rv);
+        if (!sz || rv.seq != s->scan_last) {
+            s->icount = 0;
+            s->scan_have_last = 0;
+            s->scan_last = 0;
+            goto out;
+        }
+        while (sz) {
             s->scan_last = rv.seq;
             off += sz;
+            sz = off + QLOG_REC_HEADER_SIZE <= s->size
+                     ? fmt_rec_check(s->map + off, s->size - off, (uint32_t)s->salt, 0, 0, &rv)
+                     : 0;
         }
     }
+    s->scanned_to = s->size;
     s->idx_saved = 1;
 out:
     free(buf);
@@ -272,7 +294,7 @@ static int seg_ready(qlog_log *log, seginfo *s, const snapshot *snap)
                 s->header_bad = 1;
                 __atomic_add_fetch(&log->n_corrupt, 1, __ATOMIC_RELAXED);
                 uint64_t salt = 0;
-                if (infer_salt(s->map, hdr_avail, &salt))
+                if (infer_salt(s->map, hdr_avail, s->base, &salt))
                     s->salt = salt;
             }
             s->scanned_to = QLOG_SEG_HEADER_SIZE;
@@ -328,11 +350,13 @@ static int idx_extend(qlog_log *log, seginfo *s, uint64_t bound)
 }
 
 /* Offset to start a walk for from_seq: the last index entry at or below
- * it, or the first record. */
-static uint64_t idx_lookup(const seginfo *s, uint64_t from)
+ * it whose record checks out with the entry's number (an entry on a record
+ * damaged since, or one an index file got wrong, is passed over), or the
+ * first record. */
+static uint64_t idx_lookup(const seginfo *s, uint64_t from, uint64_t bound)
 {
-    if (s->icount == 0 || s->iseq[0] > from)
-        return s->icount ? s->ioff[0] : QLOG_SEG_HEADER_SIZE;
+    if (s->icount == 0)
+        return QLOG_SEG_HEADER_SIZE;
     size_t lo = 0, hi = s->icount;
     while (hi - lo > 1) {
         size_t mid = (lo + hi) / 2;
@@ -341,7 +365,15 @@ static uint64_t idx_lookup(const seginfo *s, uint64_t from)
         else
             hi = mid;
     }
-    return s->ioff[lo];
+    for (size_t k = lo + 1; k-- > 0;) {
+        uint64_t off = s->ioff[k];
+        rec_view rv;
+        if (off < bound && bound - off >= QLOG_REC_HEADER_SIZE &&
+            fmt_rec_check(s->map + off, bound - off, (uint32_t)s->salt, 0, 0, &rv) &&
+            rv.seq == s->iseq[k])
+            return off;
+    }
+    return QLOG_SEG_HEADER_SIZE;
 }
 
 static int64_t read_impl(qlog_log *log, uint64_t from_seq, size_t max_records, size_t max_bytes,
@@ -437,7 +469,7 @@ static int64_t read_impl(qlog_log *log, uint64_t from_seq, size_t max_records, s
         if (!s->map || (s->header_bad && s->salt == 0))
             continue;
         uint32_t salt32 = (uint32_t)s->salt;
-        uint64_t off = idx_lookup(s, from_seq), start_off = off;
+        uint64_t off = idx_lookup(s, from_seq, bound), start_off = off;
         uint64_t prev = 0;
         int have_prev = 0;
         while (off + QLOG_REC_HEADER_SIZE <= bound) {
@@ -658,7 +690,7 @@ static int64_t verify_impl(qlog_log *log, qlog_damage *out, size_t max, uint64_t
         } else {
             damage_add(out, max, &found, bases[i], 0, QLOG_SEG_HEADER_SIZE, 0,
                        QLOG_DAMAGE_SEG_HEADER);
-            if (!infer_salt(map, end, &salt)) {
+            if (!infer_salt(map, end, bases[i], &salt)) {
                 qlog_sys.munmap(map, end);
                 continue;
             }

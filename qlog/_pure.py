@@ -277,12 +277,14 @@ def _segment_salt(data: bytes, base: Optional[int], damage: List[Damage]) -> Opt
     damage.append(Damage(0, SEG_HEADER_SIZE, "segment-header", None))
     for off in range(SEG_HEADER_SIZE, len(data) - REC_HEADER_SIZE + 1, REC_ALIGN):
         s32: int = struct.unpack_from("<I", data, off + _REC_OFF_SALT)[0]
-        if s32 and _record_at(data, off, s32, None):
+        # only a record numbered from the segment's base on is one of its own
+        if s32 and _record_at(data, off, s32, base - 1 if base else None):
             return s32
     return None
 
 
-def iter_segment(source: Source, *, damage: Optional[List[Damage]] = None) -> Iterator[Record]:
+def iter_segment(source: Source, *, damage: Optional[List[Damage]] = None,
+                 sealed: bool = False) -> Iterator[Record]:
     """The valid records of one segment (a path, or its bytes), in order.
 
     Damage in the middle is skipped by trying each following 8-aligned
@@ -291,6 +293,11 @@ def iter_segment(source: Source, *, damage: Optional[List[Damage]] = None) -> It
     Records of a batch whose last record never came (a torn tail) are not
     yielded: the tail from the end of the last complete batch up to the
     last nonzero byte is reported as 'torn-tail', as recovery drops it.
+
+    ``sealed=True`` reads a sealed segment (any but a log's last) the way
+    the engine does: a sealed segment is never cut, so only damage is
+    skipped, and the records of a batch whose end was damaged away are
+    yielded too.
     """
     found: List[Damage] = [] if damage is None else damage
     data, base = _load(source)
@@ -311,7 +318,7 @@ def iter_segment(source: Source, *, damage: Optional[List[Damage]] = None) -> It
             continue
         last = rec.seq
         pending.append(rec)
-        if not rec.flags & FLAG_BATCH_MORE:
+        if sealed or not rec.flags & FLAG_BATCH_MORE:
             found.extend(held)
             yield from pending
             pending, held = [], []
@@ -338,11 +345,14 @@ def read_log(directory: Union[str, "os.PathLike[str]"], *,
 
     Damage found is appended to ``damage`` as ``(segment base, Damage)``.
     Reads the files as they are: a batch being framed by a live writer at
-    that moment reads as a torn tail."""
+    that moment reads as a torn tail of the last (active) segment; the
+    others are read as sealed (``iter_segment(..., sealed=True)``)."""
     out: List[Tuple[int, bytes]] = []
-    for base, path in segment_files(directory):
+    segs = segment_files(directory)
+    for i, (base, path) in enumerate(segs):
         found: List[Damage] = []
-        out.extend((r.seq, r.payload) for r in iter_segment(path, damage=found))
+        recs = iter_segment(path, damage=found, sealed=i + 1 < len(segs))
+        out.extend((r.seq, r.payload) for r in recs)
         if damage is not None:
             damage.extend((base, d) for d in found)
     return out

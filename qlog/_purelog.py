@@ -174,11 +174,13 @@ def _resync(buf: Any, off: int, end: int, salt32: int, last: Optional[int]) -> i
         pos = hit + 1
 
 
-def _infer_salt(buf: Any, end: int) -> int:
-    """The salt32 named by the first record that checks out under it; 0 if none."""
+def _infer_salt(buf: Any, end: int, base: int) -> int:
+    """The salt32 named by the first record that checks out under it and is
+    numbered from the segment's ``base`` on (bytes of an earlier segment
+    copied over this one must not lend it their salt); 0 if none."""
     for off in range(_HDR, end - _RH + 1, 8):
         s32 = _REC_LEN.unpack_from(buf, off + 24)[0]
-        if s32 and _check(buf, off, end, s32, None):
+        if s32 and _check(buf, off, end, s32, base - 1 if base else None):
             return s32
     return 0
 
@@ -499,7 +501,7 @@ class Log:
                         raise errors.FormatError("base differs from the file name")
                     salt, created = h.salt, h.created_ns
                 except errors.FormatError:
-                    s32 = _infer_salt(buf, fsize) if fsize else 0
+                    s32 = _infer_salt(buf, fsize, base) if fsize else 0
                     if not s32:
                         return None
                     salt, created, header_bad = s32, time.time_ns(), True
@@ -1027,7 +1029,7 @@ class Log:
                     s.salt, s.salt32 = h.salt, h.salt & _U32
                 except errors.FormatError:
                     s.header_bad = True  # costs no record: the records name the salt
-                    s.salt32 = _infer_salt(s.map, min(bound, s.maplen))
+                    s.salt32 = _infer_salt(s.map, min(bound, s.maplen), s.base)
                     s.salt = s.salt32
                     self._n_corrupt += 1
         if s.sealed and not s.idx_saved and s.scanned_to == _HDR and not s.header_bad:
@@ -1041,6 +1043,17 @@ class Log:
         except (OSError, errors.FormatError):
             return
         if idx.base != s.base or idx.salt != s.salt or idx.segment_length != s.size or not idx.entries:
+            return
+        # A cache: one that passes its CRC but is not what a scan would build
+        # (entries out of order or outside the records, the last one not a
+        # record with its number) is ignored, and the segment scanned instead.
+        prev_seq = prev_off = -1
+        for seq, off in idx.entries:
+            if off % 8 or not _HDR <= off <= s.size - _RH or off <= prev_off or seq <= prev_seq:
+                return
+            prev_seq, prev_off = seq, off
+        hit = _check(s.map, prev_off, s.size, s.salt32, None) if s.map is not None else None
+        if not hit or hit[1] != prev_seq:
             return
         s.iseq = [e[0] for e in idx.entries]
         s.ioff = [e[1] for e in idx.entries]
@@ -1163,6 +1176,13 @@ class Log:
             if not s.salt32:
                 continue
             k = bisect_right(s.iseq, from_seq) - 1
+            # Start at an entry whose record checks out with its number (one
+            # damaged since, or one an index file got wrong, is passed over).
+            while k >= 0:
+                hit = _check(s.map, s.ioff[k], bound, s.salt32, None)
+                if hit and hit[1] == s.iseq[k]:
+                    break
+                k -= 1
             off = s.ioff[k] if k >= 0 else _HDR
             last: Optional[int] = None
             buf = s.map
@@ -1330,7 +1350,7 @@ class Log:
                         salt32 = h.salt & _U32
                     except errors.FormatError:
                         add(Damage(base, 0, _HDR, None, "segment-header"))
-                        salt32 = _infer_salt(buf, end)
+                        salt32 = _infer_salt(buf, end, base)
                         if not salt32:
                             continue
                     off, last = _HDR, None

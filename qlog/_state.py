@@ -88,6 +88,9 @@ def decode(payload: bytes) -> Tuple[bytes, Tuple[int, ...], List[memoryview]]:
         raise ValueError("record shorter than its header")
     tag, ns, na = _HEAD.unpack_from(payload)
     fmt = f"<{ns}q{na}I"
+    if len(payload) < 3 + struct.calcsize(fmt):
+        raise ValueError(f"record of {len(payload)} bytes is shorter than its {ns} scalars "
+                         f"and {na} array lengths")
     fields = struct.unpack_from(fmt, payload, 3)
     scalars, lens = fields[:ns], fields[ns:]
     off = 3 + struct.calcsize(fmt)
@@ -133,6 +136,9 @@ class QueueState:
             fn = _APPLY.get(tag)
             if fn is None:
                 raise ValueError(f"unknown record tag {tag!r}")
+            for i in _SEQ_ARRAYS[tag]:
+                if i < len(ar) and len(ar[i]) and min(ar[i]) < 0:
+                    raise ValueError("a negative message number")
             fn(self, sc, ar)
         except (ValueError, struct.error, IndexError, TypeError) as e:
             # A record that passed its CRC but does not parse was written by
@@ -333,15 +339,23 @@ class QueueState:
         leased = array("q", [1 if e[LEASED] else 0 for _, e in items])
         due = array("q", [e[DUE] for _, e in items])
         sent = array("q", [e[SENT] for _, e in items])
+        # Counters saturate at the largest int64: only journal records that
+        # a bug wrote (with absurd message numbers) could take them there.
+        counters = (min(c, _I64_MAX) for c in (self.acked, self.dead_lettered, self.deleted,
+                                                self.expired, self.purged, self.lost))
         head = _CKPT_HEAD.pack(
-            _CKPT_MAGIC, _CKPT_VERSION, self.applied, self.cursor, self.acked,
-            self.dead_lettered, self.deleted, self.expired, self.purged, self.lost, len(items),
+            _CKPT_MAGIC, _CKPT_VERSION, self.applied, self.cursor, *counters, len(items),
         )
         body = head + seqs.tobytes() + att.tobytes() + leased.tobytes() + due.tobytes() + sent.tobytes()
         return body + struct.pack("<I", _crc32c.crc32c(body))
 
     @classmethod
     def from_snapshot(cls, data: bytes) -> "QueueState":
+        """The state a checkpoint holds.  Raises CorruptStateError for one
+        that :meth:`snapshot` cannot have written (CRC, magic, length, a
+        negative position, counter or message number, entries not in
+        strictly ascending order, a leased flag other than 0 or 1),
+        FormatError for another version."""
         if len(data) < _CKPT_HEAD.size + 4:
             raise errors.CorruptStateError("checkpoint is shorter than its header")
         (crc,) = struct.unpack_from("<I", data, len(data) - 4)
@@ -360,8 +374,16 @@ class QueueState:
          st.purged, st.lost, n) = f[2:]
         if len(body) != _CKPT_HEAD.size + 40 * n:
             raise errors.CorruptStateError("checkpoint length does not match its entry count")
+        if min(f[2:11]) < 0:
+            raise errors.CorruptStateError("checkpoint holds a negative position, counter or count")
         mv = memoryview(body)[_CKPT_HEAD.size:].cast("q")
         seqs, att, leased, due, sent = (mv[i * n:(i + 1) * n] for i in range(5))
+        if any(a >= b for a, b in zip(seqs, seqs[1:])):
+            raise errors.CorruptStateError("checkpoint entries are not in ascending order")
+        if n and seqs[0] < 0:
+            raise errors.CorruptStateError("checkpoint holds a negative message number")
+        if not set(leased) <= {0, 1}:
+            raise errors.CorruptStateError("checkpoint holds a leased flag other than 0 or 1")
         for i in range(n):
             st.pending[seqs[i]] = [att[i], bool(leased[i]), due[i], sent[i]]
             st.heap.append((due[i], seqs[i]))
@@ -369,9 +391,14 @@ class QueueState:
         return st
 
 
+_I64_MAX = (1 << 63) - 1
 _CKPT_MAGIC = b"QLOGCKPT"
 _CKPT_VERSION = 1
 _CKPT_HEAD = struct.Struct("<8sI9q")
+
+
+# Which arrays of each record hold message numbers (never negative).
+_SEQ_ARRAYS = {b"P": (0, 2, 4, 7, 8), b"A": (0,), b"R": (0,), b"D": (0,), b"E": (0,), b"X": ()}
 
 
 def _pull(st: QueueState, sc, ar) -> None:
