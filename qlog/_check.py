@@ -170,12 +170,12 @@ def check_log(root: str, queue: str, log: str) -> LogCheck:
     segs = segment_files(path)
     for i, (base, seg) in enumerate(segs):
         found: List[Damage] = []
+        active = i == len(segs) - 1
         try:
-            seqs = [r.seq for r in iter_segment(seg, damage=found)]
+            seqs = [r.seq for r in iter_segment(seg, damage=found, sealed=not active)]
         except OSError as e:
             out.problems.append(Problem(queue, _rel(root, seg), None, None, "unreadable", str(e), segment=base))
             continue
-        active = i == len(segs) - 1
         out.segments.append(SegmentCheck(base, seg, active, seqs, found))
         out.records += len(seqs)
         next_base = segs[i + 1][0] if not active else None
@@ -279,7 +279,7 @@ def _pull_gap(journal: LogCheck, applied: int, cursor: int) -> Optional[Tuple[in
     cursor: pull records before it are missing (FORMAT.md: each pull record
     holds the cursor before and after it; a purge raises the cursor)."""
     for sg in journal.segments:
-        for r in iter_segment(sg.path):
+        for r in iter_segment(sg.path, sealed=not sg.active):
             if r.seq < applied or journal_record_error(r.payload):
                 continue
             tag, sc, _ = decode_journal_record(r.payload)
@@ -302,7 +302,7 @@ def check_queue(root: str, name: str) -> QueueCheck:
     logs = [check_log(root, name, log) for log in LOGS]
     journal = logs[1]
     for sg in journal.segments:
-        for r in iter_segment(sg.path):
+        for r in iter_segment(sg.path, sealed=not sg.active):
             why = journal_record_error(r.payload)
             if why:
                 journal.problems.append(Problem(
@@ -525,7 +525,7 @@ def repair_queue(root: str, name: str, *, dry_run: bool = False,
                         at = "" if p.offset is None else f" at offset {p.offset}"
                         lines.append(f"{_rel(root, s.path)}: {p.kind}{at}: " +
                                      (f"lost {what} {lost}" if lost else "no record lost"))
-                recs = list(iter_segment(s.path))
+                recs = list(iter_segment(s.path, sealed=not s.active))
                 if lg.log == "state":  # records replay would skip are not kept
                     recs = [r for r in recs if journal_record_error(r.payload) is None]
                 lines.append(f"{_rel(root, s.path)}: {verb}keep {len(recs)} intact records in a replacement "
@@ -543,9 +543,10 @@ def repair_queue(root: str, name: str, *, dry_run: bool = False,
         if rebuild:
             msgs: Dict[int, bytes] = {}
             for s in chk.logs[0].segments:
-                for r in iter_segment(s.path):
+                for r in iter_segment(s.path, sealed=not s.active):
                     msgs[r.seq] = r.payload
-            journal = [(r.seq, r.payload) for s in chk.logs[1].segments for r in iter_segment(s.path)
+            journal = [(r.seq, r.payload) for s in chk.logs[1].segments
+                       for r in iter_segment(s.path, sealed=not s.active)
                        if journal_record_error(r.payload) is None]
             base_state = None
             if os.path.exists(ck) and not ck_bad:

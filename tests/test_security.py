@@ -388,16 +388,18 @@ def test_repair_keeps_every_intact_message_and_names_the_lost_ones(tmp_path) -> 
     assert len(segs) >= 4
     victim = records(segs[0])[20]  # a record in the middle of a sealed segment
     flip_byte(segs[0], victim.offset + victim.size // 2)
-    recs = records(segs[2])  # a sealed segment cut in the middle
-    k = len(recs) // 2
+    recs = records(segs[2])  # a sealed segment cut in the middle of a batch
+    k = len(recs) // 2 + 3
+    assert recs[k].flags & 2  # not a batch's first record
     truncate_to(segs[2], recs[k].offset + 40)
     last_batch_start = max(i for i, r in enumerate(records(segs[-1])) if not r.flags & 2)
     tail = records(segs[-1])
     truncate_to(segs[-1], tail[-1].offset + 16)  # torn tail of the active segment
     lost = {victim.seq}
-    # the cut segment keeps its whole batches before the cut
-    whole = max([i + 1 for i, r in enumerate(recs[:k]) if not r.flags & 1], default=0)
-    assert whole > 0  # the cut segment keeps records
+    # a sealed segment is never cut back to a batch boundary: the cut
+    # segment keeps every intact record, those of the cut batch too, as the
+    # engine reads it
+    whole = k
     lost |= {r.seq for r in recs[whole:]}
     lost |= {r.seq for r in tail[last_batch_start:]}
     before = snapshot(tmp_path)
