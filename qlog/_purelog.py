@@ -351,6 +351,9 @@ class Log:
     def _oserr(self, e: OSError, what: str) -> errors.StorageError:
         if e.errno == _errno.ENOSPC:
             return errors.DiskFullError(_errno.ENOSPC, f"{what}: no space left on device; nothing was written")
+        if e.errno == _errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            return errors.StorageError(_errno.ELOOP, f"{what}: a segment file is a symbolic link, and qlog "
+                                                     "does not follow links in a log directory")
         return errors.StorageError(e.errno or _errno.EIO, f"{what}: {e.strerror or e}")
 
     def _open(self) -> None:
@@ -466,7 +469,7 @@ class Log:
         if salt & _U32 == 0:
             salt |= 1
         path = self._seg_path(base)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.mode)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, self.mode)
         alloc = min(cap, _ALLOC_CHUNK)
         try:
             os.posix_fallocate(fd, 0, alloc)
@@ -489,7 +492,7 @@ class Log:
         Returns ``(salt, cap, valid_end, next_seq)``, or None when the file
         has no valid header and no record names its salt."""
         path = self._seg_path(base)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             fsize = os.fstat(fd).st_size
             buf = _mmap(fd, fsize) if fsize else b""
@@ -701,7 +704,7 @@ class Log:
         if g(_WRITE_END) == g(_PEND_END) and g(_NEXT_SEQ) != g(_PEND_NEXT):
             self._set(_NEXT_SEQ, g(_PEND_NEXT))  # died between the two stores of a publish
         try:
-            fd = os.open(self._seg_path(active), os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self._seg_path(active), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:
             self._set(_NEED_ROLL, 1)
             return
@@ -743,7 +746,7 @@ class Log:
             if self._w_fd >= 0:
                 os.close(self._w_fd)
                 self._w_fd = -1
-            self._w_fd = os.open(self._seg_path(base), os.O_RDWR | os.O_CLOEXEC)
+            self._w_fd = os.open(self._seg_path(base), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
             self._w_base = base
         return self._w_fd
 
@@ -939,7 +942,7 @@ class Log:
             base = self._get(_ACTIVE_BASE)
             upto = self._get(_NEXT_SEQ)
             try:
-                fd = os.open(self._seg_path(base), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self._seg_path(base), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except OSError as e:
                 raise self._oserr(e, f"sync of {self.path!r} failed") from None
         try:
@@ -1000,9 +1003,11 @@ class Log:
         sealed = s.base < active_base
         if s.fd < 0:
             try:
-                s.fd = os.open(s.path, os.O_RDONLY | os.O_CLOEXEC)
+                s.fd = os.open(s.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except FileNotFoundError:
                 return False
+            except OSError as e:
+                raise self._oserr(e, f"read of {self.path!r} failed") from None
         if sealed and not s.sealed:
             s.sealed = True
             s.size = os.fstat(s.fd).st_size
@@ -1330,7 +1335,7 @@ class Log:
                 if base > abase:
                     break
                 try:
-                    fd = os.open(self._seg_path(base), os.O_RDONLY | os.O_CLOEXEC)
+                    fd = os.open(self._seg_path(base), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
                 except FileNotFoundError:
                     continue
                 try:

@@ -421,3 +421,25 @@ def test_a_pure_writer_killed_at_each_system_call_of_a_roll_is_repaired(tmp_path
             with CLog(path, durability="none", segment_bytes=4096) as log:
                 assert _read_all(log) == want, f"step {step} (read by the C engine)"
                 assert log.verify().ok
+
+
+@pytest.mark.parametrize("which", ["sealed", "active"])
+@pytest.mark.parametrize("eng", ["c", "pure"])
+def test_both_engines_refuse_a_segment_replaced_by_a_symbolic_link(tmp_path, eng, which) -> None:
+    if CLog is None and eng == "c":
+        pytest.skip("the compiled modules (qlog._qlog_c) are not built")
+    path = tmp_path / "log"
+    with ENGINES[eng](str(path), durability="none", segment_bytes=SEGMENT) as log:
+        for i in range(100):
+            log.append(b"r%d" % i + b"x" * 200)
+    segs = segments(path)
+    assert len(segs) >= 2
+    seg = pathlib.Path(segs[0] if which == "sealed" else segs[-1])
+    target = tmp_path / "elsewhere.seg"
+    seg.rename(target)
+    seg.symlink_to(target)
+    before = target.read_bytes()
+    with pytest.raises(qlog.StorageError, match="symbolic link"):
+        with ENGINES[eng](str(path), durability="none", segment_bytes=SEGMENT) as log:
+            log.read(0, max_records=1000)
+    assert target.read_bytes() == before  # never written through the link
