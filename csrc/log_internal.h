@@ -193,7 +193,7 @@ int  sync_impl(qlog_log *log);
 void reader_free(qlog_log *log);
 /* The salt of a segment whose header is damaged, from its first record
  * that checks out under the salt32 it names; 0 when no record does. */
-int  infer_salt(const uint8_t *map, uint64_t end, uint64_t base, uint64_t *salt);
+int  infer_salt(const uint8_t *map, uint64_t end, uint64_t base, uint64_t end_seq, uint64_t *salt);
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)

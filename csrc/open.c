@@ -459,7 +459,7 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
         /* A damaged header costs no record: the records name the salt
          * (covered by their CRCs).  The header is written again below. */
         uint64_t salt = 0;
-        if (!map || !infer_salt(map, fsize, base, &salt)) {
+        if (!map || !infer_salt(map, fsize, base, UINT64_MAX, &salt)) {
             if (map)
                 qlog_sys.munmap(map, fsize);
             qlog_sys.close(fd);

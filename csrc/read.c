@@ -107,14 +107,17 @@ static int reader_refresh(qlog_log *log, uint64_t gen)
  * carries the salt's low half and covers it with its own CRC, so the first
  * record that checks out under the salt it names gives the salt.  Only a
  * record numbered at or above the segment's base (its file name) can be
- * one of its own: bytes of an earlier segment copied over this one must
- * not lend it their salt. */
-int infer_salt(const uint8_t *map, uint64_t end, uint64_t base, uint64_t *salt)
+ * one of its own, and only one numbered below the next segment's base
+ * (end_seq; UINT64_MAX for the last segment): bytes of another segment
+ * copied over this one must not lend it their salt. */
+int infer_salt(const uint8_t *map, uint64_t end, uint64_t base, uint64_t end_seq, uint64_t *salt)
 {
     for (uint64_t off = QLOG_SEG_HEADER_SIZE; off + QLOG_REC_HEADER_SIZE <= end;
          off += QLOG_REC_ALIGN) {
         uint32_t s32 = ld32(map + off + REC_OFF_SALT);
-        if (s32 && fmt_rec_check(map + off, end - off, s32, base > 0, base - (base > 0), NULL)) {
+        rec_view rv;
+        if (s32 && fmt_rec_check(map + off, end - off, s32, base > 0, base - (base > 0), &rv) &&
+            rv.seq < end_seq) {
             *salt = s32;
             return 1;
         }
@@ -294,7 +297,9 @@ static int seg_ready(qlog_log *log, seginfo *s, const snapshot *snap)
                 s->header_bad = 1;
                 __atomic_add_fetch(&log->n_corrupt, 1, __ATOMIC_RELAXED);
                 uint64_t salt = 0;
-                if (infer_salt(s->map, hdr_avail, s->base, &salt))
+                size_t k = (size_t)(s - log->segs);
+                uint64_t end_seq = k + 1 < log->nsegs ? log->segs[k + 1].base : UINT64_MAX;
+                if (infer_salt(s->map, hdr_avail, s->base, end_seq, &salt))
                     s->salt = salt;
             }
             s->scanned_to = QLOG_SEG_HEADER_SIZE;
@@ -690,7 +695,7 @@ static int64_t verify_impl(qlog_log *log, qlog_damage *out, size_t max, uint64_t
         } else {
             damage_add(out, max, &found, bases[i], 0, QLOG_SEG_HEADER_SIZE, 0,
                        QLOG_DAMAGE_SEG_HEADER);
-            if (!infer_salt(map, end, bases[i], &salt)) {
+            if (!infer_salt(map, end, bases[i], i + 1 < n ? bases[i + 1] : UINT64_MAX, &salt)) {
                 qlog_sys.munmap(map, end);
                 continue;
             }

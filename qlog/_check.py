@@ -172,7 +172,8 @@ def check_log(root: str, queue: str, log: str) -> LogCheck:
         found: List[Damage] = []
         active = i == len(segs) - 1
         try:
-            seqs = [r.seq for r in iter_segment(seg, damage=found, sealed=not active)]
+            seqs = [r.seq for r in iter_segment(seg, damage=found, sealed=not active,
+                                                end_seq=None if active else segs[i + 1][0])]
         except OSError as e:
             out.problems.append(Problem(queue, _rel(root, seg), None, None, "unreadable", str(e), segment=base))
             continue

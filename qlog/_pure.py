@@ -265,9 +265,12 @@ def _load(source: Source) -> Tuple[bytes, Optional[int]]:
         return f.read(), int(m.group(1)) if m else None
 
 
-def _segment_salt(data: bytes, base: Optional[int], damage: List[Damage]) -> Optional[int]:
+def _segment_salt(data: bytes, base: Optional[int], damage: List[Damage],
+                  end_seq: Optional[int] = None) -> Optional[int]:
     """salt32 from the header; from the first record that checks out when the
-    header is damaged (or names another base than the file), reported."""
+    header is damaged (or names another base than the file), reported.  Only
+    a record numbered from the segment's base on and below ``end_seq`` (the
+    next segment's base) can be one of its own."""
     try:
         h = decode_segment_header(data)
         if base is None or h.base == base:
@@ -278,13 +281,14 @@ def _segment_salt(data: bytes, base: Optional[int], damage: List[Damage]) -> Opt
     for off in range(SEG_HEADER_SIZE, len(data) - REC_HEADER_SIZE + 1, REC_ALIGN):
         s32: int = struct.unpack_from("<I", data, off + _REC_OFF_SALT)[0]
         # only a record numbered from the segment's base on is one of its own
-        if s32 and _record_at(data, off, s32, base - 1 if base else None):
+        hit = _record_at(data, off, s32, base - 1 if base else None) if s32 else None
+        if hit and (end_seq is None or hit[1].seq < end_seq):
             return s32
     return None
 
 
 def iter_segment(source: Source, *, damage: Optional[List[Damage]] = None,
-                 sealed: bool = False) -> Iterator[Record]:
+                 sealed: bool = False, end_seq: Optional[int] = None) -> Iterator[Record]:
     """The valid records of one segment (a path, or its bytes), in order.
 
     Damage in the middle is skipped by trying each following 8-aligned
@@ -297,14 +301,16 @@ def iter_segment(source: Source, *, damage: Optional[List[Damage]] = None,
     ``sealed=True`` reads a sealed segment (any but a log's last) the way
     the engine does: a sealed segment is never cut, so only damage is
     skipped, and the records of a batch whose end was damaged away are
-    yielded too.
+    yielded too.  ``end_seq`` is the next segment's base, when there is one:
+    a damaged header's salt is then taken only from a record numbered below
+    it (bytes of a later segment copied over this one are not its records).
     """
     found: List[Damage] = [] if damage is None else damage
     data, base = _load(source)
     if len(data) < SEG_HEADER_SIZE:
         found.append(Damage(0, len(data), "not-a-segment", None))
         return
-    salt32 = _segment_salt(data, base, found)
+    salt32 = _segment_salt(data, base, found, end_seq)
     if salt32 is None:
         return
     pending: List[Record] = []  # records of a batch not yet complete
@@ -351,7 +357,8 @@ def read_log(directory: Union[str, "os.PathLike[str]"], *,
     segs = segment_files(directory)
     for i, (base, path) in enumerate(segs):
         found: List[Damage] = []
-        recs = iter_segment(path, damage=found, sealed=i + 1 < len(segs))
+        recs = iter_segment(path, damage=found, sealed=i + 1 < len(segs),
+                            end_seq=segs[i + 1][0] if i + 1 < len(segs) else None)
         out.extend((r.seq, r.payload) for r in recs)
         if damage is not None:
             damage.extend((base, d) for d in found)

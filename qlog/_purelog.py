@@ -174,14 +174,17 @@ def _resync(buf: Any, off: int, end: int, salt32: int, last: Optional[int]) -> i
         pos = hit + 1
 
 
-def _infer_salt(buf: Any, end: int, base: int) -> int:
+def _infer_salt(buf: Any, end: int, base: int, end_seq: Optional[int] = None) -> int:
     """The salt32 named by the first record that checks out under it and is
-    numbered from the segment's ``base`` on (bytes of an earlier segment
-    copied over this one must not lend it their salt); 0 if none."""
+    numbered from the segment's ``base`` on and below ``end_seq`` (the next
+    segment's base; None for the last segment): bytes of another segment
+    copied over this one must not lend it their salt.  0 if none."""
     for off in range(_HDR, end - _RH + 1, 8):
         s32 = _REC_LEN.unpack_from(buf, off + 24)[0]
-        if s32 and _check(buf, off, end, s32, base - 1 if base else None):
-            return s32
+        if s32:
+            hit = _check(buf, off, end, s32, base - 1 if base else None)
+            if hit and (end_seq is None or hit[1] < end_seq):
+                return s32
     return 0
 
 
@@ -1034,7 +1037,9 @@ class Log:
                     s.salt, s.salt32 = h.salt, h.salt & _U32
                 except errors.FormatError:
                     s.header_bad = True  # costs no record: the records name the salt
-                    s.salt32 = _infer_salt(s.map, min(bound, s.maplen), s.base)
+                    later = [b for b in self._bases if b > s.base]
+                    s.salt32 = _infer_salt(s.map, min(bound, s.maplen), s.base,
+                                           later[0] if later else None)
                     s.salt = s.salt32
                     self._n_corrupt += 1
         if s.sealed and not s.idx_saved and s.scanned_to == _HDR and not s.header_bad:
@@ -1331,7 +1336,8 @@ class Log:
                 if len(found) < max_damage:
                     found.append(d)
 
-            for base in self._list():
+            listed = self._list()
+            for i, base in enumerate(listed):
                 if base > abase:
                     break
                 try:
@@ -1355,7 +1361,8 @@ class Log:
                         salt32 = h.salt & _U32
                     except errors.FormatError:
                         add(Damage(base, 0, _HDR, None, "segment-header"))
-                        salt32 = _infer_salt(buf, end, base)
+                        salt32 = _infer_salt(buf, end, base,
+                                             listed[i + 1] if i + 1 < len(listed) else None)
                         if not salt32:
                             continue
                     off, last = _HDR, None

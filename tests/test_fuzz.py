@@ -895,3 +895,25 @@ def test_an_earlier_segments_record_copied_over_a_damaged_header_lends_no_salt(
         assert _pure.read_log(d) == out["after"]
     finally:
         shutil.rmtree(d)
+
+
+def test_a_later_segments_header_and_records_copied_over_the_first_lend_no_salt(
+    templates: Tuple[Template, Template],
+) -> None:
+    """Found by the fuzzer: a piece of the last segment, its header and first
+    records, copied over the start of segment 0.  The header then names
+    another base, so the salt came from the first record that checks out,
+    one numbered far past segment 0: readers returned that record first and
+    then the log's earlier ones, out of order, and a read from 0 skipped
+    every record below it.  A record may give the salt only when numbered
+    below the next segment's base."""
+    muts = [("splice", 0, False, 3, 332, 320, 822)]
+    for engine in ("c", "pure"):
+        check_mutated_log(templates, muts, [], 1, engine)
+    t, other = templates
+    d = materialise(apply_mutations(t, other, muts))
+    try:
+        seqs = [s for s, _ in _pure.read_log(d)]
+        assert seqs == sorted(set(seqs))  # in order, none twice
+    finally:
+        shutil.rmtree(d)
