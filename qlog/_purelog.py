@@ -1024,11 +1024,18 @@ class Log:
                     s.map.close()
                 except BufferError:
                     pass
-            size = os.fstat(s.fd).st_size
-            if size == 0:
-                s.map, s.maplen = b"", 0
-            else:
-                s.map, s.maplen = _mmap(s.fd, size), size
+            while True:
+                size = os.fstat(s.fd).st_size
+                if size == 0:
+                    s.map, s.maplen = b"", 0
+                    break
+                try:
+                    s.map, s.maplen = _mmap(s.fd, size), size
+                    break
+                except ValueError:
+                    # cut shorter between the fstat and the mapping: a roll
+                    # sealed it (only preallocated space past the data goes)
+                    continue
             if s.salt32 == 0:
                 try:
                     h = F.decode_segment_header(s.map)
