@@ -271,6 +271,11 @@ def journal_record_error(payload: bytes) -> Optional[str]:
         return str(e)
     if tag[0] not in JOURNAL_TAGS:
         return f"unknown record tag {tag!r}"
+    _, sc, ar = decode_journal_record(payload)
+    if tag == b"P" and len(sc) >= 3:
+        for i in (0, 4):  # new and deferred messages: below the cursor after the pull
+            if i < len(ar) and len(ar[i]) and max(ar[i]) >= sc[2]:
+                return f"a pull record hands out message {max(ar[i])} at or above its cursor after, {sc[2]}"
     return None
 
 

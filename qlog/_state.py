@@ -139,6 +139,13 @@ class QueueState:
             for i in _SEQ_ARRAYS[tag]:
                 if i < len(ar) and len(ar[i]) and min(ar[i]) < 0:
                     raise ValueError("a negative message number")
+            if tag == b"P" and len(sc) >= 3:
+                # new and deferred messages are those the pull moved the
+                # cursor past: each is below the cursor after it
+                for i in (0, 4):
+                    if i < len(ar) and len(ar[i]) and max(ar[i]) >= sc[2]:
+                        raise ValueError(f"a pull record hands out message {max(ar[i])} at or "
+                                         f"above its cursor after, {sc[2]}")
             fn(self, sc, ar)
         except (ValueError, struct.error, IndexError, TypeError) as e:
             # A record that passed its CRC but does not parse was written by
@@ -354,7 +361,8 @@ class QueueState:
         """The state a checkpoint holds.  Raises CorruptStateError for one
         that :meth:`snapshot` cannot have written (CRC, magic, length, a
         negative position, counter or message number, entries not in
-        strictly ascending order, a leased flag other than 0 or 1),
+        strictly ascending order or at or above the cursor, a leased flag
+        other than 0 or 1),
         FormatError for another version."""
         if len(data) < _CKPT_HEAD.size + 4:
             raise errors.CorruptStateError("checkpoint is shorter than its header")
@@ -382,6 +390,10 @@ class QueueState:
             raise errors.CorruptStateError("checkpoint entries are not in ascending order")
         if n and seqs[0] < 0:
             raise errors.CorruptStateError("checkpoint holds a negative message number")
+        if n and seqs[n - 1] >= st.cursor:
+            raise errors.CorruptStateError(
+                f"checkpoint holds an entry for message {seqs[n - 1]}, at or above its cursor "
+                f"{st.cursor} (messages there were never handed out)")
         if not set(leased) <= {0, 1}:
             raise errors.CorruptStateError("checkpoint holds a leased flag other than 0 or 1")
         for i in range(n):

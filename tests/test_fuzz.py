@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import qlog
-from qlog import _pure, _purelog, _state, errors
+from qlog import _check, _pure, _purelog, _state, errors
 
 SEG_HEADER_SIZE = 64
 REC_HEADER_SIZE = 32
@@ -773,6 +773,7 @@ def _checkpoint_with(seqs: List[int], leased: List[int], counters: Tuple[int, ..
 @pytest.mark.parametrize("seqs, leased, counters, problem", [
     ([0, 0, 2], [1, 1, 1], (0,) * 6, "not in ascending order"),
     ([3, 1], [0, 0], (0,) * 6, "not in ascending order"),
+    ([3, 12], [0, 0], (0,) * 6, "at or above its cursor"),
     ([0, 1], [1, 5], (0,) * 6, "leased flag other than 0 or 1"),
     ([0], [0], (-1, 0, 0, 0, 0, 0), "negative position, counter or count"),
     ([-1, 4], [0, 0], (0,) * 6, "negative message number"),
@@ -782,9 +783,27 @@ def test_checkpoint_that_passes_its_crc_but_no_snapshot_could_be_is_refused(
 ) -> None:
     with pytest.raises(errors.CorruptStateError, match=problem):
         _state.QueueState.from_snapshot(_checkpoint_with(seqs, leased, counters))
-    fixed = sorted({abs(s) for s in seqs})
+    fixed = sorted({abs(s) % 10 for s in seqs})  # below the cursor, 10
     good = _checkpoint_with(fixed, [0] * len(fixed))
     assert _state.QueueState.from_snapshot(good).snapshot() == good
+
+
+def test_pull_record_handing_out_messages_above_its_own_cursor_is_skipped() -> None:
+    """Found by the fuzzer (a checkpoint's cursor set to 0, CRC recomputed):
+    entries at or above the cursor made the queue hand those messages out as
+    new and as redeliveries, twice.  A pull record cannot name a new or
+    deferred message at or above its cursor after; one that does is skipped,
+    so no such entry reaches a checkpoint."""
+    stt = _state.QueueState()
+    stt.apply(_state.encode(b"P", [100, 0, 2, 0, 0], [[0, 1], [7, 7]] + [[]] * 7))
+    before = (_counters(stt), _entries(stt))
+    stt.apply(_state.encode(b"P", [100, 2, 4, 0, 0], [[2, 9], [7, 7]] + [[]] * 7))
+    stt.apply(_state.encode(b"P", [100, 2, 4, 0, 0], [[]] * 4 + [[4], [5], [7]] + [[]] * 2))
+    assert (_counters(stt), _entries(stt)) == before
+    assert stt.cursor == 2
+    assert _state.QueueState.from_snapshot(stt.snapshot()).cursor == 2
+    assert "at or above its cursor" in (_check.journal_record_error(
+        _state.encode(b"P", [100, 2, 4, 0, 0], [[2, 9], [7, 7]] + [[]] * 7)) or "")
 
 
 def test_journal_record_naming_a_negative_message_is_skipped() -> None:
