@@ -604,7 +604,7 @@ def test_checkpoint_header_table_matches_the_struct_that_packs_it() -> None:
     assert offsets == [sum(sizes[:i]) for i in range(len(sizes))]
     assert sum(sizes) == _state._CKPT_HEAD.size
     st = _state.QueueState()
-    st.applied, st.cursor, st.acked = 77, 55, 9
+    st.applied, st.cursor, st.acked = 77, 65, 9  # every entry is below the cursor
     st.pending[60] = [2, True, 123, 45]
     snap = st.snapshot()
     by_name = {name: (off, size) for name, off, size in rows}
@@ -615,7 +615,7 @@ def test_checkpoint_header_table_matches_the_struct_that_packs_it() -> None:
     assert snap[:8] == b"QLOGCKPT"
     assert len(snap) == _state._CKPT_HEAD.size + 5 * 8 + 4
     back = _state.QueueState.from_snapshot(snap)
-    assert (back.applied, back.cursor, back.acked, back.pending) == (77, 55, 9, {60: [2, True, 123, 45]})
+    assert (back.applied, back.cursor, back.acked, back.pending) == (77, 65, 9, {60: [2, True, 123, 45]})
 
 
 def test_journal_record_tags_in_format_md_are_the_ones_replay_knows() -> None:
