@@ -16,10 +16,10 @@ from array import array
 from typing import Any, Callable, Optional, Sequence, Union
 
 from . import errors
-from ._modes import DEFAULT_FILE_MODE, check_mode
+from ._modes import DEFAULT_FILE_MODE
 from ._glue import pack as _pack, unpack as _unpack
 from ._qlog_c import ffi, lib
-from ._types import Damage, LogStats, VerifyReport
+from ._types import Damage, LogLifecycle, LogStats, VerifyReport, check_log_args
 
 __all__ = ["Log", "LogStats", "Damage", "MAX_RECORD", "DURABILITY_MODES"]
 
@@ -31,8 +31,6 @@ DURABILITY_MODES = {
     "interval": lib.QLOG_DURABILITY_INTERVAL,
     "sync": lib.QLOG_DURABILITY_SYNC,
 }
-_MIN_SEGMENT = 4096
-_MAX_SEGMENT = 1 << 40
 _DAMAGE_KINDS = {
     lib.QLOG_DAMAGE_RECORD: "record",
     lib.QLOG_DAMAGE_SEG_HEADER: "segment-header",
@@ -101,7 +99,7 @@ def _held_by_pure_engine(path: str) -> bool:
         return False
 
 
-class Log:
+class Log(LogLifecycle):
     """A durable, append-only log of byte records in a directory.
 
     Any number of threads and processes may open the same directory and
@@ -133,22 +131,7 @@ class Log:
         flush_interval: float = 0.1,
         mode: int = DEFAULT_FILE_MODE,
     ) -> None:
-        check_mode(mode)
-        if durability not in DURABILITY_MODES:
-            raise ValueError(
-                f"durability must be one of {sorted(DURABILITY_MODES)}, got {durability!r}"
-            )
-        if not isinstance(segment_bytes, int) or not _MIN_SEGMENT <= segment_bytes <= _MAX_SEGMENT:
-            raise ValueError(
-                f"segment_bytes must be an int from {_MIN_SEGMENT} to {_MAX_SEGMENT}, got {segment_bytes!r}"
-            )
-        if not (isinstance(flush_interval, (int, float)) and 0.001 <= flush_interval <= 3600):
-            raise ValueError(
-                f"flush_interval must be from 0.001 to 3600 seconds, got {flush_interval!r}"
-            )
-        self.path = os.fspath(path)
-        if not self.path or len(os.fsencode(self.path)) > 4000:
-            raise ValueError(f"path must be 1 to 4000 bytes long, got {len(os.fsencode(self.path))}")
+        self.path = check_log_args(path, durability, segment_bytes, flush_interval, mode)
         self.durability = durability
         self.segment_bytes = segment_bytes
         self.flush_interval = float(flush_interval)
@@ -478,18 +461,6 @@ class Log:
             rc = lib.qlog_close(h)
         if rc:
             _raise(rc, f"close of {self.path!r} failed")
-
-    def __enter__(self) -> "Log":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._h is None else "open"

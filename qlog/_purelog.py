@@ -56,8 +56,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from . import _pure as F
 from . import errors
-from ._modes import DEFAULT_FILE_MODE, check_mode, dir_mode
-from ._types import DURABILITY_MODES, MAX_RECORD, Damage, LogStats, VerifyReport
+from ._modes import DEFAULT_FILE_MODE, dir_mode
+from ._types import (DURABILITY_MODES, MAX_RECORD, Damage, LogLifecycle, LogStats, VerifyReport,
+                     check_log_args)
 
 __all__ = ["Log", "LogStats", "Damage", "VerifyReport", "MAX_RECORD", "DURABILITY_MODES",
            "CTL_MAGIC_PURE", "CTL_MAGIC_C"]
@@ -65,8 +66,6 @@ __all__ = ["Log", "LogStats", "Damage", "VerifyReport", "MAX_RECORD", "DURABILIT
 BytesLike = Union[bytes, bytearray, memoryview]
 logger = logging.getLogger("qlog")
 
-_MIN_SEGMENT = 4096
-_MAX_SEGMENT = 1 << 40
 _ALLOC_CHUNK = 4 << 20
 _DROP_EVERY = 2 << 20  # bytes read through mappings before their pages are dropped
 _POLL_MIN = 0.0005
@@ -241,7 +240,7 @@ class _Seg:
             self.fd = -1
 
 
-class Log:
+class Log(LogLifecycle):
     """A durable, append-only log of byte records in a directory (pure Python).
 
     The same contract as the C engine's ``qlog.Log``: any number of threads
@@ -279,23 +278,8 @@ class Log:
     ) -> None:
         self._closed = True
         self._h: Optional[Log] = None
-        check_mode(mode)
+        self.path = check_log_args(path, durability, segment_bytes, flush_interval, mode)
         self.mode = mode
-        if durability not in DURABILITY_MODES:
-            raise ValueError(
-                f"durability must be one of {sorted(DURABILITY_MODES)}, got {durability!r}"
-            )
-        if not isinstance(segment_bytes, int) or not _MIN_SEGMENT <= segment_bytes <= _MAX_SEGMENT:
-            raise ValueError(
-                f"segment_bytes must be an int from {_MIN_SEGMENT} to {_MAX_SEGMENT}, got {segment_bytes!r}"
-            )
-        if not (isinstance(flush_interval, (int, float)) and 0.001 <= flush_interval <= 3600):
-            raise ValueError(
-                f"flush_interval must be from 0.001 to 3600 seconds, got {flush_interval!r}"
-            )
-        self.path = os.fspath(path)
-        if not self.path or len(os.fsencode(self.path)) > 4000:
-            raise ValueError(f"path must be 1 to 4000 bytes long, got {len(os.fsencode(self.path))}")
         self.durability = durability
         self.segment_bytes = segment_bytes
         self.flush_interval = float(flush_interval)
@@ -1451,18 +1435,6 @@ class Log:
             if fd >= 0:
                 os.close(fd)  # closing ctl drops the shared flock
                 setattr(self, name, -1)
-
-    def __enter__(self) -> "Log":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -2,14 +2,63 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
-__all__ = ["LogStats", "Damage", "VerifyReport", "MAX_RECORD", "DURABILITY_MODES"]
+from ._modes import check_mode
+
+__all__ = ["LogStats", "Damage", "VerifyReport", "MAX_RECORD", "DURABILITY_MODES",
+           "check_log_args", "LogLifecycle"]
 
 MAX_RECORD: int = 1073741824
 """The largest payload a record holds: 1 GiB (docs/FORMAT.md)."""
 DURABILITY_MODES = {"none": 0, "interval": 1, "sync": 2}
+MIN_SEGMENT = 4096
+MAX_SEGMENT = 1 << 40
+
+
+def check_log_args(path: Union[str, "os.PathLike[str]"], durability: str, segment_bytes: int,
+                   flush_interval: float, mode: int) -> str:
+    """Check the arguments of either engine's ``Log()``; returns the path as
+    a string.  Raises ValueError naming the argument and its limits."""
+    check_mode(mode)
+    if durability not in DURABILITY_MODES:
+        raise ValueError(
+            f"durability must be one of {sorted(DURABILITY_MODES)}, got {durability!r}"
+        )
+    if not isinstance(segment_bytes, int) or not MIN_SEGMENT <= segment_bytes <= MAX_SEGMENT:
+        raise ValueError(
+            f"segment_bytes must be an int from {MIN_SEGMENT} to {MAX_SEGMENT}, got {segment_bytes!r}"
+        )
+    if not (isinstance(flush_interval, (int, float)) and 0.001 <= flush_interval <= 3600):
+        raise ValueError(
+            f"flush_interval must be from 0.001 to 3600 seconds, got {flush_interval!r}"
+        )
+    p = os.fspath(path)
+    if not p or len(os.fsencode(p)) > 4000:
+        raise ValueError(f"path must be 1 to 4000 bytes long, got {len(os.fsencode(p))}")
+    return p
+
+
+class LogLifecycle:
+    """``with`` support and close-on-collection, shared by both engines'
+    ``Log`` (each defines ``close()``)."""
+
+    def close(self) -> None:  # pragma: no cover - each engine defines it
+        raise NotImplementedError
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 @dataclass(frozen=True)

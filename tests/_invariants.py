@@ -164,6 +164,30 @@ class FactWriter:
     def dead_seen(self, dlq: str, ids: Sequence[str]) -> None:
         self._ids("dead", dlq, ids)
 
+    def settle(self, queue: str, batch: Any, rng: Any, ack: float, retry: float,
+               ack_all: float) -> None:
+        """A pull consumer's turn over ``batch``, each call recorded before
+        and after it: each message is acked (probability ``ack``), retried
+        (``retry``) or left leased; then, with probability ``ack_all``, the
+        ones left are acked with ``batch.ack_all()``."""
+        left = []
+        for m in batch:
+            x = rng.random()
+            if x < ack:
+                self.acking(queue, [m.id])
+                m.ack()
+                self.acked(queue, [m.id])
+            elif x < ack + retry:
+                self.retrying(queue, [m.id])
+                m.retry()
+                self.retried(queue, [m.id])
+            else:
+                left.append(m.id)
+        if left and rng.random() < ack_all:
+            self.acking(queue, left)
+            batch.ack_all()
+            self.acked(queue, left)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -136,23 +136,7 @@ def consumer(path: str, durability: str, side: str, seed: int) -> None:
         if not batch:
             _idle()
         w.delivered(QUEUE, batch)
-        left = []
-        for m in batch:
-            x = rng.random()
-            if x < 0.6:
-                w.acking(QUEUE, [m.id])
-                m.ack()
-                w.acked(QUEUE, [m.id])
-            elif x < 0.85:
-                w.retrying(QUEUE, [m.id])
-                m.retry()
-                w.retried(QUEUE, [m.id])
-            else:
-                left.append(m.id)
-        if left and rng.random() < 0.5:
-            w.acking(QUEUE, left)
-            batch.ack_all()
-            w.acked(QUEUE, left)
+        w.settle(QUEUE, batch, rng, ack=0.6, retry=0.25, ack_all=0.5)
 
 
 # ---- the push consumer's application ------------------------------------------------

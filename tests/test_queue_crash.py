@@ -116,23 +116,7 @@ def consumer(path: str, durability: str, side: str, clock_offset: float, seed: i
             sys.stdin.read()
             return
         w.delivered(QUEUE, batch)
-        left = []
-        for m in batch:
-            x = rng.random()
-            if x < 0.75:
-                w.acking(QUEUE, [m.id])
-                m.ack()
-                w.acked(QUEUE, [m.id])
-            elif x < 0.85:
-                w.retrying(QUEUE, [m.id])
-                m.retry()
-                w.retried(QUEUE, [m.id])
-            else:
-                left.append(m.id)
-        if left and rng.random() < 0.3:
-            w.acking(QUEUE, left)
-            batch.ack_all()
-            w.acked(QUEUE, left)
+        w.settle(QUEUE, batch, rng, ack=0.75, retry=0.1, ack_all=0.3)
 
 
 def producer(path: str, durability: str, side: str, producer_id: int, seed: int) -> None:
