@@ -17,9 +17,7 @@ may deliver some again).
 
 from __future__ import annotations
 
-import bisect
 import fcntl
-import heapq
 import json
 import os
 import struct
@@ -28,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import errors
-from ._message import HEADER as _MSG_HEADER
 from ._pure import (
     FLAG_BATCH_CONT, FLAG_BATCH_MORE, Damage, Record, crc32c, decode_index, encode_record,
     encode_segment_header, iter_segment, segment_files, unmask_crc,
@@ -331,8 +328,9 @@ def check_queue(root: str, name: str) -> QueueCheck:
             ids = "" if pre is None else f" (ids {pre}{cursor:016x} to {pre}{frm - 1:016x})"
             problems.append(Problem(
                 name, _rel(root, journal.path), None, None, "journal-gap",
-                f"pull records are missing before journal record {seq}: replay would count messages "
-                f"{cursor}-{frm - 1}{ids} as lost and never deliver them again", seq, seq))
+                f"pull records are missing before journal record {seq}: what became of messages "
+                f"{cursor}-{frm - 1}{ids} is unknown, so replay delivers them again (duplicates "
+                "possible, attempts start over)", seq, seq))
     return QueueCheck(name, qdir, pre, logs, problems)
 
 
@@ -429,58 +427,33 @@ def _quarantine(path: str, stamp: str) -> str:
     return dest
 
 
-def _message_info(payload: bytes) -> Tuple[int, int]:
-    """(visible-from µs, sent µs) of a message record."""
-    _v, _ct, _fl, delay_ms, sent = _MSG_HEADER.unpack_from(payload)
-    return sent + delay_ms * 1000, sent
-
-
 def rebuild_state(checkpoint: Optional[QueueState], messages: Dict[int, bytes],
                   journal: Sequence[Tuple[int, bytes]]) -> QueueState:
     """The consumer state after replaying ``journal`` (intact records, in
     order) on ``checkpoint`` (None when it was lost), without dropping a
     message that may not be done.
 
-    Replay alone counts a range of messages the journal skips over (a pull
-    record lost to damage, or a lost checkpoint) as lost and never delivers
-    them again.  Here, every message of ``messages`` (seq -> payload: the
-    intact message log) in such a range gets an entry instead, waiting and
-    visible from its send time plus delay, as if never delivered.  Without a
-    checkpoint the replay starts at the oldest intact message.  So a message
-    that was not acked, dead-lettered, expired or purged is delivered again;
-    one that was may be delivered again (at-least-once), and retry counts
-    start over for the messages in such a range."""
+    This is the queue's own replay (``_state.py``, "Replay"): a range of
+    messages the journal skips over (a pull record lost to damage) becomes
+    an unknown range, delivered again.  Without a checkpoint the replay
+    starts at the oldest intact message (``messages``: seq -> payload, the
+    intact message log), so everything from there that the journal does not
+    show as done is delivered again.  So a message that was not acked,
+    dead-lettered, expired or purged is delivered again; one that was may
+    be delivered again (at-least-once), and retry counts start over for
+    the messages in such a range."""
     if checkpoint is None:
         st = QueueState()
         st.cursor = min(messages) if messages else 0
         st.applied = journal[0][0] if journal else 0
     else:
         st = checkpoint
-    ordered = sorted(messages)
-
-    def fill(upto: int) -> None:
-        lo = bisect.bisect_left(ordered, st.cursor)
-        hi = bisect.bisect_left(ordered, upto)
-        for s in ordered[lo:hi]:
-            if s not in st.pending:
-                due, sent = _message_info(messages[s])
-                st.pending[s] = [0, False, due, sent]
-                st.heap.append((due, s))
-        st.cursor = upto
-
     for seq, payload in journal:
         if seq < st.applied:
             continue
-        try:
-            tag, sc, _ar = decode_journal_record(payload)
-        except (ValueError, struct.error):
-            tag, sc = b"", ()
-        if tag == b"P" and len(sc) > 2 and sc[1] > st.cursor:
-            fill(sc[1])
         st.applied = seq
         st.apply(payload)
         st.applied = seq + 1
-    heapq.heapify(st.heap)
     return st
 
 

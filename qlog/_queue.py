@@ -20,6 +20,7 @@ every record in journal order, so all of them agree.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import fcntl
 import functools
 import io
@@ -154,6 +155,8 @@ class Queue:
         self._paused_path = os.path.join(self._dir, "paused")
         self._ckpt_pos = 0
         self._next_sweep = 0.0
+        self._gaps: List[Tuple[int, int]] = []  # see _messages_in
+        self._gaps_from = self._gaps_upto = 0
         self._closed = False
 
     def _identity(self) -> str:
@@ -460,48 +463,70 @@ class Queue:
             scanned = 0
             ret = -1 if ret_us is None else ret_us
 
-            def sort_read(data, seqs, offs, k):  # type: ignore[no-untyped-def]
+            def sort_read(data, seqs, offs, k, below=None):  # type: ignore[no-untyped-def]
+                if below is not None:  # only the records numbered below `below`
+                    k = bisect.bisect_left(memoryview(seqs).cast("B").cast("Q"), below, 0, k)
+                    if k == 0:
+                        return None
                 last = int.from_bytes(seqs[8 * (k - 1):8 * k], "little")
                 return _scan(data, seqs, offs, k, now, ret, Message, self), last, k
 
+            def take(got) -> int:  # type: ignore[no-untyped-def]
+                nonlocal new, new_sent, new_msgs, need, scanned
+                (a, b, c, d, e2, f, x), last, k = got
+                if new:
+                    new += a
+                    new_sent += b
+                    new_msgs += c
+                else:
+                    new, new_sent, new_msgs = a, b, c
+                if d:
+                    dfr.extend(d)
+                    dfr_due.extend(e2)
+                    dfr_sent.extend(f)
+                if x:
+                    exp.extend(x)
+                need -= len(a)
+                scanned += k
+                return last + 1
+
+            # Messages whose fate a damaged journal hid (_state.py, "Replay")
+            # come first, as if never delivered; the record names the
+            # ranges read, so that every replica takes them out.
+            uk_read: List[int] = []
             try:
+                for lo, hi in list(st.unknown) if need > 0 else ():
+                    pos = lo
+                    while pos < hi and need > 0 and scanned < _SCAN_LIMIT:
+                        got = self._msgs.read(
+                            pos, max_records=need,
+                            unpack=functools.partial(sort_read, below=hi))
+                        pos = take(got) if got else hi
+                    if pos > lo:
+                        uk_read += (lo, pos)
+                    if need <= 0 or scanned >= _SCAN_LIMIT:
+                        break
                 while need > 0 and scanned < _SCAN_LIMIT:
                     got = self._msgs.read(cur, max_records=need, unpack=sort_read)
                     if not got:
                         break
-                    (a, b, c, d, e2, f, x), last, k = got
-                    if new:
-                        new += a
-                        new_sent += b
-                        new_msgs += c
-                    else:
-                        new, new_sent, new_msgs = a, b, c
-                    if d:
-                        dfr += d
-                        dfr_due += e2
-                        dfr_sent += f
-                    if x:
-                        exp += x
-                    need -= len(a)
-                    scanned += k
-                    cur = last + 1
+                    cur = take(got)
                 re_pl = self._payloads(re)
                 to_dlq = 0
                 if dead:
                     to_dlq = self._dead_letter(dead, dead_att, now)
-                if not (new or re or dfr or exp or dead) and cur == frm:
+                if not (new or re or dfr or exp or dead or uk_read) and cur == frm:
                     return []
-                rec = encode(
-                    b"P", (deadline, frm, cur, to_dlq, now),
-                    [new, new_sent, re, re_att, dfr, dfr_due, dfr_sent, exp, dead],
-                )
+                arrays = [new, new_sent, re, re_att, dfr, dfr_due, dfr_sent, exp, dead]
+                rec = encode(b"P", (deadline, frm, cur, to_dlq, now),
+                             arrays + [uk_read] if uk_read else arrays)
                 js = self._journal_append(rec, "a pull")
             except BaseException:
                 st.requeue(cands)
                 raise
             if js == st.applied:
                 st.apply_pull(deadline, frm, cur, to_dlq, new, new_sent, re, re_att,
-                              dfr, dfr_due, dfr_sent, exp, dead, now)
+                              dfr, dfr_due, dfr_sent, exp, dead, now, uk_read)
                 st.applied = js + 1
                 got_re = re
             else:
@@ -558,11 +583,20 @@ class Queue:
             raise errors.BatchTooLargeError(f"peek takes 1 to {MAX_PULL_BATCH} messages, got {n!r}")
         with self._mu:
             st = self._state()
+            # Entries, then messages of unknown ranges (as never delivered).
+            first = [(sq, st.pending[sq][ATT]) for sq in sorted(st.pending)[:n]]
+            for lo, hi in st.unknown:
+                if len(first) >= 2 * n:
+                    break
+                for sq, _p in self._msgs.read(lo, max_records=n):
+                    if sq >= hi:
+                        break
+                    first.append((sq, 0))
+            first = sorted(first)[:n]
             out: List[Message] = []
-            first = sorted(st.pending)[:n]
-            for sq, p in zip(first, self._payloads(first)):
+            for (sq, att), p in zip(first, self._payloads([sq for sq, _ in first])):
                 if p is not None:
-                    out.append(Message(self, sq, st.pending[sq][ATT], p, True))
+                    out.append(Message(self, sq, att, p, True))
             cur = st.cursor
             while len(out) < n:
                 recs = self._msgs.read(cur, max_records=n - len(out))
@@ -571,6 +605,33 @@ class Queue:
                 out.extend(Message(self, sq, 0, p, True) for sq, p in recs)
                 cur = recs[-1][0] + 1
             return out
+
+    def _messages_in(self, lo: int, hi: int) -> int:
+        """How many messages the message log holds numbered ``lo`` to
+        ``hi - 1``: numbers skipped after a reboot, or records lost to
+        damage, are no messages.  Gaps never close, so each process looks
+        for them once per number: what it has read is kept in
+        ``self._gaps`` (the gaps found in ``_gaps_from .. _gaps_upto - 1``).
+        Numbers past the last record (appends not yet visible, or numbers
+        skipped after a reboot) are not counted, and are read again next
+        time."""
+        if hi <= lo:
+            return 0
+        if not self._gaps_from <= lo <= self._gaps_upto:
+            self._gaps, self._gaps_from, self._gaps_upto = [], lo, lo  # a new stretch
+        pos = self._gaps_upto
+        while pos < hi:
+            recs = self._msgs.read(pos, max_records=65536, unpack=_seq_run)
+            if not recs:
+                break
+            first, last, k, holes = recs
+            if first > pos:
+                self._gaps.append((pos, first))
+            self._gaps.extend(holes)
+            pos = last + 1
+        self._gaps_upto = max(self._gaps_upto, pos)
+        skipped = sum(max(0, min(b, hi) - max(a, lo)) for a, b in self._gaps)
+        return max(0, min(hi, self._gaps_upto) - lo - skipped)
 
     def stats(self) -> QueueStats:
         """Counts of the queue's messages as every process sees them."""
@@ -587,17 +648,19 @@ class Queue:
                         delayed += 1
                 if oldest is None or e[SENT] < oldest:
                     oldest = e[SENT]
-            unscanned = max(0, self._msgs.next_seq - st.cursor)
-            if unscanned:
-                recs = self._msgs.read(st.cursor, max_records=1)
-                if recs:
+            waiting = 0
+            for lo, hi in [*st.unknown, (st.cursor, self._msgs.next_seq)]:
+                k = self._messages_in(lo, hi)
+                if k:
+                    recs = self._msgs.read(lo, max_records=1)
+                    if not recs or recs[0][0] >= hi:
+                        continue
                     sent = _unpack_header(recs[0][1])[4]
                     if oldest is None or sent < oldest:
                         oldest = sent
-                else:
-                    unscanned = 0
+                    waiting += k
             return QueueStats(
-                backlog=len(st.pending) + unscanned,
+                backlog=len(st.pending) + waiting,
                 in_flight=in_flight,
                 delayed=delayed,
                 acked=st.acked,
@@ -808,8 +871,11 @@ class Queue:
                 return
             if recs[0][0] != st.applied:
                 # The journal starts later: a newer checkpoint replaced the
-                # records this replica had not applied (load it), or numbers
-                # were skipped after a reboot (nothing was lost).
+                # records this replica had not applied (load it), numbers
+                # were skipped after a reboot, or records were lost to a
+                # power cut or damage.  Replay is safe past a lost record:
+                # a lost pull turns what it handed out into an unknown
+                # range, delivered again (_state.py, "Replay").
                 ck = read_checkpoint(self._ckpt_path)
                 if ck is not None and ck.applied > st.applied:
                     self._st = st = ck
@@ -938,6 +1004,17 @@ class Queue:
 
     def __repr__(self) -> str:
         return f"Queue({self.name!r})"
+
+
+def _seq_run(data: Any, seqs: Any, offs: Any, n: int) -> Tuple[int, int, int, List[Tuple[int, int]]]:
+    """A read's ``(first seq, last seq, n, [(a, b): numbers a .. b-1 missing
+    between its records])`` (an ``unpack`` for :meth:`Log.read`)."""
+    sq = memoryview(seqs).cast("B").cast("Q")
+    first, last = sq[0], sq[n - 1]
+    holes: List[Tuple[int, int]] = []
+    if last - first + 1 != n:
+        holes = [(sq[i] + 1, sq[i + 1]) for i in range(n - 1) if sq[i + 1] != sq[i] + 1]
+    return first, last, n, holes
 
 
 def _holds_lease(e: Optional[list], attempts: int) -> bool:

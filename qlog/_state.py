@@ -14,10 +14,28 @@ What is kept, per queue::
                (leased, waiting out a retry delay, or deferred by its own
                delivery delay); a message below the cursor with no entry is
                done: acked, dead-lettered, expired or purged
+    unknown    ranges of message numbers below the cursor whose fate the
+               journal does not show (see "Replay" below): delivered again
+               as if never delivered
     counters   acked, dead-lettered, deleted (failed with no dead-letter
-               queue), expired, purged
+               queue), expired, purged, hidden (numbers put in unknown ranges)
 
 So memory grows with what is in flight or delayed, never with the backlog.
+
+Replay.  A power cut can leave a hole in the journal's unsynced tail (the
+page cache writes pages back in any order, so a later page may reach the
+disk without an earlier one), and bit rot can damage a record anywhere.  A
+lost record can only hide an advance of the cursor: every pull record names
+the cursor before it, so a pull record whose cursor-before lies above the
+replica's cursor shows that records moving the cursor were lost.  What
+became of those messages is unknown, so they go into an unknown range and
+are delivered again; they are never taken as done.  Only a surviving record
+takes a message out of an unknown range: an ack, a dead-lettering, an
+expiry, a purge, or a pull that handed it out again (its scanned ranges say
+which numbers it looked at).  Retries and extensions of a message in an
+unknown range change nothing (it is delivered again at once, attempts
+starting over).  Every process that replays the same records reaches the
+same state; a lost ack, retry or lease only means a redelivery.
 
 A pending entry is a list, for speed::
 
@@ -40,7 +58,7 @@ Journal records (one log record each; little-endian)::
     P pull     scalars deadline, from, to, to_dlq, now
                arrays  new seqs, new sent, re seqs, re attempts, deferred
                        seqs, deferred due, deferred sent, expired seqs,
-                       dead seqs
+                       dead seqs, [scanned unknown ranges: lo, hi pairs]
     A ack      arrays  seqs
     R retry    arrays  seqs, attempts, due
     D dead     scalars to_dlq;  arrays seqs, attempts
@@ -50,6 +68,7 @@ Journal records (one log record each; little-endian)::
 
 from __future__ import annotations
 
+import bisect
 import errno
 import heapq
 import logging
@@ -126,7 +145,10 @@ class QueueState:
         self.deleted = 0
         self.expired = 0
         self.purged = 0
-        self.lost = 0  # messages skipped over by a damaged journal
+        self.hidden = 0  # message numbers put in unknown ranges by a damaged journal
+        # Ranges [lo, hi) below the cursor whose fate the journal lost:
+        # ascending, disjoint, never holding a pending entry.
+        self.unknown: List[Tuple[int, int]] = []
 
     # -- applying records ------------------------------------------------
 
@@ -158,20 +180,35 @@ class QueueState:
         re: Sequence[int], re_att: Sequence[int],
         dfr: Sequence[int], dfr_due: Sequence[int], dfr_sent: Sequence[int],
         exp: Sequence[int], dead: Sequence[int], now: Optional[int] = None,
+        scanned: Sequence[int] = (),
     ) -> None:
+        """Apply a pull record.  ``scanned``: the unknown ranges the puller
+        read, as ``lo, hi`` pairs; every message it found there is in the
+        record's new, deferred or expired seqs."""
         pending = self.pending
         old = self.cursor
         if frm > old:
-            # Only a journal damaged in the middle can skip a range: those
-            # messages' fate is unknown; count them rather than guess.
-            logger.warning("state journal skips messages %d to %d", old, frm - 1)
-            self.lost += frm - old
-        if to > old:
+            # Records that moved the cursor from `old` to `frm` were lost
+            # (module docstring, "Replay"): deliver those messages again.
+            logger.warning("state journal lost the records that handed out messages %d to %d; "
+                           "they are delivered again", old, frm - 1)
+            self._unknown_add(old, frm)
+            old = self.cursor = frm
+        if to > self.cursor:
             self.cursor = to
+        uk = self.unknown
+        ranges = list(zip(scanned[0::2], scanned[1::2])) if scanned else ()
+
+        def known(s_: int) -> bool:
+            # a message below the cursor it may hand out: one the puller
+            # found in an unknown range
+            return bool(uk) and (_in_ranges(ranges, s_) or self._unknown_take(s_))
+
         if new:
-            if new[0] < old:  # (only after damage) keep what is known
-                new_sent = [t for s_, t in zip(new, new_sent) if s_ >= old]
-                new = [s_ for s_ in new if s_ >= old]
+            if new[0] < old:  # (only from unknown ranges, or after damage)
+                keep = [i for i, s_ in enumerate(new) if s_ >= old or known(s_)]
+                new_sent = [new_sent[i] for i in keep]
+                new = [new[i] for i in keep]
             for s_, t in zip(new, new_sent):
                 pending[s_] = [1, True, deadline, t]
             self._add_leases(deadline, list(new))
@@ -188,18 +225,64 @@ class QueueState:
                     got.append(s)
             self._add_leases(deadline, got)
         for s, d, t in zip(dfr, dfr_due, dfr_sent):
-            if s >= old:
+            if s >= old or known(s):
                 pending[s] = [0, False, d, t]
                 heapq.heappush(self.heap, (d, s))
         for s in exp:
-            if pending.pop(s, None) is not None or s >= old:
+            if pending.pop(s, None) is not None or s >= old or known(s):
                 self.expired += 1
+        for lo, hi in ranges:
+            self._unknown_remove(lo, hi)
         for s in dead:
-            if pending.pop(s, None) is not None:
+            if pending.pop(s, None) is not None or self._unknown_take(s):
                 if to_dlq:
                     self.dead_lettered += 1
                 else:
                     self.deleted += 1
+
+    # -- unknown ranges (module docstring, "Replay") -----------------------
+
+    def _unknown_add(self, lo: int, hi: int) -> None:
+        """Put ``lo .. hi-1`` (at or above every range, with no entries) in
+        an unknown range."""
+        uk = self.unknown
+        if uk and uk[-1][1] >= lo:
+            lo = min(lo, uk[-1][0])
+            uk.pop()
+        uk.append((lo, hi))
+        self.hidden += hi - lo
+
+    def _unknown_take(self, s: int) -> bool:
+        """Take message ``s`` out of the unknown ranges; whether it was in one."""
+        uk = self.unknown
+        if not uk:
+            return False
+        i = bisect.bisect_right(uk, (s, _I64_MAX)) - 1
+        if i < 0 or s >= uk[i][1]:
+            return False
+        lo, hi = uk[i]
+        uk[i:i + 1] = [r for r in ((lo, s), (s + 1, hi)) if r[0] < r[1]]
+        return True
+
+    def _unknown_remove(self, lo: int, hi: int) -> None:
+        """Take ``lo .. hi-1`` out of the unknown ranges."""
+        uk = self.unknown
+        if not uk or hi <= lo:
+            return
+        out = []
+        for a, b in uk:
+            if b <= lo or a >= hi:
+                out.append((a, b))
+                continue
+            if a < lo:
+                out.append((a, lo))
+            if b > hi:
+                out.append((hi, b))
+        uk[:] = out
+
+    def unknown_count(self) -> int:
+        """Message numbers in unknown ranges (gaps in the numbering included)."""
+        return sum(b - a for a, b in self.unknown)
 
     def _add_leases(self, deadline: int, seqs: List[int]) -> None:
         """Index leased messages by deadline: one (deadline, seqs) group per
@@ -231,7 +314,10 @@ class QueueState:
 
     def apply_ack(self, seqs: Sequence[int]) -> None:
         gone = list(map(self.pending.pop, seqs, repeat(None, len(seqs))))
-        self.acked += len(gone) - gone.count(None)
+        n = len(gone) - gone.count(None)
+        if self.unknown and n < len(gone):
+            n += sum(1 for s, e in zip(seqs, gone) if e is None and self._unknown_take(s))
+        self.acked += n
 
     def apply_retry(self, seqs: Sequence[int], atts: Sequence[int], dues: Sequence[int]) -> None:
         pending = self.pending
@@ -246,12 +332,16 @@ class QueueState:
         pending = self.pending
         for s, a in zip(seqs, atts):
             e = pending.get(s)
-            if e is not None and e[ATT] == a:
+            if e is not None:
+                if e[ATT] != a:
+                    continue
                 del pending[s]
-                if to_dlq:
-                    self.dead_lettered += 1
-                else:
-                    self.deleted += 1
+            elif not self._unknown_take(s):
+                continue
+            if to_dlq:
+                self.dead_lettered += 1
+            else:
+                self.deleted += 1
 
     def apply_extend(self, deadline: int, seqs: Sequence[int], atts: Sequence[int]) -> None:
         pending = self.pending
@@ -269,6 +359,9 @@ class QueueState:
         for s in gone:
             del pending[s]
         n = len(gone) + max(0, upto - self.cursor)
+        for a, b in self.unknown:
+            n += max(0, min(b, upto) - a)
+        self._unknown_remove(0, upto)
         self.purged += n
         if upto > self.cursor:
             self.cursor = upto
@@ -334,7 +427,8 @@ class QueueState:
 
     def floor(self) -> int:
         """Every message below this number is done."""
-        return min(self.pending) if self.pending else self.cursor
+        f = min(self.pending) if self.pending else self.cursor
+        return min(f, self.unknown[0][0]) if self.unknown else f
 
     # -- checkpoints -----------------------------------------------------
 
@@ -346,45 +440,59 @@ class QueueState:
         leased = array("q", [1 if e[LEASED] else 0 for _, e in items])
         due = array("q", [e[DUE] for _, e in items])
         sent = array("q", [e[SENT] for _, e in items])
+        unknown = array("q", [x for r in self.unknown for x in r])
         # Counters saturate at the largest int64: only journal records that
         # a bug wrote (with absurd message numbers) could take them there.
         counters = (min(c, _I64_MAX) for c in (self.acked, self.dead_lettered, self.deleted,
-                                                self.expired, self.purged, self.lost))
+                                                self.expired, self.purged, self.hidden))
         head = _CKPT_HEAD.pack(
             _CKPT_MAGIC, _CKPT_VERSION, self.applied, self.cursor, *counters, len(items),
+            len(self.unknown),
         )
-        body = head + seqs.tobytes() + att.tobytes() + leased.tobytes() + due.tobytes() + sent.tobytes()
+        body = (head + seqs.tobytes() + att.tobytes() + leased.tobytes() + due.tobytes()
+                + sent.tobytes() + unknown.tobytes())
         return body + struct.pack("<I", _crc32c.crc32c(body))
 
     @classmethod
     def from_snapshot(cls, data: bytes) -> "QueueState":
-        """The state a checkpoint holds.  Raises CorruptStateError for one
-        that :meth:`snapshot` cannot have written (CRC, magic, length, a
+        """The state a checkpoint holds (version 2, or version 1: no
+        unknown ranges).  Raises CorruptStateError for one that
+        :meth:`snapshot` cannot have written (CRC, magic, length, a
         negative position, counter or message number, entries not in
         strictly ascending order or at or above the cursor, a leased flag
-        other than 0 or 1),
-        FormatError for another version."""
-        if len(data) < _CKPT_HEAD.size + 4:
+        other than 0 or 1, unknown ranges empty, out of order, overlapping,
+        reaching past the cursor or holding an entry), FormatError for
+        another version."""
+        if len(data) < _CKPT_HEAD_V1.size + 4:
             raise errors.CorruptStateError("checkpoint is shorter than its header")
         (crc,) = struct.unpack_from("<I", data, len(data) - 4)
         body = data[:-4]
         if _crc32c.crc32c(body) != crc:
             raise errors.CorruptStateError("checkpoint fails its CRC")
-        f = _CKPT_HEAD.unpack_from(body)
-        if f[0] != _CKPT_MAGIC:
+        magic, version = struct.unpack_from("<8sI", body)
+        if magic != _CKPT_MAGIC:
             raise errors.CorruptStateError("checkpoint has the wrong magic")
-        if f[1] != _CKPT_VERSION:
+        if version == 1:
+            head = _CKPT_HEAD_V1
+        elif version == _CKPT_VERSION:
+            head = _CKPT_HEAD
+            if len(body) < head.size:
+                raise errors.CorruptStateError("checkpoint is shorter than its header")
+        else:
             raise errors.FormatError(
-                f"checkpoint format version {f[1]} is not the supported version {_CKPT_VERSION}"
+                f"checkpoint format version {version} is not a supported version (1 to {_CKPT_VERSION})"
             )
+        f = head.unpack_from(body)
         st = cls()
         (st.applied, st.cursor, st.acked, st.dead_lettered, st.deleted, st.expired,
-         st.purged, st.lost, n) = f[2:]
-        if len(body) != _CKPT_HEAD.size + 40 * n:
-            raise errors.CorruptStateError("checkpoint length does not match its entry count")
-        if min(f[2:11]) < 0:
+         st.purged, st.hidden, n) = f[2:11]
+        u = f[11] if version >= 2 else 0
+        if min(f[2:]) < 0:
             raise errors.CorruptStateError("checkpoint holds a negative position, counter or count")
-        mv = memoryview(body)[_CKPT_HEAD.size:].cast("q")
+        if len(body) != head.size + 40 * n + 16 * u:
+            raise errors.CorruptStateError(
+                "checkpoint length does not match its entry and unknown range counts")
+        mv = memoryview(body)[head.size:].cast("q")
         seqs, att, leased, due, sent = (mv[i * n:(i + 1) * n] for i in range(5))
         if any(a >= b for a, b in zip(seqs, seqs[1:])):
             raise errors.CorruptStateError("checkpoint entries are not in ascending order")
@@ -396,6 +504,21 @@ class QueueState:
                 f"{st.cursor} (messages there were never handed out)")
         if not set(leased) <= {0, 1}:
             raise errors.CorruptStateError("checkpoint holds a leased flag other than 0 or 1")
+        flat = mv[5 * n:5 * n + 2 * u]
+        ranges = list(zip(flat[0::2], flat[1::2]))
+        prev = 0
+        for lo, hi in ranges:
+            if not prev <= lo < hi <= st.cursor:
+                raise errors.CorruptStateError(
+                    f"checkpoint holds an unknown range {lo}-{hi} that is empty, negative, out of "
+                    f"order, overlapping or past its cursor {st.cursor}")
+            i = bisect.bisect_left(seqs, lo)
+            if i < n and seqs[i] < hi:
+                raise errors.CorruptStateError(
+                    f"checkpoint holds an entry for message {seqs[i]} inside its unknown range "
+                    f"{lo}-{hi}")
+            prev = hi
+        st.unknown = ranges
         for i in range(n):
             st.pending[seqs[i]] = [att[i], bool(leased[i]), due[i], sent[i]]
             st.heap.append((due[i], seqs[i]))
@@ -405,16 +528,24 @@ class QueueState:
 
 _I64_MAX = (1 << 63) - 1
 _CKPT_MAGIC = b"QLOGCKPT"
-_CKPT_VERSION = 1
-_CKPT_HEAD = struct.Struct("<8sI9q")
+_CKPT_VERSION = 2
+_CKPT_HEAD_V1 = struct.Struct("<8sI9q")   # magic, version, position, cursor, 6 counters, entries
+_CKPT_HEAD = struct.Struct("<8sI10q")     # the same, then the number of unknown ranges
 
 
 # Which arrays of each record hold message numbers (never negative).
-_SEQ_ARRAYS = {b"P": (0, 2, 4, 7, 8), b"A": (0,), b"R": (0,), b"D": (0,), b"E": (0,), b"X": ()}
+_SEQ_ARRAYS = {b"P": (0, 2, 4, 7, 8, 9), b"A": (0,), b"R": (0,), b"D": (0,), b"E": (0,), b"X": ()}
 
 
 def _pull(st: QueueState, sc, ar) -> None:
-    st.apply_pull(sc[0], sc[1], sc[2], sc[3], *ar, now=sc[4] if len(sc) > 4 else None)
+    if len(ar) > 10 or (len(ar) == 10 and len(ar[9]) % 2):
+        raise ValueError(f"a pull record of {len(ar)} arrays (9, or 10 with scanned lo, hi pairs)")
+    st.apply_pull(sc[0], sc[1], sc[2], sc[3], *ar[:9], now=sc[4] if len(sc) > 4 else None,
+                  scanned=ar[9] if len(ar) > 9 else ())
+
+
+def _in_ranges(ranges: Sequence[Tuple[int, int]], s: int) -> bool:
+    return any(lo <= s < hi for lo, hi in ranges)
 
 
 _APPLY = {

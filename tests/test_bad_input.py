@@ -30,6 +30,7 @@ import pytest
 import qlog
 from _simvfs import syscalls
 from qlog._settings import MAX_SEND_BATCH_BYTES
+from qlog._state import _CKPT_VERSION
 
 N_MESSAGES = 70      # in the queue before each row: three segments
 SEG = 64 << 10       # message segments: several, so that one can be damaged
@@ -123,7 +124,7 @@ def magic(b: bytes) -> bytes:
 
 
 def newer_version(b: bytes) -> bytes:
-    return recrc(b[:8] + struct.pack("<I", 2) + b[12:-4])
+    return recrc(b[:8] + struct.pack("<I", _CKPT_VERSION + 1) + b[12:-4])
 
 
 def only(name: str, data: bytes) -> Callable[[Env], None]:
@@ -348,7 +349,8 @@ ROWS: List[Row] = [
       damage=checkpoint(lambda b: b[:10])),
     R("checkpoint-empty", opened, qlog.CorruptStateError, "checkpoint", "shorter than its header",
       damage=checkpoint(lambda b: b"")),
-    R("checkpoint-newer-version", opened, qlog.FormatError, "checkpoint format version 2", "1",
+    R("checkpoint-newer-version", opened, qlog.FormatError, f"checkpoint format version {_CKPT_VERSION + 1}",
+      f"1 to {_CKPT_VERSION}",
       damage=checkpoint(newer_version)),
     # -- NFS (refused by qlog.open before anything is created, and by the engine)
     R("nfs-data-dir", on_nfs(opened), qlog.UnsupportedFilesystemError, "NFS", "local filesystem", damage=nothing),

@@ -606,16 +606,38 @@ def test_checkpoint_header_table_matches_the_struct_that_packs_it() -> None:
     st = _state.QueueState()
     st.applied, st.cursor, st.acked = 77, 65, 9  # every entry is below the cursor
     st.pending[60] = [2, True, 123, 45]
+    st.unknown = [(3, 9), (61, 64)]  # below the cursor, holding no entry
     snap = st.snapshot()
     by_name = {name: (off, size) for name, off, size in rows}
     off, size = by_name["journal position"]
     assert int.from_bytes(snap[off:off + size], "little") == 77
     off, size = by_name["entries"]
     assert int.from_bytes(snap[off:off + size], "little") == 1
+    off, size = by_name["unknown ranges"]
+    assert int.from_bytes(snap[off:off + size], "little") == 2
+    off, size = by_name["version"]
+    assert int.from_bytes(snap[off:off + size], "little") == _state._CKPT_VERSION == 2
     assert snap[:8] == b"QLOGCKPT"
-    assert len(snap) == _state._CKPT_HEAD.size + 5 * 8 + 4
+    assert len(snap) == _state._CKPT_HEAD.size + 5 * 8 + 2 * 16 + 4
+    pairs = snap[_state._CKPT_HEAD.size + 5 * 8:-4]
+    assert [int.from_bytes(pairs[i:i + 8], "little", signed=True) for i in range(0, 32, 8)] == [3, 9, 61, 64]
     back = _state.QueueState.from_snapshot(snap)
     assert (back.applied, back.cursor, back.acked, back.pending) == (77, 65, 9, {60: [2, True, 123, 45]})
+    assert back.unknown == [(3, 9), (61, 64)]
+
+
+def test_a_version_1_checkpoint_still_loads_with_no_unknown_ranges() -> None:
+    import struct
+
+    import crc32c
+
+    from qlog import _state
+
+    head = _state._CKPT_HEAD_V1.pack(b"QLOGCKPT", 1, 77, 65, 9, 0, 0, 0, 0, 4, 1)
+    body = head + struct.pack("<5q", 60, 2, 1, 123, 45)
+    st = _state.QueueState.from_snapshot(body + struct.pack("<I", crc32c.crc32c(body)))
+    assert (st.applied, st.cursor, st.acked, st.hidden, st.unknown) == (77, 65, 9, 4, [])
+    assert st.pending == {60: [2, True, 123, 45]}
 
 
 def test_journal_record_tags_in_format_md_are_the_ones_replay_knows() -> None:

@@ -505,6 +505,8 @@ def journal_record(draw: st.DrawFn) -> bytes:
         return draw(st.binary(max_size=120))
     tag = draw(st.sampled_from(_TAGS + [b"Z", b"\0"]))
     ns, na = _SHAPE.get(tag, (1, 1))
+    if tag == b"P" and how == 3:
+        na = 10  # with the unknown ranges it read
     if how == 1:
         ns, na = draw(st.integers(0, 6)), draw(st.integers(0, 10))
     small = st.integers(0, 40)
@@ -536,7 +538,7 @@ def _entries(stt: _state.QueueState) -> Dict[int, list]:
 
 def _counters(stt: _state.QueueState) -> tuple:
     return (stt.applied, stt.cursor, stt.acked, stt.dead_lettered, stt.deleted, stt.expired,
-            stt.purged, stt.lost)
+            stt.purged, stt.hidden, tuple(stt.unknown))
 
 
 @fuzz_settings(examples=300)
@@ -679,7 +681,7 @@ def mutate_queue_files(t: QueueTemplate, muts: List[tuple]) -> Dict[str, bytes]:
             del b[_at(b, m[2]):]
         elif m[0] == "extend":
             b += m[2]
-        elif m[0] == "int64" and name.endswith("checkpoint") and len(b) >= 84:
+        elif m[0] == "int64" and name.endswith("checkpoint") and len(b) >= _state._CKPT_HEAD.size:
             # a field of the checkpoint set to any int64, its CRC recomputed
             # or not
             slot = 12 + 8 * (m[2] % ((len(b) - 16) // 8))
@@ -757,35 +759,49 @@ def test_decode_of_a_record_shorter_than_its_counts_raises_valueerror() -> None:
 
 def test_counters_pushed_past_int64_by_absurd_journal_records_still_checkpoint() -> None:
     stt = _state.QueueState()
-    for _ in range(2):  # each skips 2**63 - 1 messages it never saw
+    for _ in range(2):  # the first hides 2**63 - 1 messages it never saw; the second, none
         stt.apply(_state.encode(b"P", [0, (1 << 63) - 1, 0, 0, 0], [[]] * 9))
+    stt.acked = stt.purged = 1 << 70  # as only a bug could count
     loaded = _state.QueueState.from_snapshot(stt.snapshot())
-    assert loaded.lost == (1 << 63) - 1 and loaded.cursor == stt.cursor
+    assert loaded.hidden == (1 << 63) - 1 and loaded.cursor == stt.cursor == (1 << 63) - 1
+    assert loaded.unknown == [(0, (1 << 63) - 1)]
+    assert loaded.acked == loaded.purged == (1 << 63) - 1  # saturated
 
 
-def _checkpoint_with(seqs: List[int], leased: List[int], counters: Tuple[int, ...] = (0,) * 6) -> bytes:
+def _checkpoint_with(seqs: List[int], leased: List[int], counters: Tuple[int, ...] = (0,) * 6,
+                     unknown: Tuple[Tuple[int, int], ...] = ()) -> bytes:
     n = len(seqs)
-    body = _state._CKPT_HEAD.pack(b"QLOGCKPT", 1, 0, 10, *counters, n) + array(
-        "q", seqs + [1] * n + leased + [5] * n + [6] * n).tobytes()
+    body = _state._CKPT_HEAD.pack(b"QLOGCKPT", _state._CKPT_VERSION, 0, 10, *counters, n, len(unknown)) + array(
+        "q", seqs + [1] * n + leased + [5] * n + [6] * n + [x for r in unknown for x in r]).tobytes()
     return body + struct.pack("<I", _pure.crc32c(body))
 
 
-@pytest.mark.parametrize("seqs, leased, counters, problem", [
-    ([0, 0, 2], [1, 1, 1], (0,) * 6, "not in ascending order"),
-    ([3, 1], [0, 0], (0,) * 6, "not in ascending order"),
-    ([3, 12], [0, 0], (0,) * 6, "at or above its cursor"),
-    ([0, 1], [1, 5], (0,) * 6, "leased flag other than 0 or 1"),
-    ([0], [0], (-1, 0, 0, 0, 0, 0), "negative position, counter or count"),
-    ([-1, 4], [0, 0], (0,) * 6, "negative message number"),
+@pytest.mark.parametrize("seqs, leased, counters, unknown, problem", [
+    ([0, 0, 2], [1, 1, 1], (0,) * 6, (), "not in ascending order"),
+    ([3, 1], [0, 0], (0,) * 6, (), "not in ascending order"),
+    ([3, 12], [0, 0], (0,) * 6, (), "at or above its cursor"),
+    ([0, 1], [1, 5], (0,) * 6, (), "leased flag other than 0 or 1"),
+    ([0], [0], (-1, 0, 0, 0, 0, 0), (), "negative position, counter or count"),
+    ([-1, 4], [0, 0], (0,) * 6, (), "negative message number"),
+    ([1], [0], (0,) * 6, ((4, 4),), "unknown range 4-4 that is empty"),
+    ([1], [0], (0,) * 6, ((5, 7), (2, 3)), "unknown range 2-3 that is empty, negative, out of order"),
+    ([1], [0], (0,) * 6, ((2, 5), (4, 6)), "unknown range 4-6 .* overlapping"),
+    ([1], [0], (0,) * 6, ((8, 11),), "unknown range 8-11 .* past its cursor 10"),
+    ([1], [0], (0,) * 6, ((-2, 0),), "unknown range -2-0 .* negative"),
+    ([1], [0], (0,) * 6, ((-1, 0),), "unknown range -1-0 .* negative"),
+    ([3], [0], (0,) * 6, ((2, 5),), "entry for message 3 inside its unknown range 2-5"),
 ])
 def test_checkpoint_that_passes_its_crc_but_no_snapshot_could_be_is_refused(
-    seqs: List[int], leased: List[int], counters: Tuple[int, ...], problem: str,
+    seqs: List[int], leased: List[int], counters: Tuple[int, ...], unknown, problem: str,
 ) -> None:
     with pytest.raises(errors.CorruptStateError, match=problem):
-        _state.QueueState.from_snapshot(_checkpoint_with(seqs, leased, counters))
+        _state.QueueState.from_snapshot(_checkpoint_with(seqs, leased, counters, unknown))
     fixed = sorted({abs(s) % 10 for s in seqs})  # below the cursor, 10
     good = _checkpoint_with(fixed, [0] * len(fixed))
     assert _state.QueueState.from_snapshot(good).snapshot() == good
+    with_ranges = _checkpoint_with([1, 6], [0, 0], unknown=((2, 4), (7, 10)))
+    assert _state.QueueState.from_snapshot(with_ranges).unknown == [(2, 4), (7, 10)]
+    assert _state.QueueState.from_snapshot(with_ranges).snapshot() == with_ranges
 
 
 def test_pull_record_handing_out_messages_above_its_own_cursor_is_skipped() -> None:
@@ -822,9 +838,10 @@ def test_queue_over_a_checkpoint_naming_a_negative_message_refuses_it(
     """Found by the queue fuzzer: such a checkpoint (CRC intact) loaded, and
     the queue then failed at close with OverflowError when it truncated its
     message log below message -1."""
-    first_seq_slot = (84 - 12) // 8  # the first entry's message number
+    head = _state._CKPT_HEAD.size
+    first_seq_slot = (head - 12) // 8  # the first entry's message number
     files = mutate_queue_files(queue_template, [("int64", 0, first_seq_slot, -1, True)])
-    assert struct.unpack_from("<q", files["queues/jobs/checkpoint"], 84)[0] == -1
+    assert struct.unpack_from("<q", files["queues/jobs/checkpoint"], head)[0] == -1
     d = materialise_tree(files)
     try:
         out = in_child(queue_examines, d)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import pathlib
 import stat
 import time
@@ -495,9 +496,9 @@ def test_rebuild_state_delivers_again_what_a_lost_pull_record_hid() -> None:
     ]
     st = rebuild_state(None, msgs, journal)
     assert st.applied == 5 and st.cursor == 10
-    assert sorted(st.pending) == [2, 3, 4, 5, 7, 9]  # 6 acked after the gap still counts
-    assert [st.pending[s][1] for s in (5, 7)] == [False, False]  # waiting, visible now
-    assert st.lost == 0
+    assert sorted(st.pending) == [2, 3, 4, 9]
+    assert st.unknown == [(5, 6), (7, 8)]  # delivered again; 6 acked after the gap still counts
+    assert st.floor() == 2 and st.acked == 4
 
 
 def test_repair_of_a_damaged_state_journal_delivers_again_what_the_damage_hid(tmp_path) -> None:
@@ -578,8 +579,12 @@ def test_missing_pull_records_are_a_journal_gap_and_repair_delivers_what_they_hi
     assert p.returncode == 1
     (x,) = json.loads(p.stdout)["queues"][0]["problems"]
     assert (x["kind"], x["first_seq"]) == ("journal-gap", gap)
-    assert f"messages 10-19 (ids {ids[10]} to {ids[19]}) as lost" in x["detail"]
+    assert f"messages 10-19 (ids {ids[10]} to {ids[19]}) is unknown, so replay delivers them again" in x["detail"]
+    unrepaired = tmp_path / "unrepaired"
+    shutil.copytree(d, unrepaired)
     p = run_cli("repair", d)
     assert p.returncode == 0, p.stdout + p.stderr
     assert run_cli("verify", d).returncode == 0
     assert sorted(drain(d, "jobs", later=3600)) == list(range(10, 30))
+    # Opening without a repair delivers them again too (the replay rule).
+    assert sorted(drain(unrepaired, "jobs", later=3600)) == list(range(10, 30))
