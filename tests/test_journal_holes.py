@@ -15,7 +15,7 @@ of a real journal's records.
 
 from __future__ import annotations
 
-import os
+import json
 import pathlib
 import signal
 import struct
@@ -23,12 +23,12 @@ import subprocess
 import sys
 from typing import Dict, List, Set, Tuple
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import qlog
 from _crashkit import child_env
 from damage import records, segments
-from qlog import _state
 from qlog._state import QueueState, decode
 
 QUEUE = "jobs"
@@ -53,12 +53,36 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def _run_child(path: pathlib.Path, ops: List[Tuple[str, int]]) -> None:
-    import json
+def _env(engine: str) -> Dict[str, str]:
+    env = child_env()
+    env.pop("QLOG_PURE", None)
+    if engine == "pure":
+        env["QLOG_PURE"] = "1"
+    return env
 
+
+def _run_child(path: pathlib.Path, ops: List[Tuple[str, int]], engine: str = "c") -> None:
     p = subprocess.run([sys.executable, "-c", _CHILD, str(path), json.dumps(ops)],
-                       capture_output=True, text=True, timeout=120, env=child_env())
+                       capture_output=True, text=True, timeout=120, env=_env(engine))
     assert p.returncode == -signal.SIGKILL, p.stderr
+
+
+_DRAIN = r"""
+import json, sys
+import qlog
+with qlog.open(sys.argv[1]) as b:
+    q = b.queue("jobs")
+    s = q.stats()
+    out = {"engine": qlog.ENGINE, "backlog": s.backlog, "in_flight": s.in_flight,
+           "peek": [int(m.id[16:], 16) for m in q.peek(3)], "got": []}
+    while True:
+        batch = q.pull(100, visibility_timeout=3600)
+        if not batch.messages:
+            break
+        out["got"] += [int(m.id[16:], 16) for m in batch.messages]
+        batch.ack_all()
+print(json.dumps(out))
+"""
 
 
 def _journal_records(path: pathlib.Path):
@@ -88,18 +112,21 @@ def _drain(path: pathlib.Path) -> List[int]:
     return got
 
 
-def test_a_lost_pull_record_before_a_surviving_one_redelivers_its_messages(tmp_path) -> None:
+@pytest.mark.parametrize("engine", ["c", "pure"])
+def test_a_lost_pull_record_before_a_surviving_one_redelivers_its_messages(tmp_path, engine) -> None:
     d = tmp_path / "data"
-    _run_child(d, [("send", 100), ("send", 100), ("pull", 60), ("pull", 10)])
+    _run_child(d, [("send", 100), ("send", 100), ("pull", 60), ("pull", 10)], engine)
     recs = _journal_records(d)
     assert [r.payload[:1] for _, r in recs] == [b"P", b"P"]
     _zero(*recs[0])  # the pull of 0..59 is lost; the pull of 60..69 survives
-    with qlog.open(d) as b:
-        q = b.queue(QUEUE)
-        s = q.stats()
-        assert (s.backlog, s.in_flight) == (200, 10)  # 60 hidden ones are waiting again
-        assert [int(m.id[16:], 16) for m in q.peek(3)] == [0, 1, 2]
-    got = _drain(d)
+    p = subprocess.run([sys.executable, "-c", _DRAIN, str(d)], capture_output=True, text=True,
+                       timeout=120, env=_env(engine))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["engine"] == engine
+    assert (out["backlog"], out["in_flight"]) == (200, 10)  # 60 hidden ones are waiting again
+    assert out["peek"] == [0, 1, 2]
+    got = out["got"]
     assert sorted(got) == [n for n in range(200) if not 60 <= n < 70]  # 60..69: still leased
     assert got[:60] == list(range(60))  # the hidden range first, oldest first
 
