@@ -471,46 +471,19 @@ class Queue:
                 last = int.from_bytes(seqs[8 * (k - 1):8 * k], "little")
                 return _scan(data, seqs, offs, k, now, ret, Message, self), last, k
 
-            def take(got) -> int:  # type: ignore[no-untyped-def]
-                nonlocal new, new_sent, new_msgs, need, scanned
-                (a, b, c, d, e2, f, x), last, k = got
-                if new:
-                    new += a
-                    new_sent += b
-                    new_msgs += c
-                else:
-                    new, new_sent, new_msgs = a, b, c
-                if d:
-                    dfr.extend(d)
-                    dfr_due.extend(e2)
-                    dfr_sent.extend(f)
-                if x:
-                    exp.extend(x)
-                need -= len(a)
-                scanned += k
-                return last + 1
-
             # Messages whose fate a damaged journal hid (_state.py, "Replay")
             # come first, as if never delivered; the record names the
             # ranges read, so that every replica takes them out.
+            acc = (new, new_sent, new_msgs, dfr, dfr_due, dfr_sent, exp)
             uk_read: List[int] = []
             try:
                 for lo, hi in list(st.unknown) if need > 0 else ():
-                    pos = lo
-                    while pos < hi and need > 0 and scanned < _SCAN_LIMIT:
-                        got = self._msgs.read(
-                            pos, max_records=need,
-                            unpack=functools.partial(sort_read, below=hi))
-                        pos = take(got) if got else hi
+                    pos, need, scanned = self._scan_into(lo, hi, need, scanned, sort_read, acc)
                     if pos > lo:
                         uk_read += (lo, pos)
                     if need <= 0 or scanned >= _SCAN_LIMIT:
                         break
-                while need > 0 and scanned < _SCAN_LIMIT:
-                    got = self._msgs.read(cur, max_records=need, unpack=sort_read)
-                    if not got:
-                        break
-                    cur = take(got)
+                cur, need, scanned = self._scan_into(cur, None, need, scanned, sort_read, acc)
                 re_pl = self._payloads(re)
                 to_dlq = 0
                 if dead:
@@ -558,6 +531,36 @@ class Queue:
             if st.applied - self._ckpt_pos >= self._broker.checkpoint_every:
                 self._checkpoint_locked()
             return out
+
+    def _scan_into(self, pos: int, hi: Optional[int], need: int, scanned: int,
+                   sort_read: Callable[..., Any], acc: Tuple[list, ...]) -> Tuple[int, int, int]:
+        """Read the message log from ``pos`` (below ``hi`` when given), sorting
+        what it holds into ``acc`` (new seqs, their sent times, their
+        messages, deferred seqs, due and sent times, expired seqs), until
+        ``need`` new messages are found or ``_SCAN_LIMIT`` records were
+        scanned.  Returns ``(where to read on, need, scanned)``; one read
+        per batch of records."""
+        new, new_sent, new_msgs, dfr, dfr_due, dfr_sent, exp = acc
+        unpack = sort_read if hi is None else functools.partial(sort_read, below=hi)
+        read = self._msgs.read
+        while need > 0 and scanned < _SCAN_LIMIT and (hi is None or pos < hi):
+            got = read(pos, max_records=need, unpack=unpack)
+            if not got:
+                return (pos if hi is None else hi), need, scanned
+            (a, b, c, d, e2, f, x), last, k = got
+            new += a
+            new_sent += b
+            new_msgs += c
+            if d:
+                dfr += d
+                dfr_due += e2
+                dfr_sent += f
+            if x:
+                exp += x
+            need -= len(a)
+            scanned += k
+            pos = last + 1
+        return pos, need, scanned
 
     def _payloads(self, seqs: Sequence[int]) -> List[Optional[bytes]]:
         """The stored records of messages ``seqs`` (None for one that is

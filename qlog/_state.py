@@ -196,17 +196,12 @@ class QueueState:
             old = self.cursor = frm
         if to > self.cursor:
             self.cursor = to
-        uk = self.unknown
         ranges = list(zip(scanned[0::2], scanned[1::2])) if scanned else ()
-
-        def known(s_: int) -> bool:
-            # a message below the cursor it may hand out: one the puller
-            # found in an unknown range
-            return bool(uk) and (_in_ranges(ranges, s_) or self._unknown_take(s_))
-
+        # Below `old`, only a message the puller found in an unknown range.
+        known = self._unknown_found
         if new:
             if new[0] < old:  # (only from unknown ranges, or after damage)
-                keep = [i for i, s_ in enumerate(new) if s_ >= old or known(s_)]
+                keep = [i for i, s_ in enumerate(new) if s_ >= old or known(s_, ranges)]
                 new_sent = [new_sent[i] for i in keep]
                 new = [new[i] for i in keep]
             for s_, t in zip(new, new_sent):
@@ -225,11 +220,11 @@ class QueueState:
                     got.append(s)
             self._add_leases(deadline, got)
         for s, d, t in zip(dfr, dfr_due, dfr_sent):
-            if s >= old or known(s):
+            if s >= old or known(s, ranges):
                 pending[s] = [0, False, d, t]
                 heapq.heappush(self.heap, (d, s))
         for s in exp:
-            if pending.pop(s, None) is not None or s >= old or known(s):
+            if pending.pop(s, None) is not None or s >= old or known(s, ranges):
                 self.expired += 1
         for lo, hi in ranges:
             self._unknown_remove(lo, hi)
@@ -246,11 +241,17 @@ class QueueState:
         """Put ``lo .. hi-1`` (at or above every range, with no entries) in
         an unknown range."""
         uk = self.unknown
-        if uk and uk[-1][1] >= lo:
+        self.hidden += hi - lo
+        if uk and uk[-1][1] >= lo:  # adjoining the last range: one range
             lo = min(lo, uk[-1][0])
             uk.pop()
         uk.append((lo, hi))
-        self.hidden += hi - lo
+
+    def _unknown_found(self, s: int, scanned: Sequence[Tuple[int, int]]) -> bool:
+        """Whether message ``s`` is in an unknown range: in one of the
+        ``scanned`` ranges (taken out whole afterwards), or else taken out
+        of its range now."""
+        return bool(self.unknown) and (_in_ranges(scanned, s) or self._unknown_take(s))
 
     def _unknown_take(self, s: int) -> bool:
         """Take message ``s`` out of the unknown ranges; whether it was in one."""
