@@ -954,24 +954,38 @@ class Queue:
             now = self._now_us()
             ret_us = int(ret * 1_000_000)
             exp = [s for s, e in st.pending.items() if e[SENT] + ret_us <= now and not (e[LEASED] and e[DUE] > now)]
-            cur = frm = st.cursor
-            while True:
-                recs = self._msgs.read(cur, max_records=1000)
-                stop = False
-                for sq, p in recs:
-                    if _unpack_header(p)[4] + ret_us > now:
-                        stop = True
-                        break
-                    exp.append(sq)
-                    cur = sq + 1
-                if stop or not recs:
-                    break
-            if exp or cur != frm:
-                rec = encode(b"P", (0, frm, cur, 0, now), [[], [], [], [], [], [], [], exp, []])
+            uk_read: List[int] = []  # unknown ranges read (_state.py, "Replay")
+            for lo, hi in list(st.unknown):
+                end = self._expired_run(lo, hi, ret_us, now, exp)
+                if end > lo:
+                    uk_read += (lo, end)
+            frm = st.cursor
+            cur = self._expired_run(frm, None, ret_us, now, exp)
+            if exp or cur != frm or uk_read:
+                arrays: List[Sequence[int]] = [[], [], [], [], [], [], [], exp, []]
+                rec = encode(b"P", (0, frm, cur, 0, now), arrays + [uk_read] if uk_read else arrays)
                 js = self._journal.append(rec)
-                self._apply_own(js, lambda s: s.apply_pull(0, frm, cur, 0, [], [], [], [], [], [], [], exp, [], now))
+                self._apply_own(js, lambda s: s.apply_pull(0, frm, cur, 0, [], [], [], [], [], [], [], exp, [],
+                                                           now, uk_read))
                 self._checkpoint_locked()
             return self._st.expired - before  # type: ignore[union-attr]
+
+    def _expired_run(self, pos: int, hi: Optional[int], ret_us: int, now: int, exp: List[int]) -> int:
+        """Add to ``exp`` the messages from ``pos`` on (below ``hi`` when
+        given) sent ``ret_us`` or more before ``now``, up to the first that
+        was not; returns where that run ends (no message lies between)."""
+        while hi is None or pos < hi:
+            recs = self._msgs.read(pos, max_records=1000)
+            if not recs:
+                return pos if hi is None else hi
+            for sq, p in recs:
+                if hi is not None and sq >= hi:
+                    return hi
+                if _unpack_header(p)[4] + ret_us > now:
+                    return sq
+                exp.append(sq)
+                pos = sq + 1
+        return pos
 
     # -- lifetime --------------------------------------------------------
 

@@ -272,3 +272,21 @@ def test_replaying_any_subset_of_the_journal_never_takes_an_unfinished_message_a
     back = QueueState.from_snapshot(replica.snapshot())
     assert (back.cursor, back.unknown, sorted(back.pending)) == (
         replica.cursor, replica.unknown, sorted(replica.pending))
+
+
+def test_expiry_takes_messages_of_a_hidden_range_past_retention(tmp_path) -> None:
+    import time
+
+    d = tmp_path / "data"
+    _run_child(d, [("send", 50), ("pull", 20), ("pull", 10)])
+    recs = _journal_records(d)
+    _zero(*recs[0])  # 0..19 hidden; 20..29 leased for an hour; 30..49 never pulled
+    later = time.time() + 1800  # past a minute's retention, within the leases
+    with qlog.open(d, clock=lambda: later) as b:
+        q = b.queue(QUEUE, message_retention=60)
+        assert q._state().unknown == [(0, 20)]
+        assert q.expire() == 40
+        st = q._state()
+        assert (st.unknown, sorted(st.pending), st.cursor) == ([], list(range(20, 30)), 50)
+        s = q.stats()
+        assert (s.backlog, s.in_flight, s.expired) == (10, 10, 40)
