@@ -744,8 +744,12 @@ class Queue:
             st = self._state()
             upto = self._msgs.next_seq
             before = st.purged
-            js = self._journal.append(encode(b"X", (upto,), []))
-            self._apply_own(js, lambda s: s.apply_purge(upto))
+            # Messages, not numbers (a reboot skips numbers): every replica
+            # counts what the record says.
+            waiting = sum(self._messages_in(lo, min(hi, upto))
+                          for lo, hi in [*st.unknown, (st.cursor, upto)])
+            js = self._journal.append(encode(b"X", (upto, waiting), []))
+            self._apply_own(js, lambda s: s.apply_purge(upto, waiting))
             n = self._st.purged - before  # type: ignore[union-attr]
             self._checkpoint_locked()
             return n

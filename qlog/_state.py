@@ -63,7 +63,7 @@ Journal records (one log record each; little-endian)::
     R retry    arrays  seqs, attempts, due
     D dead     scalars to_dlq;  arrays seqs, attempts
     E extend   scalars deadline; arrays seqs, attempts
-    X purge    scalars upto
+    X purge    scalars upto, [messages below upto with no entry]
 """
 
 from __future__ import annotations
@@ -354,14 +354,18 @@ class QueueState:
                 got.append(s)
         self._add_leases(deadline, got)
 
-    def apply_purge(self, upto: int) -> None:
+    def apply_purge(self, upto: int, waiting: Optional[int] = None) -> None:
+        """Apply a purge record: every message below ``upto`` is done;
+        ``waiting``: how many of them had no entry (in unknown ranges or
+        never handed out), as the purger counted them (older records: the
+        numbers are counted)."""
         pending = self.pending
         gone = [s for s in pending if s < upto]
         for s in gone:
             del pending[s]
-        n = len(gone) + max(0, upto - self.cursor)
-        for a, b in self.unknown:
-            n += max(0, min(b, upto) - a)
+        if waiting is None:
+            waiting = max(0, upto - self.cursor) + sum(max(0, min(b, upto) - a) for a, b in self.unknown)
+        n = len(gone) + max(0, waiting)
         self._unknown_remove(0, upto)
         self.purged += n
         if upto > self.cursor:
@@ -555,7 +559,7 @@ _APPLY = {
     b"R": lambda st, sc, ar: st.apply_retry(ar[0], ar[1], ar[2]),
     b"D": lambda st, sc, ar: st.apply_dead(sc[0], ar[0], ar[1]),
     b"E": lambda st, sc, ar: st.apply_extend(sc[0], ar[0], ar[1]),
-    b"X": lambda st, sc, ar: st.apply_purge(sc[0]),
+    b"X": lambda st, sc, ar: st.apply_purge(sc[0], sc[1] if len(sc) > 1 else None),
 }
 
 

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import qlog
 from _crashkit import child_env
 from damage import records, segments
+from qlog import _pure
 from qlog._state import QueueState, decode
 
 QUEUE = "jobs"
@@ -96,6 +97,14 @@ def _zero(seg: str, r) -> None:
     with open(seg, "r+b") as f:
         f.seek(r.offset)
         f.write(bytes(r.size))
+
+
+def _as_if_rebooted(log_dir: pathlib.Path) -> None:
+    """Rewrite a log's ``meta`` as a previous boot left it: the log then
+    continues at its reserved mark, a gap in the numbering."""
+    meta = log_dir / "meta"
+    head = meta.read_bytes()[:24] + b"00000000-0000-4000-8000-000000000000"
+    meta.write_bytes(head + struct.pack("<I", _pure.mask_crc(_pure.crc32c(head))))
 
 
 def _drain(path: pathlib.Path) -> List[int]:
@@ -185,11 +194,7 @@ def test_every_replica_replaying_the_same_damaged_journal_reaches_the_same_state
 def test_backlog_counts_messages_not_the_numbers_a_reboot_skipped(tmp_path) -> None:
     d = tmp_path / "data"
     _run_child(d, [("send", 20), ("pull", 5)])
-    meta = d / "queues" / QUEUE / "messages" / "meta"
-    raw = meta.read_bytes()  # as a previous boot left it: the log continues at the mark
-    head = raw[:24] + b"00000000-0000-4000-8000-000000000000"
-    from qlog import _pure
-    meta.write_bytes(head + struct.pack("<I", _pure.mask_crc(_pure.crc32c(head))))
+    _as_if_rebooted(d / "queues" / QUEUE / "messages")
     with qlog.open(d) as b:
         q = b.queue(QUEUE)
         assert q._msgs.next_seq >= _pure.SEQ_RESERVE  # the reboot's gap
@@ -290,3 +295,16 @@ def test_expiry_takes_messages_of_a_hidden_range_past_retention(tmp_path) -> Non
         assert (st.unknown, sorted(st.pending), st.cursor) == ([], list(range(20, 30)), 50)
         s = q.stats()
         assert (s.backlog, s.in_flight, s.expired) == (10, 10, 40)
+
+
+def test_purge_after_a_reboot_counts_messages_not_skipped_numbers(tmp_path) -> None:
+    d = tmp_path / "data"
+    _run_child(d, [("send", 20), ("pull", 5)])
+    _as_if_rebooted(d / "queues" / QUEUE / "messages")
+    with qlog.open(d) as b:
+        q = b.queue(QUEUE)
+        q.send_batch([{"n": i} for i in range(3)])  # numbered past the reboot's gap
+        assert q.purge() == 23  # 15 never pulled, 5 leased, 3 after the gap
+        assert (q.stats().backlog, q.stats().purged) == (0, 23)
+    with qlog.open(d) as b:  # a replica replaying the record counts the same
+        assert b.queue(QUEUE).stats().purged == 23
