@@ -229,6 +229,76 @@ def workload(path: str, trace: str, seed: int, steps: int) -> None:
     os.write(1, b"done %d %d\n" % (len(rec.events), rec.looks))
 
 
+# ---- the journal-hole reproduction (test_powercut_queue.py) -------------------------
+
+
+def pull_cursors(payload: bytes) -> Optional[Tuple[int, int]]:
+    """``(from, to)`` of a pull record (FORMAT.md: its cursor before and
+    after), None for another record."""
+    if len(payload) < _JREC.size:
+        return None
+    tag, ns, _na = _JREC.unpack_from(payload)
+    if tag != b"P" or ns < 3 or len(payload) < _JREC.size + 8 * ns:
+        return None
+    sc = struct.unpack_from(f"<{ns}q", payload, _JREC.size)
+    return sc[1], sc[2]
+
+
+def send_and_pull(path: str, queue: str, n: int, pulls: List[int]) -> None:
+    """Child main: on a new data directory, one "sync" send_batch of ``n``
+    messages ``{"n": i}`` to ``queue`` (the ids go to stdout as ``sent
+    <json>``), then one pull per entry of ``pulls`` (nothing acked), then
+    ``pulled``; then wait to be killed (stdin)."""
+    b = qlog.open(path, durability="sync")
+    q = b.queue(queue)
+    ids = q.send_batch([{"n": i} for i in range(n)])
+    os.write(1, b"sent " + json.dumps(ids).encode() + b"\n")
+    for k in pulls:
+        got = q.pull(batch_size=k)
+        assert len(got) == k, f"pulled {len(got)}, not {k}"
+    os.write(1, b"pulled\n")
+    sys.stdin.read()
+
+
+def drain_after_reboot(path: str, queue: str, boot_id: str, later: float) -> None:
+    """Child main: open the data directory as after a reboot (the engine
+    reads ``boot_id``: the C engine through its syscall table, the pure one
+    from its one source of it) with the clock ``later`` seconds ahead, pull
+    and ack ``queue`` until it is empty, and print JSON: the engine, the
+    next sequence number of each log (past the reserve after a reboot), the
+    ids delivered in order, and the warnings logged."""
+    import contextlib
+    import time
+    from qlog import _engine
+
+    if _engine.ENGINE == "c":
+        from _simvfs import boot_id_hook, syscalls
+        ctx = syscalls(boot_id=boot_id_hook(boot_id))
+    else:
+        from qlog import _purelog
+        _purelog._boot_id = lambda: boot_id
+        ctx = contextlib.nullcontext()
+    warnings: List[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warnings.append(record.getMessage())
+
+    logging.getLogger("qlog").addHandler(Keep(logging.WARNING))
+    got: List[str] = []
+    with ctx:
+        with qlog.open(path, clock=lambda: time.time() + later) as b:
+            q = b.queue(queue)
+            seqs = {"messages": q._msgs.next_seq, "state": q._journal.next_seq}
+            while True:
+                batch = q.pull(batch_size=100)
+                if not batch:
+                    break
+                got += [m.id for m in batch]
+                batch.ack_all()
+    print(json.dumps({"engine": _engine.ENGINE, "next_seq": seqs, "got": got, "warnings": warnings}))
+
+
 def child_main() -> None:
     func, kwargs = sys.argv[1], json.loads(sys.argv[2])
     globals()[func](**kwargs)
