@@ -288,6 +288,17 @@ class Report:
                 + (f" damage_tolerated={self.damage_tolerated}" if self.damage_tolerated else ""))
 
 
+class InvariantViolation(AssertionError):
+    """What :func:`check` raises: the message names the offending ids;
+    ``report`` holds the counts it had reached (``lost``, ``corrupt``,
+    ``duplicates_otherwise`` among them), so that a caller running many
+    checks can total the violations too."""
+
+    def __init__(self, message: str, report: "Report") -> None:
+        super().__init__(message)
+        self.report = report
+
+
 class _Warnings(logging.Handler):
     """Collects the qlog logger's warnings during the drain (a message
     missing from its log is dropped with a warning: that is a loss)."""
@@ -664,8 +675,8 @@ def check(
     if lost:
         problems.append(f"{len(lost)} messages lost: {_ids(lost)}")
     if problems:
-        raise AssertionError(f"invariants violated ({rep.line()}):\n  " + "\n  ".join(problems)
-                             + (f"\n  in-flight duplicates: {_ids(dup_ids)}" if dup_ids else ""))
+        raise InvariantViolation(f"invariants violated ({rep.line()}):\n  " + "\n  ".join(problems)
+                                 + (f"\n  in-flight duplicates: {_ids(dup_ids)}" if dup_ids else ""), rep)
     return rep
 
 

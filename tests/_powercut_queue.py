@@ -16,12 +16,22 @@ the workload did and was told:
     ("f", [Fact, ...])  ``_invariants.Fact``s: a call about to start
                         (sending, acking, retrying) or returned (sent,
                         deliver, ack, retry), in the order they happened
+    ("burst", queue)    the burst's pull records are both in the journal's
+                        unsynced tail (and the trace has looked at it)
+
+Half-way through, a burst on the queue "bulk" leaves two pull records in
+one file's unsynced tail whatever the threads' timing: "sync" send_batch of
+BULK_SENT messages, then pulls of BULK_PULLS while the state journal's
+flusher is held (``TraceRecorder.background_syncs_held``), so that no
+fdatasync falls between them.  A cut there that keeps a later page of the
+journal and loses an earlier one leaves a pull record whose cursor-before
+lies above what the records before it reached (``journal_gaps``).
 
 ``Facts`` folds the markers of a trace prefix (what the workload knew at a
 cut) and the durable journal records (what the disk held at the cut) into
 the facts that must survive the cut; ``check_after_cut`` hands them to
 ``_invariants.check`` and adds what only a power cut can say (retention by
-the clock at the cut).
+the clock at the cut, the journal gaps the cut left).
 """
 
 from __future__ import annotations
@@ -31,18 +41,24 @@ import json
 import logging
 import os
 import random
+import struct
 import sys
 import threading
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple
+
+import crc32c
 
 import qlog
 import qlog._queue
 import qlog._state
-from _invariants import Fact, Report, body_key, check, make_body
+from _invariants import Fact, InvariantViolation, Report, body_key, check, make_body
 
-SYNC_QUEUES = ("orders", "work")
+SYNC_QUEUES = ("orders", "work", "bulk")
 UNSYNCED_QUEUES = ("fast", "ticks")       # durability "none" and "interval"
-QUEUES = ("orders", "fast", "ticks", "work", "work-dlq")
+QUEUES = ("orders", "fast", "ticks", "work", "work-dlq", "bulk")
+BULK = "bulk"                   # the burst's queue (see the module docstring)
+BULK_SENT = 620
+BULK_PULLS = (600, 10)          # a pull record spanning pages, then one after it
 RETENTION = 120.0
 VISIBILITY = 30.0
 MAX_RETRIES_PUSH = 2
@@ -55,8 +71,8 @@ DRAIN_AHEAD = 40.0              # the reopened queue's clock: past every lease a
 def settings(name: str) -> Dict[str, Any]:
     """Each queue's settings, the same in the workload and after the cut."""
     base: Dict[str, Any] = dict(segment_bytes=SEGMENT, visibility_timeout=VISIBILITY)
-    if name == "work-dlq":
-        return base  # default retention: dead letters stay
+    if name in ("work-dlq", BULK):
+        return base  # default retention: dead letters and the burst stay
     base["message_retention"] = RETENTION
     if name == "work":
         base.update(max_retries=MAX_RETRIES_PUSH, dead_letter_queue="work-dlq", retry_delay=1.0,
@@ -168,9 +184,34 @@ def workload(path: str, trace: str, seed: int, steps: int) -> None:
                 batch.ack_all()
                 facts(*[Fact("ack", name, id=m.id) for m in left])
 
+        def burst() -> None:
+            """The journal burst (module docstring).  It draws nothing from
+            ``rng``: the rest of the workload makes the choices it made before."""
+            q = qs[BULK]
+            batch = f"{BULK}-0"
+            facts(Fact("sending", BULK, batch=batch, n=BULK_SENT, mode="sync"))
+            ids = q.send_batch([make_body(batch, i, BULK_SENT) for i in range(BULK_SENT)])
+            facts(*[Fact("sent", BULK, id=mid, key=f"{batch}/{i}", batch=batch, n=BULK_SENT, mode="sync")
+                    for i, mid in enumerate(ids)])
+            got = []
+            with rec.background_syncs_held(f"queues/{BULK}/state"):
+                for n in BULK_PULLS:
+                    b = q.pull(batch_size=n)
+                    assert len(b) == n, f"the burst pulled {len(b)} messages, not {n}"
+                    facts(*delivered(BULK, b))
+                    got.append(b)
+                rec.look()   # both pull records in the unsynced tail, nothing acked yet
+                rec.mark(("burst", BULK))
+            for b in got + [q.pull(batch_size=100)]:
+                facts(*[Fact("acking", BULK, id=m.id) for m in b])
+                b.ack_all()
+                facts(*[Fact("ack", BULK, id=m.id) for m in b])
+
         for step in range(steps):
             now[0] += rng.uniform(0.1, 1.6)
             rec.mark(("t", now[0]))
+            if step == steps // 2:
+                burst()
             x = rng.random()
             if x < 0.3:
                 send("orders", rng.choice([1, 1, rng.randint(2, 12)]))
@@ -186,6 +227,76 @@ def workload(path: str, trace: str, seed: int, steps: int) -> None:
         broker.close()
     rec.dump(trace)
     os.write(1, b"done %d %d\n" % (len(rec.events), rec.looks))
+
+
+# ---- the journal-hole reproduction (test_powercut_queue.py) -------------------------
+
+
+def pull_cursors(payload: bytes) -> Optional[Tuple[int, int]]:
+    """``(from, to)`` of a pull record (FORMAT.md: its cursor before and
+    after), None for another record."""
+    if len(payload) < _JREC.size:
+        return None
+    tag, ns, _na = _JREC.unpack_from(payload)
+    if tag != b"P" or ns < 3 or len(payload) < _JREC.size + 8 * ns:
+        return None
+    sc = struct.unpack_from(f"<{ns}q", payload, _JREC.size)
+    return sc[1], sc[2]
+
+
+def send_and_pull(path: str, queue: str, n: int, pulls: List[int]) -> None:
+    """Child main: on a new data directory, one "sync" send_batch of ``n``
+    messages ``{"n": i}`` to ``queue`` (the ids go to stdout as ``sent
+    <json>``), then one pull per entry of ``pulls`` (nothing acked), then
+    ``pulled``; then wait to be killed (stdin)."""
+    b = qlog.open(path, durability="sync")
+    q = b.queue(queue)
+    ids = q.send_batch([{"n": i} for i in range(n)])
+    os.write(1, b"sent " + json.dumps(ids).encode() + b"\n")
+    for k in pulls:
+        got = q.pull(batch_size=k)
+        assert len(got) == k, f"pulled {len(got)}, not {k}"
+    os.write(1, b"pulled\n")
+    sys.stdin.read()
+
+
+def drain_after_reboot(path: str, queue: str, boot_id: str, later: float) -> None:
+    """Child main: open the data directory as after a reboot (the engine
+    reads ``boot_id``: the C engine through its syscall table, the pure one
+    from its one source of it) with the clock ``later`` seconds ahead, pull
+    and ack ``queue`` until it is empty, and print JSON: the engine, the
+    next sequence number of each log (past the reserve after a reboot), the
+    ids delivered in order, and the warnings logged."""
+    import contextlib
+    import time
+    from qlog import _engine
+
+    if _engine.ENGINE == "c":
+        from _simvfs import boot_id_hook, syscalls
+        ctx = syscalls(boot_id=boot_id_hook(boot_id))
+    else:
+        from qlog import _purelog
+        _purelog._boot_id = lambda: boot_id
+        ctx = contextlib.nullcontext()
+    warnings: List[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warnings.append(record.getMessage())
+
+    logging.getLogger("qlog").addHandler(Keep(logging.WARNING))
+    got: List[str] = []
+    with ctx:
+        with qlog.open(path, clock=lambda: time.time() + later) as b:
+            q = b.queue(queue)
+            seqs = {"messages": q._msgs.next_seq, "state": q._journal.next_seq}
+            while True:
+                batch = q.pull(batch_size=100)
+                if not batch:
+                    break
+                got += [m.id for m in batch]
+                batch.ack_all()
+    print(json.dumps({"engine": _engine.ENGINE, "next_seq": seqs, "got": got, "warnings": warnings}))
 
 
 def child_main() -> None:
@@ -217,6 +328,8 @@ class Facts:
     def on_mark(self, marker: tuple) -> None:
         if marker[0] == "t":
             self.clock = marker[1]
+            return
+        if marker[0] != "f":
             return
         for f in marker[1]:
             self.all.append(f)
@@ -321,17 +434,111 @@ def unsynced_damage(replay):
     return tolerate
 
 
-def check_after_cut(out_dir: str, facts: Facts, replay, boot_hook) -> Tuple[Report, int, int]:
+# ---- gaps in a state journal ------------------------------------------------------
+
+_JREC = struct.Struct("<cBB")           # docs/FORMAT.md: a journal record's tag, scalars, arrays
+_CKPT = struct.Struct("<8sIqq")         # a checkpoint's magic, version, applied, cursor
+
+
+def _checkpoint_position(path: str) -> Optional[Tuple[int, int]]:
+    """``(applied, cursor)`` of the checkpoint at ``path`` ((0, 0) when there
+    is none; None when it fails its CRC or magic)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0, 0
+    if len(data) < _CKPT.size + 4 or struct.unpack_from("<I", data, len(data) - 4)[0] != crc32c.crc32c(data[:-4]):
+        return None
+    magic, _version, applied, cursor = _CKPT.unpack_from(data)
+    return (applied, cursor) if magic == b"QLOGCKPT" else None
+
+
+def journal_gaps(root: str) -> Dict[str, List[Tuple[int, int]]]:
+    """Per queue of the data directory ``root``, the ranges ``[lo, hi)`` of
+    message numbers its state journal skips: replaying the intact records
+    from the checkpoint on (as the engine's recovery keeps them: damage in
+    the middle is stepped over), a pull record whose cursor-before (FORMAT.md:
+    scalars deadline, from, to) lies above the cursor the records before it
+    reached (a purge's ``upto`` moves it too) shows that records handing out
+    ``lo .. hi-1`` were lost.  Read from the files, before anything opens
+    them; queues without such a range are left out."""
+    from damage import records, segments
+
+    out: Dict[str, List[Tuple[int, int]]] = {}
+    qroot = os.path.join(root, "queues")
+    for name in sorted(os.listdir(qroot)) if os.path.isdir(qroot) else []:
+        start = _checkpoint_position(os.path.join(qroot, name, "checkpoint"))
+        sdir = os.path.join(qroot, name, "state")
+        if start is None or not os.path.isdir(sdir):
+            continue
+        applied, cursor = start
+        recs = []
+        for seg in segments(sdir):
+            try:
+                recs += records(seg)
+            except ValueError:   # shorter than a header: holds no record
+                continue
+        for r in sorted(recs, key=lambda r: r.seq):
+            if r.seq < applied or len(r.payload) < _JREC.size:
+                continue
+            tag, ns, _na = _JREC.unpack_from(r.payload)
+            if len(r.payload) < _JREC.size + 8 * ns:
+                continue
+            sc = struct.unpack_from(f"<{ns}q", r.payload, _JREC.size)
+            if tag == b"P" and ns >= 3:
+                if sc[1] > cursor:
+                    out.setdefault(name, []).append((cursor, sc[1]))
+                cursor = max(cursor, sc[2])
+            elif tag == b"X" and ns >= 1:
+                cursor = max(cursor, sc[0])
+    return out
+
+
+class JournalGapWarnings(logging.Filter):
+    """Replay warns when the state journal skips a range of messages (pull
+    records lost before a surviving one).  After a cut whose own journal
+    shows that range (``journal_gaps``) the warning is no corruption: this
+    filter, on the "qlog" logger, keeps such a warning from the checker and
+    counts it in ``seen``.  The messages of the range are held to the
+    checker's guarantees like any other: one that had to survive and is not
+    delivered is lost."""
+
+    def __init__(self, gaps: Dict[str, List[Tuple[int, int]]]) -> None:
+        super().__init__()
+        self.ranges = {(lo, hi - 1) for rs in gaps.values() for lo, hi in rs}
+        self.seen = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if (isinstance(record.msg, str) and record.msg.startswith("state journal ")
+                and len(args) >= 2 and tuple(args[:2]) in self.ranges):
+            self.seen += 1
+            return False
+        return True
+
+
+class CutResult(NamedTuple):
+    report: Report          # with the counts reached when the check failed
+    dropped: int            # messages the queues dropped as missing from their logs
+    must: int               # sent messages that had to survive
+    gaps: Dict[str, List[Tuple[int, int]]]   # the journal gaps the cut left (``journal_gaps``)
+    gap_warnings: int       # replay's warnings about them
+    error: Optional[AssertionError]          # the violation, if any
+
+
+def check_after_cut(out_dir: str, facts: Facts, replay, boot_hook) -> CutResult:
     """Reopen the directory a cut left, as after a reboot (another boot id),
     with the clock DRAIN_AHEAD seconds after the cut's, and state the
     invariants (``_invariants.check``: raises AssertionError on a violation)
     with what only the cut knows: which facts were durable (``Facts.must``),
     which messages are old enough to have expired by the drain (the clock
     when they were sent), which damage lies in bytes no fdatasync covered
-    (``unsynced_damage``) and which dropped messages were never durable
-    (``DropsAfterCut``).  Returns the report, how many messages the queues
-    dropped as missing from their logs, and how many sent messages had to
-    survive the cut."""
+    (``unsynced_damage``), which dropped messages were never durable
+    (``DropsAfterCut``) and which ranges of messages the journal the cut
+    left skips (``journal_gaps``, ``JournalGapWarnings``).  A violation is
+    returned in ``error`` (with the counts the checker had reached in
+    ``report``), so that a caller can go on with other cuts and total them."""
     from _simvfs import syscalls
 
     t_drain = facts.clock + DRAIN_AHEAD
@@ -348,12 +555,22 @@ def check_after_cut(out_dir: str, facts: Facts, replay, boot_hook) -> Tuple[Repo
         if f.kind == "sent":
             must_seqs.setdefault(f.queue, set()).add(seq_of(f.id))
     drops = DropsAfterCut(must_seqs)
+    gaps = journal_gaps(out_dir)
+    gap_warnings = JournalGapWarnings(gaps)
     qlog_logger = logging.getLogger("qlog")
     qlog_logger.addFilter(drops)
+    qlog_logger.addFilter(gap_warnings)
+    error: Optional[AssertionError] = None
     try:
         with syscalls(boot_id=boot_hook):
             rep = check(out_dir, all_facts, settings=SETTINGS, must=must, clock=lambda: t_drain,
                         tolerate_damage=unsynced_damage(replay), may_have_expired=may_have_expired)
+    except InvariantViolation as e:
+        rep, error = e.report, e
+    except AssertionError as e:     # the directory did not even open or drain
+        rep, error = Report(), e
     finally:
+        qlog_logger.removeFilter(gap_warnings)
         qlog_logger.removeFilter(drops)
-    return rep, drops.dropped, sum(1 for f in must if f.kind == "sent")
+    return CutResult(rep, drops.dropped, sum(1 for f in must if f.kind == "sent"), gaps,
+                     gap_warnings.seen, error)

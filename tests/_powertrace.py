@@ -28,23 +28,40 @@ after the file that had it was unlinked), directories by their path.
 
 The replaying side (``Replay``) walks a trace forward; ``materialise``
 writes the directory a cut at the current position leaves: the durable
-directory maps from the root down, each file with its durable image (empty
-if never synced), optionally plus a random subset of the pages written
-after it (a torn tail: the kernel may have written them back).  Only pages
-written before the cut are ever used: a cut never shows a later write.
+directory maps from the root down (a rename or a new name is there only
+after the directory's fsync), each file with its durable image (empty if
+never synced), plus what the page cache may have written back of the
+pages dirtied since (its unsynced tail).  A real disk after a power cut,
+and so this model (``random_writeback``), may hold for each of those pages:
+
+- nothing of it (the durable bytes, zeros past them);
+- all of it, in any subset of the file's dirty pages: write-back follows no
+  file order, so a later page can be there while an earlier one is not;
+- an earlier version of it: a page written back at one look and dirtied
+  again before the next sync (every version the trace saw since the sync);
+- part of it: a prefix of its 512-byte sectors over what the disk held (a
+  torn page; a sector is written whole or not at all).
+
+This holds for every file alike: message segments, state journal segments,
+checkpoints and their temporary files.  ``choose`` places the pages
+deliberately instead (``out_of_order_writeback``: a later dirty page kept,
+an earlier one lost).  Only pages written before the cut are ever used: a
+cut never shows a later write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import random
 import stat
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
-
-import random
+import time
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 PAGE = 4096
+SECTOR = 512     # what a disk writes whole or not at all
 
 # Trace events (tuples, pickled):
 #   ("W", ident, relpath, size, {offset: page bytes})   pages written since last look
@@ -66,6 +83,9 @@ class TraceRecorder:
         self._live: Dict[int, bytes] = {}   # identity -> bytes when last looked
         self._next = 0
         self.looks = 0
+        self._held: Optional[str] = None    # logs under this path: background syncs wait
+        self._hold = threading.Condition()
+        self._hold_timeout = 120.0
         with self.lock:
             names = self._look()
             for rel, entries in names.items():
@@ -158,10 +178,50 @@ class TraceRecorder:
         with self.lock:
             self._look()
 
+    def look(self) -> None:
+        """Note the pages written since the last look now (a moment at which
+        a cut shows what the page cache holds), as any sync call does."""
+        with self.lock:
+            self._look()
+
     def mark(self, fact: Any) -> None:
         """Put a workload marker into the trace, in order."""
         with self.lock:
             self.events.append(("M", fact))
+
+    @contextlib.contextmanager
+    def background_syncs_held(self, under: str, timeout: float = 120.0) -> Iterator[None]:
+        """While in the block, an fsync or fdatasync that an "interval" log's
+        flusher thread (``qlog-flush:<log path>``) makes of a log below
+        ``under`` (relative to the root) waits for the block to end, as a
+        sync still running on a busy disk: the records written meanwhile
+        stay unsynced, so that one trace holds several of them in a file's
+        unsynced tail at once whatever the threads' timing.  Only flusher
+        threads wait (the caller's own syncs, a roll's seal, go through)."""
+        with self._hold:
+            assert self._held is None, "background syncs are already held"
+            self._held = os.path.join(self.root, under)
+            self._hold_timeout = timeout
+        try:
+            yield
+        finally:
+            with self._hold:
+                self._held = None
+                self._hold.notify_all()
+
+    def _wait_if_held(self) -> None:
+        name = threading.current_thread().name
+        if not name.startswith("qlog-flush:"):
+            return
+        path = os.path.realpath(name[len("qlog-flush:"):])
+        with self._hold:
+            deadline = time.monotonic() + self._hold_timeout
+            while self._held is not None and (path + os.sep).startswith(self._held + os.sep):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"background syncs of {path} were held for over "
+                                         f"{self._hold_timeout} s")
+                self._hold.wait(left)
 
     # -- hooks ------------------------------------------------------------------
 
@@ -170,12 +230,14 @@ class TraceRecorder:
         from _simvfs import real
 
         def fdatasync(fd: int) -> int:
+            self._wait_if_held()
             r = real.fdatasync(fd)
             if r == 0:
                 self.synced(fd)
             return r
 
         def fsync(fd: int) -> int:
+            self._wait_if_held()
             r = real.fsync(fd)
             if r == 0:
                 self.synced(fd)
@@ -256,6 +318,86 @@ def load(path: str) -> List[tuple]:
 
 # ---- the replaying side ---------------------------------------------------------
 
+SECTORS = PAGE // SECTOR
+
+# What a cut leaves of one dirty page: (version, sectors).  ``version`` indexes
+# the page's versions since the file's durable image (oldest first; -1: the
+# last one); ``sectors`` of them are written over what the disk held (SECTORS
+# or more: the whole page; fewer: a torn page).
+Fate = Tuple[int, int]
+# choose(relpath, dirty page offsets in file order, {offset: versions}) ->
+# {offset: Fate} for the pages written back (the others stay as the durable
+# image holds them), or None to leave the file to the random model.
+Chooser = Callable[[str, List[int], Dict[int, List[bytes]]], Optional[Dict[int, Fate]]]
+
+
+class FileCut(NamedTuple):
+    """What a cut left of one file's dirty pages (offsets, in file order)."""
+
+    dirty: Tuple[int, ...]
+    whole: Tuple[int, ...]          # holding their last version, whole
+    older: Tuple[int, ...]          # holding an earlier version (whole or torn)
+    torn: Tuple[int, ...]           # holding a prefix of their sectors
+
+    @property
+    def reached(self) -> Tuple[int, ...]:
+        """Pages holding something written after the durable image."""
+        return tuple(sorted(set(self.whole) | set(self.older) | set(self.torn)))
+
+    @property
+    def out_of_order(self) -> bool:
+        """A later page reached the disk (in part or whole) while an earlier
+        one did not wholly hold its last version: a hole no in-order
+        write-back can leave."""
+        missing = [p for p in self.dirty if p not in self.whole]
+        return bool(missing) and any(p > missing[0] for p in self.reached)
+
+
+def random_writeback(rng: random.Random, written: float = 0.5, older: float = 0.25,
+                     torn: float = 0.125) -> Chooser:
+    """The model of the module docstring: each dirty page is written back
+    with probability ``written``, independently of the others (any subset);
+    a page written back holds an earlier version than its last with
+    probability ``older`` (when it had one), and only a random prefix of its
+    sectors with probability ``torn``."""
+
+    def choose(rel: str, dirty: List[int], versions: Dict[int, List[bytes]]) -> Dict[int, Fate]:
+        out: Dict[int, Fate] = {}
+        for p in dirty:
+            if rng.random() >= written:
+                continue
+            vs = versions[p]
+            v = rng.randrange(len(vs) - 1) if len(vs) > 1 and rng.random() < older else len(vs) - 1
+            n = -(-len(vs[v]) // SECTOR)
+            k = rng.randint(1, n - 1) if n > 1 and rng.random() < torn else SECTORS
+            out[p] = (v, k)
+        return out
+
+    return choose
+
+
+def out_of_order_writeback(rng: random.Random, tear_first: bool = False) -> Chooser:
+    """A deliberately out-of-order cut of a file with two or more dirty
+    pages: the last one is written back whole, the first one is not
+    (``tear_first``: only a prefix of its sectors is), and each page between
+    them is written back or not at random.  Returns None for a file with
+    fewer dirty pages."""
+
+    def choose(rel: str, dirty: List[int], versions: Dict[int, List[bytes]]) -> Optional[Dict[int, Fate]]:
+        if len(dirty) < 2:
+            return None
+        out: Dict[int, Fate] = {dirty[-1]: (-1, SECTORS)}
+        if tear_first:
+            n = -(-len(versions[dirty[0]][-1]) // SECTOR)
+            if n > 1:
+                out[dirty[0]] = (-1, rng.randint(1, n - 1))
+        for p in dirty[1:-1]:
+            if rng.random() < 0.5:
+                out[p] = (-1, SECTORS)
+        return out
+
+    return choose
+
 
 class Replay:
     """Walks a trace forward (``advance``); ``materialise`` writes what a
@@ -270,6 +412,8 @@ class Replay:
         self.live: Dict[int, bytearray] = {}
         self.path: Dict[int, str] = {}          # identity -> its relpath when last written
         self.durable: Dict[int, bytes] = {}
+        # identity -> page offset -> the page's versions since the durable image
+        self.versions: Dict[int, Dict[int, List[bytes]]] = {}
         self.dirs: Dict[str, Dict[str, Tuple[str, Optional[int]]]] = {}
         self.on_durable = on_durable
 
@@ -287,12 +431,15 @@ class Replay:
                     buf.extend(bytes(size - len(buf)))
                 else:
                     del buf[size:]
+                vers = self.versions.setdefault(ident, {})
                 for off, chunk in pages.items():
                     buf[off:off + len(chunk)] = chunk
+                    vers.setdefault(off, []).append(chunk)
                 self.path[ident] = rel
             elif kind == "S":
                 data = bytes(self.live.get(ev[1], b""))
                 self.durable[ev[1]] = data
+                self.versions.pop(ev[1], None)
                 if self.on_durable is not None:
                     self.on_durable(self.path.get(ev[1], ""), data, ev[1], self)
             elif kind == "D":
@@ -319,35 +466,84 @@ class Replay:
             cur = f"{cur}/{name}" if cur else name
         return False
 
-    def materialise(self, out: str, tear: Optional[random.Random] = None) -> Dict[str, int]:
-        """Write the tree a cut now leaves into ``out`` (new).  With ``tear``,
-        each page written after a file's durable image is there too with
-        probability 1/2.  Returns ``{relpath: torn pages}`` for torn files."""
+    def dirty(self, ident: int) -> Tuple[List[int], Dict[int, List[bytes]]]:
+        """The file's dirty pages now: the offsets (in file order) of the
+        pages whose live bytes differ from its durable image, and for each
+        its versions since that image (oldest first, the live one last;
+        none equal to the durable bytes)."""
+        cur = self.live.get(ident)
+        if cur is None:
+            return [], {}
+        old = self.durable.get(ident, b"")
+        seen = self.versions.get(ident, {})
+        offs: List[int] = []
+        out: Dict[int, List[bytes]] = {}
+        for p in range(0, len(cur), PAGE):
+            last = bytes(cur[p:p + PAGE])
+            was = old[p:p + len(last)]
+            was += bytes(len(last) - len(was))   # past the durable bytes the disk reads zeros
+            if last == was:
+                continue
+            vs: List[bytes] = []
+            for v in seen.get(p, ()):
+                v = v[:len(last)]
+                if v != was and v != last and v not in vs:
+                    vs.append(v)
+            vs.append(last)
+            offs.append(p)
+            out[p] = vs
+        return offs, out
+
+    def materialise(self, out: str, tear: Optional[random.Random] = None,
+                    choose: Optional[Chooser] = None,
+                    extra_names: Optional[Dict[str, int]] = None) -> Dict[str, FileCut]:
+        """Write the tree a cut now leaves into ``out`` (new).
+
+        Each durably named file holds its durable image; with ``tear``, its
+        dirty pages fare as ``random_writeback`` says; ``choose`` decides
+        instead for the files it does not return None for.  ``extra_names``
+        (relpath -> identity): files named in the tree although no directory
+        fsync made the name durable (as another process's fsync of their
+        directory would have).  Returns ``{relpath: FileCut}`` for every
+        file with dirty pages."""
         os.makedirs(out)
-        torn: Dict[str, int] = {}
+        model = random_writeback(tear) if tear is not None else None
+        cuts: Dict[str, FileCut] = {}
+        files: List[Tuple[str, int]] = []
         stack = [""]
         while stack:
             rel = stack.pop()
             for name, (kind, ident) in sorted(self.dirs.get(rel, {}).items()):
                 sub = f"{rel}/{name}" if rel else name
-                dst = os.path.join(out, sub)
                 if kind == "d":
-                    os.mkdir(dst)
+                    os.mkdir(os.path.join(out, sub))
                     stack.append(sub)
-                    continue
-                content = bytearray(self.durable.get(ident, b""))
-                cur = self.live.get(ident)
-                if tear is not None and cur is not None and cur != content:
-                    n = 0
-                    for p in range(0, max(len(cur), len(content)), PAGE):
-                        chunk = cur[p:p + PAGE]
-                        if chunk and chunk != content[p:p + PAGE] and tear.random() < 0.5:
-                            if p + len(chunk) > len(content):
-                                content.extend(bytes(p + len(chunk) - len(content)))
-                            content[p:p + len(chunk)] = chunk
-                            n += 1
-                    if n:
-                        torn[sub] = n
-                with open(dst, "wb") as f:
-                    f.write(content)
-        return torn
+                else:
+                    files.append((sub, ident))
+        files += sorted((extra_names or {}).items())
+        for sub, ident in files:
+            content = bytearray(self.durable.get(ident, b""))
+            dirty, versions = self.dirty(ident)
+            if dirty:
+                fates = choose(sub, dirty, versions) if choose is not None else None
+                if fates is None and model is not None:
+                    fates = model(sub, dirty, versions)
+                whole, older, torn = [], [], []
+                for p, (v, k) in sorted((fates or {}).items()):
+                    vs = versions[p]
+                    v = v % len(vs)
+                    chunk = vs[v]
+                    n = min(len(chunk), k * SECTOR)
+                    if p + n > len(content):
+                        content.extend(bytes(p + n - len(content)))
+                    content[p:p + n] = chunk[:n]
+                    if v != len(vs) - 1:
+                        older.append(p)
+                    if n < len(chunk):
+                        torn.append(p)
+                    elif v == len(vs) - 1:
+                        whole.append(p)
+                cuts[sub] = FileCut(tuple(dirty), tuple(whole), tuple(older), tuple(torn))
+            with open(os.path.join(out, sub), "wb") as f:
+                f.write(content)
+        return cuts

@@ -18,7 +18,9 @@ parent):
   not there after the cut;
 - after the cut, each durably named file holds its durable image (empty if
   it was never synced), optionally plus a random subset of the pages
-  written after that image (a torn tail).
+  written after that image (a torn tail: write-back follows no file order,
+  so a later page may be there without an earlier one), some of them only
+  in part (a prefix of their 512-byte sectors: a torn page).
 The images are written to a shadow directory as they happen, so the child
 can be SIGKILLed at any moment.
 
@@ -48,6 +50,7 @@ lib.qlog_vfs_get_default(real)
 HOOKS = ("open", "close", "pread", "pwrite", "fdatasync", "fsync", "rename", "unlink",
          "ftruncate", "fallocate", "boot_id", "writeback", "fs_type")
 PAGE = 4096
+SECTOR = 512     # what a disk writes whole or not at all
 
 _handlers: Dict[str, Callable] = {}
 _errors: List[BaseException] = []
@@ -221,9 +224,11 @@ def materialise(live_dir: str, shadow: str, out_dir: str,
 
     With ``tear``, each page by which a file's live bytes differ from its
     durable image is also there with probability 1/2 (the kernel may have
-    written it back), and a size cut after the image survives with
-    probability 1/2.  ``choose(name, differing page offsets)`` picks the
-    written-back pages instead.  Returns ``{name: (size, torn pages)}``."""
+    written it back), one in eight of those only as a prefix of its 512-byte
+    sectors over the durable bytes (a torn page), and a size cut after the
+    image survives with probability 1/2.  ``choose(name, differing page
+    offsets)`` picks the written-back pages instead (whole).  Returns
+    ``{name: (size, pages written back)}``."""
     os.makedirs(out_dir)
     try:
         with open(os.path.join(shadow, DIR_MAP)) as f:
@@ -247,6 +252,9 @@ def materialise(live_dir: str, shadow: str, out_dir: str,
                 written = {p for p in differ if tear.random() < 0.5}
             for p in sorted(written):
                 chunk = cur[p:p + PAGE]
+                sectors = -(-len(chunk) // SECTOR)
+                if tear is not None and sectors > 1 and tear.random() < 0.125:
+                    chunk = chunk[:tear.randint(1, sectors - 1) * SECTOR]
                 if p + len(chunk) > len(content):
                     content.extend(bytes(p + len(chunk) - len(content)))
                 content[p:p + len(chunk)] = chunk

@@ -104,6 +104,20 @@ def zero_tail(path: PathLike, from_offset: int) -> int:
     return n
 
 
+def zero_pages_inside(path: PathLike, start: int, end: int, page: int = 4096) -> List[int]:
+    """Zero every whole ``page``-byte page of the file (at a multiple of
+    ``page``) lying inside ``[start, end)``, as a power cut leaves a page
+    of an unsynced tail that the page cache had not written back while it
+    had written back the pages around it; returns the pages' offsets."""
+    first = (start + page - 1) // page * page
+    offs = list(range(first, end - page + 1, page))
+    with open(path, "r+b") as f:
+        for off in offs:
+            f.seek(off)
+            f.write(bytes(page))
+    return offs
+
+
 def fill_random(path: PathLike, from_offset: int, n: int, rng: random.Random) -> bytes:
     """Overwrite ``n`` bytes from ``from_offset`` with bytes from ``rng`` (the file
     grows if they run past its end); returns the bytes written."""
