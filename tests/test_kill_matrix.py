@@ -10,7 +10,13 @@ Roles (each under "none", "interval" and "sync"):
   left leased), retries running into the dead-letter queue;
 - push consumer: a real ``python -m qlog worker app:broker`` whose handler
   acks most messages itself and raises for some (they are retried, then
-  dead-lettered after ``max_retries``).
+  dead-lettered after ``max_retries``).  In about half of the worker's
+  rounds (at least one per durability mode) the kill is arranged to land
+  inside a batch: the handler of a chosen batch marks that it started it
+  (a file named for its process), settles a chosen number of its messages
+  and then never returns; the test waits for the mark and kills.  In the
+  other rounds the kill comes after a chosen number of deliveries, whatever
+  the worker is doing then (or after it ran out of work).
 
 Producers and pull consumers are forked from one long-lived child
 interpreter (:func:`zygote`) that imported qlog once, so a kill costs a
@@ -60,6 +66,8 @@ PRODUCER_LIMIT = 30       # batches a producer sends in a round with the others
 ROUND_MESSAGES = 60       # sent before each consumer or worker round
 CHECKPOINT_EVERY = 20     # journal records between checkpoints: kills land in checkpoints
 FAIL_EVERY = 4            # the worker's handler fails every message whose index in its batch is a multiple
+WORKER_BATCH = 8          # the worker's max_batch_size
+HOLD_ENV = "QLOG_KILL_MATRIX_HOLD"   # "<deliveries> <settled>": the worker's batch to be killed inside
 
 # ---- the zygote: one interpreter, a fork per victim -----------------------------
 
@@ -143,6 +151,7 @@ def consumer(path: str, durability: str, side: str, seed: int) -> None:
 
 APP = """
 import os
+import time
 
 import qlog
 import qlog._queue
@@ -153,23 +162,43 @@ qlog._queue._JOURNAL_SEGMENT = 65536
 
 broker = qlog.open({data!r}, durability={durability!r})
 facts = FactWriter(os.path.join({side_dir!r}, "worker-%d.txt" % os.getpid()))
+# {hold_env}="<deliveries> <settled>": the batch that brings this process's
+# deliveries to <deliveries> is held: its handler marks that it started it,
+# settles its first <settled> messages and never returns (until SIGKILL).
+hold = os.environ.get({hold_env!r})
+hold_deliveries, hold_settled = map(int, hold.split()) if hold else (0, 0)
+deliveries = 0
 
 
 def failing(m):
     return body_key(m.body)[1] % {fail_every} == 0
 
 
-@broker.consumer({queue!r}, max_batch_size=8, max_batch_timeout=0, **{settings!r})
+def inside_for_good():
+    while True:
+        time.sleep(3600)
+
+
+@broker.consumer({queue!r}, max_batch_size={batch_size}, max_batch_timeout=0, **{settings!r})
 def handle(batch):
+    global deliveries
     facts.delivered({queue!r}, batch.messages)
+    held = bool(hold) and deliveries < hold_deliveries <= deliveries + len(batch.messages)
+    deliveries += len(batch.messages)
+    if held:
+        os.close(os.open(os.path.join({side_dir!r}, "inside-%d" % os.getpid()), os.O_WRONLY | os.O_CREAT, 0o600))
     bad = []
-    for m in batch.messages:
+    for j, m in enumerate(batch.messages):
+        if held and j == hold_settled:
+            inside_for_good()
         if failing(m):
             bad.append(m.id)
         else:
             facts.acking({queue!r}, [m.id])
             m.ack()
             facts.acked({queue!r}, [m.id])
+    if held:
+        inside_for_good()
     if bad:
         facts.retrying({queue!r}, bad)
         raise RuntimeError("failing on purpose: %d messages" % len(bad))
@@ -266,6 +295,7 @@ class Matrix:
         self.kills: Counter = Counter()   # role -> kills
         self.sent: set = set()   # (queue, id) of every message a returned send reported
         self.busy_kills = 0   # kills that landed before the victim ran out of work
+        self.held_kills = 0   # worker kills that landed inside a batch by construction (held)
         self.app: Optional[pathlib.Path] = None
         with qlog.open(self.path, durability=durability) as broker:   # the queues exist before any victim
             for name, s in SETTINGS.items():
@@ -297,27 +327,38 @@ class Matrix:
         t = self.total
         kills = " ".join(f"{r}={n}" for r, n in sorted(self.kills.items()))
         return (f"kill matrix {self.role}/{self.durability}: kills {kills} busy={self.busy_kills} "
+                f"held={self.held_kills} "
                 f"checked={t.checked} lost={t.lost} corrupt={t.corrupt} "
                 f"duplicates_in_flight={t.duplicates_in_flight} redelivered_in_flight={t.redelivered} "
                 f"duplicates_otherwise={t.duplicates_otherwise} sends_in_flight={t.sends_in_flight} "
                 f"acks_in_flight={t.acks_in_flight} dead_lettered={t.dead_lettered} "
                 f"torn_tail_bytes={t.torn_tail_bytes} seed={self.seed}")
 
-    def start_worker(self) -> Tuple[subprocess.Popen, str]:
-        """``python -m qlog worker app:broker`` on this directory; returns it and its side file."""
+    def start_worker(self, hold: Optional[Tuple[int, int]] = None) -> Tuple[subprocess.Popen, str]:
+        """``python -m qlog worker app:broker`` on this directory; returns it and its side file.
+        ``hold=(deliveries, settled)``: the batch that brings its deliveries to ``deliveries``
+        is held (see APP); :meth:`inside` tells when it started."""
         app = self.tmp / "app"
         if self.app is None:
             app.mkdir()
             (app / "app.py").write_text(APP.format(
                 checkpoint_every=CHECKPOINT_EVERY, data=self.path, durability=self.durability,
-                side_dir=str(app), queue=QUEUE, settings=SETTINGS[QUEUE], fail_every=FAIL_EVERY))
+                side_dir=str(app), queue=QUEUE, settings=SETTINGS[QUEUE], fail_every=FAIL_EVERY,
+                batch_size=WORKER_BATCH, hold_env=HOLD_ENV))
             self.app = app
         env = child_env()
         env.pop("QLOG_SUPERVISOR_PID", None)
+        env.pop(HOLD_ENV, None)
+        if hold is not None:
+            env[HOLD_ENV] = "%d %d" % hold
         with open(app / "worker.log", "ab") as log:
             w = subprocess.Popen([sys.executable, "-m", "qlog", "worker", "app:broker"], cwd=app, env=env,
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         return w, str(app / f"worker-{w.pid}.txt")
+
+    def inside(self, w: subprocess.Popen) -> bool:
+        """The worker ``w`` started its held batch (and so is inside it until killed)."""
+        return (self.tmp / "app" / f"inside-{w.pid}").exists()
 
     def kill_worker(self, w: subprocess.Popen) -> None:
         assert w.poll() is None, f"worker exited with {w.returncode}:\n{(self.tmp / 'app' / 'worker.log').read_text()}"
@@ -355,10 +396,41 @@ def _run_forked(m: Matrix, z: Zygote, wait_until) -> None:
         m.check(sides)
 
 
+def _run_held_worker(m: Matrix, r: int, wait_until) -> str:
+    """A round whose kill lands inside a batch by construction: the worker
+    holds the batch that brings its deliveries to a chosen number (at most
+    ROUND_MESSAGES, so it is reached: every message of the round is
+    delivered at least once), after settling a chosen number of its
+    messages; the test waits for the handler's mark and kills.  Returns
+    the worker's side file."""
+    want = m.rng.choice([1, m.rng.randint(1, 20), m.rng.randint(20, ROUND_MESSAGES)])
+    settled = m.rng.randint(0, WORKER_BATCH)
+    w, side = m.start_worker(hold=(want, settled))
+    try:
+        wait_until(lambda: m.inside(w) or w.poll() is not None, timeout=60,
+                   what=f"worker {r}: the handler starts the batch of delivery {want}")
+        assert m.inside(w), (f"worker {r} ended (status {w.returncode}) before delivery {want}:\n"
+                             f"{(m.tmp / 'app' / 'worker.log').read_text()}\n{m.rerun()}")
+        jitter(m.rng)
+        m.kill_worker(w)   # asserts it was still running: inside the held batch, which it never leaves
+        m.busy_kills += 1
+        m.held_kills += 1
+    finally:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+    return side
+
+
 def _run_workers(m: Matrix, wait_until) -> None:
-    for r in range(KILLS["worker"]):
+    rounds = KILLS["worker"]
+    held = set(m.rng.sample(range(rounds), (rounds + 1) // 2))   # at least one: busy by construction
+    for r in range(rounds):
         sends = str(m.tmp / f"sends{r}.txt")
         _send_round(m.path, m.durability, sends, f"w{r}", m.rng)
+        if r in held:
+            m.check([sends, _run_held_worker(m, r, wait_until)])
+            continue
         want = m.rng.choice([1, m.rng.randint(1, 20), m.rng.randint(20, 2 * ROUND_MESSAGES)])
         w, side = m.start_worker()
         sent = [f for f in read_facts([sends]) if f.kind == "sent"]
