@@ -257,7 +257,7 @@ def _id_prefix(qdir: str) -> Tuple[Optional[str], Optional[str]]:
         return None, f"queue.json does not parse: {e}"
 
 
-JOURNAL_TAGS = frozenset(b"PARDEX")  # FORMAT.md, "State journal record"
+JOURNAL_TAGS = frozenset(b"PARKDEX")  # FORMAT.md, "State journal record"
 
 
 def journal_record_error(payload: bytes) -> Optional[str]:

@@ -452,6 +452,9 @@ class Queue:
                     else:
                         re.append(sq)
                         re_att.append(e[ATT] + 1)
+            for sq, e in st.dying.items():  # claimed by a process that died before moving them
+                dead.append(sq)
+                dead_att.append(e[ATT])
             new: List[int] = []
             new_sent: List[int] = []
             new_msgs: List[Message] = []
@@ -487,7 +490,7 @@ class Queue:
                 re_pl = self._payloads(re)
                 to_dlq = 0
                 if dead:
-                    to_dlq = self._dead_letter(dead, dead_att, now)
+                    to_dlq, dead, dead_att = self._dead_letter(dead, dead_att, now)
                 if not (new or re or dfr or exp or dead or uk_read) and cur == frm:
                     return []
                 arrays = [new, new_sent, re, re_att, dfr, dfr_due, dfr_sent, exp, dead]
@@ -663,7 +666,7 @@ class Queue:
                         oldest = sent
                     waiting += k
             return QueueStats(
-                backlog=len(st.pending) + waiting,
+                backlog=len(st.pending) + len(st.dying) + waiting,
                 in_flight=in_flight,
                 delayed=delayed,
                 acked=st.acked,
@@ -818,25 +821,48 @@ class Queue:
                     live = [m for m in final
                             if _holds_lease(st.pending.get(m._seq), m.attempts)]
                     if live:
-                        seqs = [m._seq for m in live]
-                        atts = [m.attempts for m in live]
-                        to_dlq = self._dead_letter(seqs, atts, now, [m._payload for m in live])
+                        to_dlq, seqs, atts = self._dead_letter(
+                            [m._seq for m in live], [m.attempts for m in live], now,
+                            [m._payload for m in live])
+                    if live and seqs:
                         js = self._journal.append(encode(b"D", (to_dlq,), [seqs, atts]))
                         self._apply_own(js, lambda s: s.apply_dead(to_dlq, seqs, atts))
         self._msgs.poke()  # a waiting pull recomputes what is due
 
     def _dead_letter(
         self, seqs: List[int], atts: List[int], now: int, payloads: Optional[List[bytes]] = None
-    ) -> int:
-        """Copy failed messages into the dead-letter queue, durably, before
-        the journal says they left (a crash in between leaves a duplicate
-        with the same id in the DLQ, never a loss).  Returns 1 when a DLQ
-        took them, 0 when they are simply deleted."""
+    ) -> Tuple[int, List[int], List[int]]:
+        """Move failed messages (``seqs`` at deliveries ``atts``) towards the
+        dead-letter queue; called with the queue's lock held.  Returns
+        ``(1 when a DLQ takes them, 0 when they are simply deleted, the
+        seqs and deliveries the caller's record must name as dead)``.
+
+        With a DLQ they are claimed first (a K record): from then on no ack,
+        retry or extension touches them, so a late ack landing before the
+        caller's record cannot leave in the DLQ a copy of a message counted
+        acked.  Only those claimed (an ack may have come first: it wins)
+        are then copied into the DLQ, durably, before the caller's record
+        says they left; a crash in between leaves them claimed, and the
+        next pull copies them again (a duplicate with the same id in the
+        DLQ, never a loss)."""
         name = self.settings.dead_letter_queue
         if not name:
-            return 0
-        if payloads is None:
-            payloads = self._payloads(seqs)
+            return 0, seqs, atts
+        st = self._st
+        assert st is not None
+        fresh = [i for i, s in enumerate(seqs) if s not in st.dying]
+        if fresh:
+            ks, ka = [seqs[i] for i in fresh], [atts[i] for i in fresh]
+            js = self._journal_append(encode(b"K", (), [ks, ka]),
+                                      f"a dead-lettering of {len(ks)} message(s)")
+            self._apply_own(js, lambda s_: s_.apply_claim(ks, ka))
+            st = self._st
+            assert st is not None
+        dying = st.dying
+        keep = [i for i, s in enumerate(seqs) if s in dying and dying[s][ATT] == atts[i]]
+        seqs = [seqs[i] for i in keep]
+        atts = [atts[i] for i in keep]
+        payloads = self._payloads(seqs) if payloads is None else [payloads[i] for i in keep]
         dlq = self._broker.queue(name)
         out = []
         for s, a, p in zip(seqs, atts, payloads):
@@ -848,7 +874,7 @@ class Queue:
         if out:
             dlq._msgs.append_batch(out)
             dlq._msgs.sync()
-        return 1
+        return 1, seqs, atts
 
     # -- state replica ---------------------------------------------------
 

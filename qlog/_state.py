@@ -14,6 +14,9 @@ What is kept, per queue::
                (leased, waiting out a retry delay, or deferred by its own
                delivery delay); a message below the cursor with no entry is
                done: acked, dead-lettered, expired or purged
+    dying      entries claimed for the dead-letter queue (a K record) and
+               not yet moved: no ack, retry or lease touches them; the
+               record that moves them (P's dead seqs, or D) takes them out
     unknown    ranges of message numbers below the cursor whose fate the
                journal does not show (see "Replay" below): delivered again
                as if never delivered
@@ -61,6 +64,8 @@ Journal records (one log record each; little-endian)::
                        dead seqs, [scanned unknown ranges: lo, hi pairs]
     A ack      arrays  seqs
     R retry    arrays  seqs, attempts, due
+    K claim    arrays  seqs, attempts: claimed for the dead-letter queue,
+                       before their copies are written there
     D dead     scalars to_dlq;  arrays seqs, attempts
     E extend   scalars deadline; arrays seqs, attempts
     X purge    scalars upto, [messages below upto with no entry]
@@ -133,6 +138,7 @@ class QueueState:
         self.applied = 0  # next journal sequence number to apply
         self.cursor = 0
         self.pending: Dict[int, list] = {}
+        self.dying: Dict[int, list] = {}  # claimed for the dead-letter queue (K), not yet moved
         # Candidates to become visible: a heap of (due, seq) for waiting
         # entries and odd leases, and one deque of (deadline, seq) per lease
         # length, whose deadlines only grow.  Stale items (the entry moved
@@ -228,8 +234,10 @@ class QueueState:
                 self.expired += 1
         for lo, hi in ranges:
             self._unknown_remove(lo, hi)
+        dying = self.dying
         for s in dead:
-            if pending.pop(s, None) is not None or self._unknown_take(s):
+            if (pending.pop(s, None) is not None or dying.pop(s, None) is not None
+                    or self._unknown_take(s)):
                 if to_dlq:
                     self.dead_lettered += 1
                 else:
@@ -329,14 +337,29 @@ class QueueState:
                 e[DUE] = d
                 heapq.heappush(self.heap, (d, s))
 
+    def apply_claim(self, seqs: Sequence[int], atts: Sequence[int]) -> None:
+        """Claim messages for the dead-letter queue, each only at the
+        delivery named: from here no ack, retry or extension touches it,
+        so the copy about to be written there is never of a message
+        acked meanwhile."""
+        pending, dying = self.pending, self.dying
+        for s, a in zip(seqs, atts):
+            e = pending.get(s)
+            if e is not None and e[ATT] == a:
+                dying[s] = pending.pop(s)
+
     def apply_dead(self, to_dlq: int, seqs: Sequence[int], atts: Sequence[int]) -> None:
-        pending = self.pending
+        pending, dying = self.pending, self.dying
         for s, a in zip(seqs, atts):
             e = pending.get(s)
             if e is not None:
                 if e[ATT] != a:
                     continue
                 del pending[s]
+            elif s in dying:
+                if dying[s][ATT] != a:
+                    continue
+                del dying[s]
             elif not self._unknown_take(s):
                 continue
             if to_dlq:
@@ -363,6 +386,10 @@ class QueueState:
         gone = [s for s in pending if s < upto]
         for s in gone:
             del pending[s]
+        dead = [s for s in self.dying if s < upto]
+        for s in dead:
+            del self.dying[s]
+        gone += dead
         if waiting is None:
             waiting = max(0, upto - self.cursor) + sum(max(0, min(b, upto) - a) for a, b in self.unknown)
         n = len(gone) + max(0, waiting)
@@ -433,16 +460,18 @@ class QueueState:
     def floor(self) -> int:
         """Every message below this number is done."""
         f = min(self.pending) if self.pending else self.cursor
+        if self.dying:
+            f = min(f, min(self.dying))
         return min(f, self.unknown[0][0]) if self.unknown else f
 
     # -- checkpoints -----------------------------------------------------
 
     def snapshot(self) -> bytes:
         """The whole state as bytes (a checkpoint's body, CRC included)."""
-        items = sorted(self.pending.items())
+        items = sorted([*self.pending.items(), *self.dying.items()])
         seqs = array("q", [s for s, _ in items])
         att = array("q", [e[ATT] for _, e in items])
-        leased = array("q", [1 if e[LEASED] else 0 for _, e in items])
+        leased = array("q", [_DYING if s in self.dying else 1 if e[LEASED] else 0 for s, e in items])
         due = array("q", [e[DUE] for _, e in items])
         sent = array("q", [e[SENT] for _, e in items])
         unknown = array("q", [x for r in self.unknown for x in r])
@@ -465,7 +494,7 @@ class QueueState:
         :meth:`snapshot` cannot have written (CRC, magic, length, a
         negative position, counter or message number, entries not in
         strictly ascending order or at or above the cursor, a leased flag
-        other than 0 or 1, unknown ranges empty, out of order, overlapping,
+        other than 0, 1 or 2, unknown ranges empty, out of order, overlapping,
         reaching past the cursor or holding an entry), FormatError for
         another version."""
         if len(data) < _CKPT_HEAD_V1.size + 4:
@@ -507,8 +536,9 @@ class QueueState:
             raise errors.CorruptStateError(
                 f"checkpoint holds an entry for message {seqs[n - 1]}, at or above its cursor "
                 f"{st.cursor} (messages there were never handed out)")
-        if not set(leased) <= {0, 1}:
-            raise errors.CorruptStateError("checkpoint holds a leased flag other than 0 or 1")
+        if not set(leased) <= {0, 1, _DYING}:
+            raise errors.CorruptStateError(
+                "checkpoint holds a leased flag other than 0, 1 or 2 (claimed for the dead-letter queue)")
         flat = mv[5 * n:5 * n + 2 * u]
         ranges = list(zip(flat[0::2], flat[1::2]))
         prev = 0
@@ -525,6 +555,9 @@ class QueueState:
             prev = hi
         st.unknown = ranges
         for i in range(n):
+            if leased[i] == _DYING:
+                st.dying[seqs[i]] = [att[i], True, due[i], sent[i]]
+                continue
             st.pending[seqs[i]] = [att[i], bool(leased[i]), due[i], sent[i]]
             st.heap.append((due[i], seqs[i]))
         heapq.heapify(st.heap)
@@ -533,13 +566,15 @@ class QueueState:
 
 _I64_MAX = (1 << 63) - 1
 _CKPT_MAGIC = b"QLOGCKPT"
+_DYING = 2  # a checkpoint entry's leased flag: claimed for the dead-letter queue
 _CKPT_VERSION = 2
 _CKPT_HEAD_V1 = struct.Struct("<8sI9q")   # magic, version, position, cursor, 6 counters, entries
 _CKPT_HEAD = struct.Struct("<8sI10q")     # the same, then the number of unknown ranges
 
 
 # Which arrays of each record hold message numbers (never negative).
-_SEQ_ARRAYS = {b"P": (0, 2, 4, 7, 8, 9), b"A": (0,), b"R": (0,), b"D": (0,), b"E": (0,), b"X": ()}
+_SEQ_ARRAYS = {b"P": (0, 2, 4, 7, 8, 9), b"A": (0,), b"R": (0,), b"K": (0,), b"D": (0,), b"E": (0,),
+               b"X": ()}
 
 
 def _pull(st: QueueState, sc, ar) -> None:
@@ -557,6 +592,7 @@ _APPLY = {
     b"P": _pull,
     b"A": lambda st, sc, ar: st.apply_ack(ar[0]),
     b"R": lambda st, sc, ar: st.apply_retry(ar[0], ar[1], ar[2]),
+    b"K": lambda st, sc, ar: st.apply_claim(ar[0], ar[1]),
     b"D": lambda st, sc, ar: st.apply_dead(sc[0], ar[0], ar[1]),
     b"E": lambda st, sc, ar: st.apply_extend(sc[0], ar[0], ar[1]),
     b"X": lambda st, sc, ar: st.apply_purge(sc[0], sc[1] if len(sc) > 1 else None),

@@ -15,6 +15,9 @@ decides M's fate.  The rule these tests hold the queue to:
 - the DLQ holds exactly as many copies as the queue counts dead-lettered
   (an extra copy is documented only for a crash between the DLQ write and
   the journal record); acked + dead_lettered = 1;
+- a dead-lettering claims the message (a K record) before it writes the
+  DLQ copy: an ack recorded before the claim wins (no copy), one recorded
+  after it does nothing (the copy is counted dead-lettered);
 - two brokers on the directory, a fresh opener, and a reopen agree.
 
 Interleavings are forced, not hoped for: time is a hand clock passed to
@@ -29,12 +32,18 @@ open across processes (acks do not take the queue's lock).
 from __future__ import annotations
 
 import pathlib
-import sys
 from typing import Callable, List, Tuple
 
 import pytest
 
 import qlog
+
+# Where the ack lands in a dead-lettering (the K claim record, the DLQ
+# copy, then the record that moves the message): before the claim (the ack
+# wins: acked, no copy), or after the copy, before the moving record (the
+# claim wins: the ack does nothing, one copy).  (skip, DLQ at that point,
+# (acked, dead_lettered)).
+WHERE = {"before-the-claim": (0, False, (1, 0)), "after-the-dlq-write": (1, True, (0, 1))}
 from qlog._queue import _FileLock
 
 T0 = 1_700_000_000.0
@@ -103,13 +112,18 @@ def lease_final_delivery(qa: qlog.Queue, qb: qlog.Queue, clock: HandClock, max_r
     return mid, deliveries
 
 
-def wrap_next_append(q: qlog.Queue, before: Callable[[], None]) -> List[bool]:
-    """Make ``q``'s next state-journal append run ``before()`` first (then
-    append as usual); returns a flag list that gets True when it ran."""
+def wrap_next_append(q: qlog.Queue, before: Callable[[], None], skip: int = 0) -> List[bool]:
+    """Make ``q``'s next state-journal append (after ``skip`` others) run
+    ``before()`` first (then append as usual); returns a flag list that gets
+    True when it ran."""
     real = q._journal.append
     ran: List[bool] = []
+    left = [skip]
 
     def append(record: bytes) -> int:
+        if left[0]:
+            left[0] -= 1
+            return real(record)
         q._journal.append = real
         before()
         ran.append(True)
@@ -192,14 +206,15 @@ def test_late_ack_after_pull_dead_letters_keeps_one_dlq_copy(two, data_dir, cloc
     assert [(m.id, m.dead_letter.attempts, m.attempts) for m in in_dlq] == [(mid, 2, 1)]
 
 
-def test_ack_landing_between_the_pulls_dlq_write_and_its_record_leaves_no_unaccounted_dlq_copy(
-        two, data_dir, clock):
-    """Journal order A(M), P(dead M), with the DLQ copy written before both:
-    the pull read M as due before the ack, wrote M to the DLQ, and the ack
-    landed before the pull's record.  Replay applies the ack (M is acked) and
-    then skips M in the pull's dead array, so no dead-lettering is counted,
-    yet the DLQ copy stays: a message acked in its queue and waiting in the
-    DLQ, with no crash in between."""
+@pytest.mark.parametrize("where", sorted(WHERE))
+def test_ack_landing_inside_a_pulls_dead_lettering_leaves_no_unaccounted_dlq_copy(
+        two, data_dir, clock, where):
+    """The pull read M as due with no retries left; a lock-free ack of M's
+    final delivery lands before the pull's claim, or after its DLQ write and
+    before its record.  Either the ack wins (acked, no copy) or the claim
+    does (dead-lettered, one copy): never a DLQ copy of a message counted
+    acked (found with the claim missing: acked 1, dead-lettered 0, a copy)."""
+    skip, copied, outcome = WHERE[where]
     a, b = two
     s = settings(max_retries=1)
     qa, qb = a.queue(QUEUE, **s), b.queue(QUEUE, **s)
@@ -208,25 +223,26 @@ def test_ack_landing_between_the_pulls_dlq_write_and_its_record_leaves_no_unacco
     at_hook: List[List[str]] = []
 
     def ack_now() -> None:
-        at_hook.append(dlq_ids(a))       # the pull's DLQ write is done...
-        final.ack()                      # ...and the ack lands before its record
+        at_hook.append(dlq_ids(a))
+        final.ack()
 
-    ran = wrap_next_append(qb, ack_now)
+    ran = wrap_next_append(qb, ack_now, skip)
     assert qb.pull().messages == []
-    assert ran == [True] and at_hook == [[mid]], "the interleaving was not the one forced"
+    assert ran == [True] and at_hook == [[mid] if copied else []], "the interleaving was not the one forced"
     (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [qa, qb], mid)
-    assert deleted == 0
-    assert acked + dead == 1, f"M is both acked and dead-lettered, or neither: {acked=} {dead=}"
+    assert (acked, dead, deleted) == (*outcome, 0)
     assert len(in_dlq) == dead, (
         f"the DLQ holds {len(in_dlq)} copy(ies) of M but the queue counts {dead} dead-lettered "
         f"(acked={acked}): a DLQ copy of an acked message, with no crash between the DLQ write "
         "and the journal record")
 
 
-def test_ack_from_another_process_between_the_pulls_dlq_write_and_its_record_leaves_no_unaccounted_dlq_copy(
-        data_dir, clock, spawn_python):
-    """The same interleaving with the consumer in a separate process: its ack
-    is not held back by the pulling process's lock."""
+@pytest.mark.parametrize("where", sorted(WHERE))
+def test_ack_from_another_process_inside_a_pulls_dead_lettering_leaves_no_unaccounted_dlq_copy(
+        data_dir, clock, spawn_python, where):
+    """The same interleavings with the consumer in a separate process: its
+    ack is not held back by the pulling process's lock."""
+    skip, copied, outcome = WHERE[where]
     s = settings(max_retries=0)
     b = qlog.open(data_dir, clock=clock)
     qb = b.queue(QUEUE, **s)
@@ -244,13 +260,12 @@ def test_ack_from_another_process_between_the_pulls_dlq_write_and_its_record_lea
         reply = child.stdout.readline().strip()
         assert reply == "acked", (reply, child.stderr.read())
 
-    ran = wrap_next_append(qb, child_acks)
+    ran = wrap_next_append(qb, child_acks, skip)
     assert qb.pull().messages == []
     assert child.wait(timeout=60) == 0, child.stderr.read()
-    assert ran == [True] and at_hook == [[mid]], "the interleaving was not the one forced"
+    assert ran == [True] and at_hook == [[mid] if copied else []], "the interleaving was not the one forced"
     (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [qb], mid)
-    assert deleted == 0
-    assert acked + dead == 1, f"M is both acked and dead-lettered, or neither: {acked=} {dead=}"
+    assert (acked, dead, deleted) == (*outcome, 0)
     assert len(in_dlq) == dead, (
         f"the DLQ holds {len(in_dlq)} copy(ies) of M but the queue counts {dead} dead-lettered "
         f"(acked={acked}): a DLQ copy of an acked message, with no crash between the DLQ write "
@@ -340,12 +355,14 @@ def test_pull_dead_lettering_while_a_final_retry_waits_for_the_lock_leaves_one_d
     assert [m.id for m in in_dlq] == [mid]
 
 
-def test_late_ack_of_an_earlier_delivery_between_a_final_retrys_dlq_write_and_its_record_leaves_no_unaccounted_dlq_copy(
-        two, data_dir, clock):
-    """The final retry's dead-lettering has the same window: under the lock
-    it writes the DLQ copy, then a lock-free ack of M (here by the consumer
-    of M's first delivery, whose lease ran out long ago) lands before the
-    retry's D record."""
+@pytest.mark.parametrize("where", sorted(WHERE))
+def test_late_ack_of_an_earlier_delivery_inside_a_final_retrys_dead_lettering_leaves_no_unaccounted_dlq_copy(
+        two, data_dir, clock, where):
+    """The final retry's dead-lettering has the same windows: a lock-free
+    ack of M (here by the consumer of M's first delivery, whose lease ran
+    out long ago) lands before the retry's claim, or after its DLQ write and
+    before its D record."""
+    skip, copied, outcome = WHERE[where]
     a, b = two
     s = settings(max_retries=1)
     qa, qb = a.queue(QUEUE, **s), b.queue(QUEUE, **s)
@@ -357,12 +374,11 @@ def test_late_ack_of_an_earlier_delivery_between_a_final_retrys_dlq_write_and_it
         at_hook.append(dlq_ids(b))
         first.ack()
 
-    ran = wrap_next_append(qa, first_acks)
+    ran = wrap_next_append(qa, first_acks, skip)
     final.retry()
-    assert ran == [True] and at_hook == [[mid]], "the interleaving was not the one forced"
+    assert ran == [True] and at_hook == [[mid] if copied else []], "the interleaving was not the one forced"
     (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [qa, qb], mid)
-    assert deleted == 0
-    assert acked + dead == 1, f"M is both acked and dead-lettered, or neither: {acked=} {dead=}"
+    assert (acked, dead, deleted) == (*outcome, 0)
     assert len(in_dlq) == dead, (
         f"the DLQ holds {len(in_dlq)} copy(ies) of M but the queue counts {dead} dead-lettered "
         f"(acked={acked}): a DLQ copy of an acked message, with no crash between the DLQ write "
@@ -390,7 +406,7 @@ def test_second_pull_cannot_dead_letter_while_the_first_is_between_its_dlq_write
             lock.release()
         probe.append(got)
 
-    ran = wrap_next_append(qb, try_as_locks)
+    ran = wrap_next_append(qb, try_as_locks, skip=1)  # between the DLQ write and the record
     assert qb.pull().messages == []
     assert ran == [True] and probe == [False], "another pull could have run inside this one"
     assert qa.pull().messages == []
@@ -448,3 +464,52 @@ def test_pulls_in_separate_processes_dead_letter_each_message_once(data_dir, clo
         assert drain(r.queue(QUEUE, **s)) == []
     finally:
         r.close()
+
+
+# ---- a dead-lettering cut short by SIGKILL ------------------------------------
+
+DIES_DEAD_LETTERING = """
+import os, signal, sys, qlog
+path, t0, where = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+now = [t0]
+b = qlog.open(path, clock=lambda: now[0])
+q = b.queue("jobs", max_retries=0, dead_letter_queue="jobs-dlq")
+mid = q.send({"job": "M"})
+(m,) = q.pull(batch_size=1, visibility_timeout=1.0).messages
+print(mid, flush=True)
+now[0] += 2  # the only delivery's lease runs out: the next pull dead-letters M
+dlq = b.queue("jobs-dlq")
+if where == "after-the-claim":  # killed before the DLQ copy is written
+    dlq._msgs.append_batch = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+else:  # "after-the-dlq-write": killed before the record that moves M
+    real_sync = dlq._msgs.sync
+    def sync():
+        real_sync()
+        os.kill(os.getpid(), signal.SIGKILL)
+    dlq._msgs.sync = sync
+q.pull()
+"""
+
+
+@pytest.mark.parametrize("where, copies", [("after-the-claim", 1), ("after-the-dlq-write", 2)])
+def test_a_dead_lettering_killed_part_way_is_finished_by_the_next_pull(
+        data_dir, clock, run_python, where, copies):
+    """A puller killed after claiming M (and maybe after copying it) leaves
+    M claimed: no ack or redelivery takes it, and the next pull copies it to
+    the DLQ and records it dead-lettered.  A kill after the copy leaves a
+    second copy with the same id (the documented crash duplicate), never a
+    loss."""
+    p = run_python(DIES_DEAD_LETTERING, [data_dir, T0, where])
+    assert p.returncode == -9, p.stderr
+    mid = p.stdout.split()[0]
+    clock.advance(2)
+    s = settings(max_retries=0)
+    with qlog.open(data_dir, clock=clock) as b:
+        q = b.queue(QUEUE, **s)
+        st = q._state()
+        assert list(st.dying) == [int(mid[16:], 16)] and not st.pending  # claimed, not moved
+        assert q.stats().backlog == 1
+        assert q.pull().messages == []  # finishes the dead-lettering
+    (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [], mid)
+    assert (acked, dead, deleted) == (0, 1, 0)
+    assert [m.id for m in in_dlq] == [mid] * copies

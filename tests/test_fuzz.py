@@ -492,8 +492,8 @@ def test_pure_iter_segment_on_mutated_segment_bytes(templates: Tuple[Template, T
 
 _I64 = st.one_of(st.integers(-(1 << 63), (1 << 63) - 1), st.integers(-3, 60),
                  st.sampled_from([0, 1, (1 << 63) - 1, -(1 << 63), 1 << 62]))
-_TAGS = [b"P", b"A", b"R", b"D", b"E", b"X"]
-_SHAPE = {b"P": (5, 9), b"A": (0, 1), b"R": (0, 3), b"D": (1, 2), b"E": (1, 2), b"X": (1, 0)}
+_TAGS = [b"P", b"A", b"R", b"K", b"D", b"E", b"X"]
+_SHAPE = {b"P": (5, 9), b"A": (0, 1), b"R": (0, 3), b"K": (0, 2), b"D": (1, 2), b"E": (1, 2), b"X": (1, 0)}
 
 
 @st.composite
@@ -533,7 +533,8 @@ def test_journal_record_decoding_raises_only_valueerror(payload_: bytes) -> None
 
 
 def _entries(stt: _state.QueueState) -> Dict[int, list]:
-    return {s: [e[0], bool(e[1]), e[2], e[3]] for s, e in stt.pending.items()}
+    return {**{s: [e[0], bool(e[1]), e[2], e[3]] for s, e in stt.pending.items()},
+            **{s: ["dying", e[0], e[2], e[3]] for s, e in stt.dying.items()}}
 
 
 def _counters(stt: _state.QueueState) -> tuple:
@@ -780,7 +781,7 @@ def _checkpoint_with(seqs: List[int], leased: List[int], counters: Tuple[int, ..
     ([0, 0, 2], [1, 1, 1], (0,) * 6, (), "not in ascending order"),
     ([3, 1], [0, 0], (0,) * 6, (), "not in ascending order"),
     ([3, 12], [0, 0], (0,) * 6, (), "at or above its cursor"),
-    ([0, 1], [1, 5], (0,) * 6, (), "leased flag other than 0 or 1"),
+    ([0, 1], [1, 5], (0,) * 6, (), "leased flag other than 0, 1 or 2"),
     ([0], [0], (-1, 0, 0, 0, 0, 0), (), "negative position, counter or count"),
     ([-1, 4], [0, 0], (0,) * 6, (), "negative message number"),
     ([1], [0], (0,) * 6, ((4, 4),), "unknown range 4-4 that is empty"),
@@ -799,9 +800,11 @@ def test_checkpoint_that_passes_its_crc_but_no_snapshot_could_be_is_refused(
     fixed = sorted({abs(s) % 10 for s in seqs})  # below the cursor, 10
     good = _checkpoint_with(fixed, [0] * len(fixed))
     assert _state.QueueState.from_snapshot(good).snapshot() == good
-    with_ranges = _checkpoint_with([1, 6], [0, 0], unknown=((2, 4), (7, 10)))
-    assert _state.QueueState.from_snapshot(with_ranges).unknown == [(2, 4), (7, 10)]
-    assert _state.QueueState.from_snapshot(with_ranges).snapshot() == with_ranges
+    with_ranges = _checkpoint_with([1, 6], [0, 2], unknown=((2, 4), (7, 10)))
+    back = _state.QueueState.from_snapshot(with_ranges)
+    assert back.unknown == [(2, 4), (7, 10)]
+    assert (list(back.pending), list(back.dying)) == ([1], [6])  # flag 2: claimed for the DLQ
+    assert back.snapshot() == with_ranges
 
 
 def test_pull_record_handing_out_messages_above_its_own_cursor_is_skipped() -> None:
