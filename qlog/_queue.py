@@ -477,7 +477,7 @@ class Queue:
             # Messages whose fate a damaged journal hid (_state.py, "Replay")
             # come first, as if never delivered; the record names the
             # ranges read, so that every replica takes them out.
-            acc = (new, new_sent, new_msgs, dfr, dfr_due, dfr_sent, exp)
+            acc = [new, new_sent, new_msgs, dfr, dfr_due, dfr_sent, exp]
             uk_read: List[int] = []
             try:
                 for lo, hi in list(st.unknown) if need > 0 else ():
@@ -487,6 +487,7 @@ class Queue:
                     if need <= 0 or scanned >= _SCAN_LIMIT:
                         break
                 cur, need, scanned = self._scan_into(cur, None, need, scanned, sort_read, acc)
+                new, new_sent, new_msgs, dfr, dfr_due, dfr_sent, exp = acc
                 re_pl = self._payloads(re)
                 to_dlq = 0
                 if dead:
@@ -536,14 +537,14 @@ class Queue:
             return out
 
     def _scan_into(self, pos: int, hi: Optional[int], need: int, scanned: int,
-                   sort_read: Callable[..., Any], acc: Tuple[list, ...]) -> Tuple[int, int, int]:
+                   sort_read: Callable[..., Any], acc: List[list]) -> Tuple[int, int, int]:
         """Read the message log from ``pos`` (below ``hi`` when given), sorting
         what it holds into ``acc`` (new seqs, their sent times, their
-        messages, deferred seqs, due and sent times, expired seqs), until
-        ``need`` new messages are found or ``_SCAN_LIMIT`` records were
-        scanned.  Returns ``(where to read on, need, scanned)``; one read
-        per batch of records."""
-        new, new_sent, new_msgs, dfr, dfr_due, dfr_sent, exp = acc
+        messages, deferred seqs, due and sent times, expired seqs: each an
+        empty list is replaced, a list with items extended), until ``need``
+        new messages are found or ``_SCAN_LIMIT`` records were scanned.
+        Returns ``(where to read on, need, scanned)``; one read per batch
+        of records."""
         unpack = sort_read if hi is None else functools.partial(sort_read, below=hi)
         read = self._msgs.read
         while need > 0 and scanned < _SCAN_LIMIT and (hi is None or pos < hi):
@@ -551,15 +552,18 @@ class Queue:
             if not got:
                 return (pos if hi is None else hi), need, scanned
             (a, b, c, d, e2, f, x), last, k = got
-            new += a
-            new_sent += b
-            new_msgs += c
+            if acc[0]:
+                acc[0] += a
+                acc[1] += b
+                acc[2] += c
+            else:
+                acc[0], acc[1], acc[2] = a, b, c
             if d:
-                dfr += d
-                dfr_due += e2
-                dfr_sent += f
+                acc[3] += d
+                acc[4] += e2
+                acc[5] += f
             if x:
-                exp += x
+                acc[6] += x
             need -= len(a)
             scanned += k
             pos = last + 1
