@@ -390,9 +390,9 @@ class QueueState:
         for s in dead:
             del self.dying[s]
         gone += dead
-        if waiting is None:
-            waiting = max(0, upto - self.cursor) + sum(max(0, min(b, upto) - a) for a, b in self.unknown)
-        n = len(gone) + max(0, waiting)
+        numbers = max(0, upto - self.cursor) + sum(max(0, min(b, upto) - a) for a, b in self.unknown)
+        # never more messages than numbers (a record only a bug could write)
+        n = len(gone) + (numbers if waiting is None else min(max(0, waiting), numbers))
         self._unknown_remove(0, upto)
         self.purged += n
         if upto > self.cursor:

@@ -956,3 +956,14 @@ def test_a_later_segments_header_and_records_copied_over_the_first_lend_no_salt(
         assert seqs == sorted(set(seqs))  # in order, none twice
     finally:
         shutil.rmtree(d)
+
+
+def test_a_purge_record_claiming_more_messages_than_numbers_counts_no_more_than_the_numbers() -> None:
+    """Found by the fuzzer: a purge record's message count of 2**63 - 1
+    pushed the purged counter past int64, so a checkpoint saturated it and
+    loaded back different."""
+    stt = _state.QueueState()
+    stt.apply(_state.encode(b"X", [1], []))
+    stt.apply(_state.encode(b"X", [2, (1 << 63) - 1], []))
+    assert stt.purged == 2 and stt.cursor == 2
+    assert _counters(_state.QueueState.from_snapshot(stt.snapshot())) == _counters(stt)
