@@ -593,16 +593,16 @@ class Queue:
             raise errors.BatchTooLargeError(f"peek takes 1 to {MAX_PULL_BATCH} messages, got {n!r}")
         with self._mu:
             st = self._state()
-            # Entries, then messages of unknown ranges (as never delivered).
+            # The oldest n of the entries and of the unknown ranges'
+            # messages (these as never delivered).
             first = [(sq, st.pending[sq][ATT]) for sq in sorted(st.pending)[:n]]
+            hidden: List[Tuple[int, int]] = []
             for lo, hi in st.unknown:
-                if len(first) >= 2 * n:
+                if len(hidden) >= n:
                     break
-                for sq, _p in self._msgs.read(lo, max_records=n):
-                    if sq >= hi:
-                        break
-                    first.append((sq, 0))
-            first = sorted(first)[:n]
+                recs = self._msgs.read(lo, max_records=n - len(hidden))
+                hidden += [(sq, 0) for sq, _p in recs if sq < hi]
+            first = sorted(first + hidden)[:n]
             out: List[Message] = []
             for (sq, att), p in zip(first, self._payloads([sq for sq, _ in first])):
                 if p is not None:

@@ -289,10 +289,6 @@ class QueueState:
                 out.append((hi, b))
         uk[:] = out
 
-    def unknown_count(self) -> int:
-        """Message numbers in unknown ranges (gaps in the numbering included)."""
-        return sum(b - a for a, b in self.unknown)
-
     def _add_leases(self, deadline: int, seqs: List[int]) -> None:
         """Index leased messages by deadline: one (deadline, seqs) group per
         pull, in a deque whose deadlines only grow (one deque per lease

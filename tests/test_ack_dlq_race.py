@@ -46,23 +46,11 @@ import qlog
 WHERE = {"before-the-claim": (0, False, (1, 0)), "after-the-dlq-write": (1, True, (0, 1))}
 from qlog._queue import _FileLock
 
-T0 = 1_700_000_000.0
+from test_queue import T0, HandClock
+
 QUEUE = "jobs"
 DLQ = "jobs-dlq"
 LEASE = 1.0
-
-
-class HandClock:
-    """Seconds since the epoch, moved only by ``advance``."""
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
@@ -187,6 +175,18 @@ def assert_settled(data_dir, clock, s, queues, mid) -> Tuple[Tuple[int, ...], Li
     return seen[0], in_dlq
 
 
+def assert_outcome(data_dir, clock, s, queues, mid, outcome: Tuple[int, int]) -> None:
+    """:func:`assert_settled`, then: the counts are ``outcome`` (acked,
+    dead-lettered; none deleted), and the DLQ holds exactly one copy per
+    message counted dead-lettered."""
+    (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, queues, mid)
+    assert (acked, dead, deleted) == (*outcome, 0)
+    assert len(in_dlq) == dead, (
+        f"the DLQ holds {len(in_dlq)} copy(ies) of M but the queue counts {dead} dead-lettered "
+        f"(acked={acked}): a DLQ copy of an acked message, with no crash between the DLQ write "
+        "and the journal record")
+
+
 # ---- a late ack against a pull that dead-letters ---------------------------
 
 
@@ -229,12 +229,7 @@ def test_ack_landing_inside_a_pulls_dead_lettering_leaves_no_unaccounted_dlq_cop
     ran = wrap_next_append(qb, ack_now, skip)
     assert qb.pull().messages == []
     assert ran == [True] and at_hook == [[mid] if copied else []], "the interleaving was not the one forced"
-    (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [qa, qb], mid)
-    assert (acked, dead, deleted) == (*outcome, 0)
-    assert len(in_dlq) == dead, (
-        f"the DLQ holds {len(in_dlq)} copy(ies) of M but the queue counts {dead} dead-lettered "
-        f"(acked={acked}): a DLQ copy of an acked message, with no crash between the DLQ write "
-        "and the journal record")
+    assert_outcome(data_dir, clock, s, [qa, qb], mid, outcome)
 
 
 @pytest.mark.parametrize("where", sorted(WHERE))
@@ -264,12 +259,7 @@ def test_ack_from_another_process_inside_a_pulls_dead_lettering_leaves_no_unacco
     assert qb.pull().messages == []
     assert child.wait(timeout=60) == 0, child.stderr.read()
     assert ran == [True] and at_hook == [[mid] if copied else []], "the interleaving was not the one forced"
-    (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [qb], mid)
-    assert (acked, dead, deleted) == (*outcome, 0)
-    assert len(in_dlq) == dead, (
-        f"the DLQ holds {len(in_dlq)} copy(ies) of M but the queue counts {dead} dead-lettered "
-        f"(acked={acked}): a DLQ copy of an acked message, with no crash between the DLQ write "
-        "and the journal record")
+    assert_outcome(data_dir, clock, s, [qb], mid, outcome)
 
 
 CONSUMER = """
@@ -377,12 +367,7 @@ def test_late_ack_of_an_earlier_delivery_inside_a_final_retrys_dead_lettering_le
     ran = wrap_next_append(qa, first_acks, skip)
     final.retry()
     assert ran == [True] and at_hook == [[mid] if copied else []], "the interleaving was not the one forced"
-    (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [qa, qb], mid)
-    assert (acked, dead, deleted) == (*outcome, 0)
-    assert len(in_dlq) == dead, (
-        f"the DLQ holds {len(in_dlq)} copy(ies) of M but the queue counts {dead} dead-lettered "
-        f"(acked={acked}): a DLQ copy of an acked message, with no crash between the DLQ write "
-        "and the journal record")
+    assert_outcome(data_dir, clock, s, [qa, qb], mid, outcome)
 
 
 # ---- two pulls ----------------------------------------------------------------
