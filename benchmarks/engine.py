@@ -35,7 +35,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import qlog  # noqa: E402
-from qlog._qlog_c import lib  # noqa: E402
+from qlog._log._qlog_c import lib  # noqa: E402
 
 PAYLOAD = 100
 FRAMED = (lib.QLOG_REC_HEADER_SIZE + PAYLOAD + lib.QLOG_REC_ALIGN - 1) & ~(lib.QLOG_REC_ALIGN - 1)

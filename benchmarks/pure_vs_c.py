@@ -27,8 +27,8 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from qlog._log import Log as CLog  # noqa: E402
-from qlog._purelog import Log as PureLog  # noqa: E402
+from qlog._log.clog import Log as CLog  # noqa: E402
+from qlog._log.purelog import Log as PureLog  # noqa: E402
 
 PAYLOAD = b"x" * 100
 

@@ -1,5 +1,5 @@
 /*
- * pyglue.c — the Python side of the seam, module qlog._glue.
+ * pyglue.c — the Python side of the seam, module qlog._log._glue.
  *
  * Not part of the engine (which holds no Python objects): two helpers that
  * turn a batch into the engine's shape and back in one pass each, where
@@ -241,7 +241,7 @@ static PyGetSetDef mb_getset[] = {
 
 static PyTypeObject MessageBaseType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "qlog._glue.MessageBase",
+    .tp_name = "qlog._log._glue.MessageBase",
     .tp_basicsize = sizeof(MessageBase),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The C fields of qlog.Message.",
@@ -424,7 +424,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "qlog._glue", "Batch packing helpers for qlog.", -1, methods,
+    PyModuleDef_HEAD_INIT, "qlog._log._glue", "Batch packing helpers for qlog.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from . import errors
-from ._engine import MessageBase
+from ._log import MessageBase
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._queue import Queue

@@ -3,7 +3,7 @@
 A broker is a directory; each queue is a subdirectory holding::
 
     messages/    the message log (one record per message, _message.py)
-    state/       the state journal: leases, acks, retries (_state.py)
+    state/       the state journal: leases, acks, retries (_local/state.py)
     checkpoint   the state at one journal position (so replay stays short)
     lock         flock'd while pulling, purging or checkpointing
     queue.json   the queue's id prefix and creation time
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, NoReturn, Optional, Sequence, Tuple, Union
 
 from . import errors
-from ._engine import Log, append1 as _append1, ids as _ids, scan_messages as _scan
+from ._log import Log, append1 as _append1, ids as _ids, scan_messages as _scan
 from ._message import (
     CONTENT_TYPES,
     CT_BYTES,
@@ -63,8 +63,8 @@ from ._settings import (
     resolve,
     validate,
 )
-from ._modes import DEFAULT_FILE_MODE, check_mode, makedirs
-from ._state import ATT, DUE, LEASED, SENT, QueueState, encode, read_checkpoint, write_checkpoint
+from ._log.modes import DEFAULT_FILE_MODE, check_mode, makedirs
+from ._local.state import ATT, DUE, LEASED, SENT, QueueState, encode, read_checkpoint, write_checkpoint
 
 logger = logging.getLogger("qlog")
 
@@ -474,7 +474,7 @@ class Queue:
                 last = int.from_bytes(seqs[8 * (k - 1):8 * k], "little")
                 return _scan(data, seqs, offs, k, now, ret, Message, self), last, k
 
-            # Messages whose fate a damaged journal hid (_state.py, "Replay")
+            # Messages whose fate a damaged journal hid (_local/state.py, "Replay")
             # come first, as if never delivered; the record names the
             # ranges read, so that every replica takes them out.
             acc = [new, new_sent, new_msgs, dfr, dfr_due, dfr_sent, exp]
@@ -912,7 +912,7 @@ class Queue:
                 # were skipped after a reboot, or records were lost to a
                 # power cut or damage.  Replay is safe past a lost record:
                 # a lost pull turns what it handed out into an unknown
-                # range, delivered again (_state.py, "Replay").
+                # range, delivered again (_local/state.py, "Replay").
                 ck = read_checkpoint(self._ckpt_path)
                 if ck is not None and ck.applied > st.applied:
                     self._st = st = ck
@@ -988,7 +988,7 @@ class Queue:
             now = self._now_us()
             ret_us = int(ret * 1_000_000)
             exp = [s for s, e in st.pending.items() if e[SENT] + ret_us <= now and not (e[LEASED] and e[DUE] > now)]
-            uk_read: List[int] = []  # unknown ranges read (_state.py, "Replay")
+            uk_read: List[int] = []  # unknown ranges read (_local/state.py, "Replay")
             for lo, hi in list(st.unknown):
                 end = self._expired_run(lo, hi, ret_us, now, exp)
                 if end > lo:
@@ -1106,7 +1106,7 @@ def _refuse_nfs(path: str) -> None:
     """The C engine's NFS check, made before anything is created (the
     pure-Python engine has its own, when it opens a log)."""
     try:
-        from ._log import refuse_nfs
+        from ._log.clog import refuse_nfs
     except ImportError:  # no compiled engine
         return
     refuse_nfs(path)

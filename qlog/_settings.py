@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Dict, Mapping, Optional
 
 from . import errors
-from ._types import DURABILITY_MODES
+from ._log.types import DURABILITY_MODES
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
 MAX_DELAY = 86_400  # seconds: Cloudflare's limit on a message or retry delay

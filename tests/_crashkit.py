@@ -419,7 +419,7 @@ def roll_victim(path: str, segment_bytes: int, child_id: int, step: str, seed: i
         return r
 
     armed = [False]
-    from qlog._qlog_c import ffi
+    from qlog._log._qlog_c import ffi
 
     if name == "open":
         inner = hook

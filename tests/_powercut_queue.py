@@ -50,7 +50,7 @@ import crc32c
 
 import qlog
 import qlog._queue
-import qlog._state
+import qlog._local.state
 from _invariants import Fact, InvariantViolation, Report, body_key, check, make_body
 
 SYNC_QUEUES = ("orders", "work", "bulk")
@@ -115,7 +115,7 @@ def workload(path: str, trace: str, seed: int, steps: int) -> None:
     small_state(setattr)
     rec = TraceRecorder(path)
     proxy = rec.os_proxy()
-    qlog._state.os = proxy
+    qlog._local.state.os = proxy
     qlog._queue.os = proxy
     now = [1_000_000.0]
     rec.mark(("t", now[0]))
@@ -269,13 +269,13 @@ def drain_after_reboot(path: str, queue: str, boot_id: str, later: float) -> Non
     ids delivered in order, and the warnings logged."""
     import contextlib
     import time
-    from qlog import _engine
+    from qlog import _log as _engine
 
     if _engine.ENGINE == "c":
         from _simvfs import boot_id_hook, syscalls
         ctx = syscalls(boot_id=boot_id_hook(boot_id))
     else:
-        from qlog import _purelog
+        from qlog._log import purelog as _purelog
         _purelog._boot_id = lambda: boot_id
         ctx = contextlib.nullcontext()
     warnings: List[str] = []
@@ -346,16 +346,16 @@ class Facts:
         q = parts[1]
         if parts[2] == "messages" and q in UNSYNCED_QUEUES:
             if replay.durably_named(ident):
-                from qlog import _pure
+                from qlog._log import pure as _pure
                 self.durable_msgs[q].update(r.seq for r in _pure.iter_segment(data))
             return
         if parts[2] != "state" or not replay.durably_named(ident):
             return
-        from qlog import _pure
+        from qlog._log import pure as _pure
 
         acked, att = self.durable_acked[q], self.durable_att[q]
         for r in _pure.iter_segment(data):
-            tag, sc, ar = qlog._state.decode(r.payload)
+            tag, sc, ar = qlog._local.state.decode(r.payload)
             if tag == b"A":
                 acked.update(ar[0])
             elif tag == b"P":

@@ -42,7 +42,7 @@ import traceback
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import qlog
-from qlog._qlog_c import ffi, lib
+from qlog._log._qlog_c import ffi, lib
 
 real = ffi.new("qlog_vfs *")
 lib.qlog_vfs_get_default(real)

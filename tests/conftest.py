@@ -12,10 +12,10 @@ import pytest
 from _crashkit import child_env
 
 import qlog
-from qlog import _purelog
+from qlog._log import purelog as _purelog
 
 try:
-    from qlog import _log as _c_log
+    from qlog._log import clog as _c_log
 except ImportError:  # the compiled modules are missing: only the pure engine runs
     _c_log = None
 
@@ -100,7 +100,7 @@ def spawn_python():
 # ---- both engines -----------------------------------------------------------
 #
 # Every test of these modules runs twice, as [c] (the C engine) and [pure]
-# (qlog/_purelog.py): `qlog.Log` is the engine under test, and child
+# (qlog/_log/purelog.py): `qlog.Log` is the engine under test, and child
 # interpreters get QLOG_PURE to match.  A test that needs the C engine's
 # internals (its syscall table, tests/_simvfs.py; its cffi handle) is marked
 # `@pytest.mark.c_only("why")` and runs as [c] only; `@pytest.mark.engines("pure")`
@@ -150,6 +150,6 @@ def _engine_under_test(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
         monkeypatch.setenv("QLOG_PURE", "1")
     else:
         if _c_log is None:
-            pytest.skip("the compiled modules (qlog._qlog_c, qlog._glue) are not built")
+            pytest.skip("the compiled modules (qlog._log._qlog_c, qlog._log._glue) are not built")
         monkeypatch.setattr(qlog, "Log", _c_log.Log)
         monkeypatch.delenv("QLOG_PURE", raising=False)

@@ -30,7 +30,7 @@ import pytest
 import qlog
 from _simvfs import syscalls
 from qlog._settings import MAX_SEND_BATCH_BYTES
-from qlog._state import _CKPT_VERSION
+from qlog._local.state import _CKPT_VERSION
 
 N_MESSAGES = 70      # in the queue before each row: three segments
 SEG = 64 << 10       # message segments: several, so that one can be damaged

@@ -9,8 +9,8 @@ from typing import Callable, List, Tuple
 import crc32c
 import pytest
 
-from qlog import _pure
-from qlog._qlog_c import ffi, lib
+from qlog._log import pure as _pure
+from qlog._log._qlog_c import ffi, lib
 
 # RFC 3720 (iSCSI), appendix B.4, plus the check value of the Castagnoli CRC.
 VECTORS = [

@@ -47,7 +47,7 @@ import pytest
 import qlog
 import qlog._queue
 from _simvfs import fd_path, real, syscalls
-from qlog._qlog_c import ffi
+from qlog._log._qlog_c import ffi
 
 SEG = 64 << 10   # the smallest message segment: a roll soon needs new space
 

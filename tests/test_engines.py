@@ -1,5 +1,5 @@
 """The two engines against each other: the C engine (``qlog._log``) and the
-pure-Python one (``qlog._purelog``) read each other's files record for
+pure-Python one (``qlog._log.purelog``) read each other's files record for
 record, write the same bytes but for salts and timestamps, recover each
 other's torn tails, refuse a directory the other has open, and the queue
 layer runs on the pure engine alone (``QLOG_PURE=1``, or the compiled
@@ -19,14 +19,14 @@ import pytest
 from damage import data_end, records, segment_base, segments
 
 import qlog
-from qlog import _pure, _purelog
+from qlog._log import pure as _pure, purelog as _purelog
 
 try:
-    from qlog._log import Log as CLog
+    from qlog._log.clog import Log as CLog
 except ImportError:  # pragma: no cover - the compiled modules are not built
     CLog = None
 
-needs_c = pytest.mark.skipif(CLog is None, reason="the compiled modules (qlog._qlog_c) are not built")
+needs_c = pytest.mark.skipif(CLog is None, reason="the compiled modules (qlog._log._qlog_c) are not built")
 ENGINES = {"c": CLog, "pure": _purelog.Log}
 PAIRS = [("c", "pure"), ("pure", "c")]
 SEGMENT = 4096
@@ -197,7 +197,7 @@ def _meta(path: str) -> Tuple[int, str]:
 @pytest.mark.parametrize("writer,reopener", [("pure", "pure"), ("c", "pure"), ("pure", "c"), ("c", "c")])
 def test_after_a_reboot_the_log_continues_at_the_reserved_mark(tmp_path, writer, reopener) -> None:
     if CLog is None and "c" in (writer, reopener):
-        pytest.skip("the compiled modules (qlog._qlog_c) are not built")
+        pytest.skip("the compiled modules (qlog._log._qlog_c) are not built")
     path = str(tmp_path / "log")
     with ENGINES[writer](path, durability="sync", segment_bytes=SEGMENT) as log:
         log.append_batch([b"a", b"b", b"c"])
@@ -277,7 +277,7 @@ import importlib.abc, sys
 
 class Refuse(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name in ("qlog._qlog_c", "qlog._glue"):
+        if name in ("qlog._log._qlog_c", "qlog._log._glue"):
             raise ImportError(f"{name} is hidden")
         return None
 
@@ -287,7 +287,7 @@ sys.meta_path.insert(0, Refuse())
 _QUEUE_SMOKE = r"""
 import json, sys, time
 import qlog
-assert "qlog._qlog_c" not in sys.modules and "qlog._glue" not in sys.modules, sorted(sys.modules)
+assert "qlog._log._qlog_c" not in sys.modules and "qlog._log._glue" not in sys.modules, sorted(sys.modules)
 path = sys.argv[1]
 out = {"engine": qlog.ENGINE, "log": qlog.Log.__module__}
 b = qlog.open(path)
@@ -337,7 +337,7 @@ def test_the_queue_runs_on_the_pure_engine_alone(tmp_path, run_python, monkeypat
     r = run_python(code, [str(tmp_path / "data")])
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
-    assert out["engine"] == "pure" and out["log"] == "qlog._purelog"
+    assert out["engine"] == "pure" and out["log"] == "qlog._log.purelog"
     assert out["first_pull"] == [{"n": 1}, "two", {"hex": b"\x00three".hex()}] + [{"n": i} for i in range(4, 9)]
     assert out["second_pull"] == [[{"n": 1}, 2]]
     assert out["dead"] == [[{"n": 1}, True]]
@@ -347,7 +347,7 @@ def test_the_queue_runs_on_the_pure_engine_alone(tmp_path, run_python, monkeypat
 
 _ROLL_VICTIM = r"""
 import json, os, signal, sys
-from qlog import _purelog as P
+from qlog._log import purelog as P
 path, step = sys.argv[1], int(sys.argv[2])
 log = P.Log(path, durability="none", segment_bytes=4096)
 rec = b"v" * 600
@@ -373,7 +373,7 @@ print(json.dumps({"seq": seq, "calls": calls[0]}), flush=True)
 
 _IDLE = r"""
 import sys
-from qlog import _purelog
+from qlog._log import purelog as _purelog
 log = _purelog.Log(sys.argv[1], durability="none", segment_bytes=4096)
 print("open", flush=True)
 sys.stdin.readline()
@@ -427,7 +427,7 @@ def test_a_pure_writer_killed_at_each_system_call_of_a_roll_is_repaired(tmp_path
 @pytest.mark.parametrize("eng", ["c", "pure"])
 def test_both_engines_refuse_a_segment_replaced_by_a_symbolic_link(tmp_path, eng, which) -> None:
     if CLog is None and eng == "c":
-        pytest.skip("the compiled modules (qlog._qlog_c) are not built")
+        pytest.skip("the compiled modules (qlog._log._qlog_c) are not built")
     path = tmp_path / "log"
     with ENGINES[eng](str(path), durability="none", segment_bytes=SEGMENT) as log:
         for i in range(100):

@@ -22,7 +22,7 @@ import pytest
 import qlog
 from _crashkit import check_random_access, child_env, make_payload, read_all
 from _simvfs import fd_path, real, syscalls
-from qlog._qlog_c import ffi
+from qlog._log._qlog_c import ffi
 
 CHUNK = 4 << 20          # segments grow by this much (QLOG_ALLOC_CHUNK)
 

@@ -15,8 +15,8 @@ import pytest
 from damage import flip_byte
 
 import qlog
-from qlog import _pure
-from qlog._qlog_c import lib
+from qlog._log import pure as _pure
+from qlog._log._qlog_c import lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FORMAT_MD = (ROOT / "docs" / "FORMAT.md").read_text()
@@ -249,14 +249,14 @@ def test_meta_file_written_by_the_engine_parses_per_format_md(tmp_path: pathlib.
 
 
 def test_pure_module_imports_nothing_of_the_engine() -> None:
-    tree = ast.parse((ROOT / "qlog" / "_pure.py").read_text())
+    tree = ast.parse((ROOT / "qlog" / "_log" / "pure.py").read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.update(f"{'.' * node.level}{node.module or ''}.{a.name}" for a in node.names)
-    assert not [m for m in imported if "_qlog_c" in m or "_log" in m], imported
+    assert not [m for m in imported if "_qlog_c" in m or "clog" in m or "_glue" in m], imported
 
 
 def test_records_written_by_the_engine_are_read_identically_in_pure_python(tmp_path: pathlib.Path) -> None:
@@ -596,7 +596,7 @@ def test_message_header_table_matches_the_struct_that_packs_it() -> None:
 
 
 def test_checkpoint_header_table_matches_the_struct_that_packs_it() -> None:
-    from qlog import _state
+    from qlog._local import state as _state
 
     rows = _field_table("Checkpoint")
     offsets = [off for _, off, _ in rows]
@@ -631,7 +631,7 @@ def test_a_version_1_checkpoint_still_loads_with_no_unknown_ranges() -> None:
 
     import crc32c
 
-    from qlog import _state
+    from qlog._local import state as _state
 
     head = _state._CKPT_HEAD_V1.pack(b"QLOGCKPT", 1, 77, 65, 9, 0, 0, 0, 0, 4, 1)
     body = head + struct.pack("<5q", 60, 2, 1, 123, 45)
@@ -641,7 +641,7 @@ def test_a_version_1_checkpoint_still_loads_with_no_unknown_ranges() -> None:
 
 
 def test_journal_record_tags_in_format_md_are_the_ones_replay_knows() -> None:
-    from qlog import _state
+    from qlog._local import state as _state
 
     rows = _table("State journal record", "tag")
     tags = {r[0].strip("`").encode() for r in rows}

@@ -8,9 +8,9 @@ spliced in, a header field changed, a length field made huge):
   append after recovery), run in a forked child per example so that a
   crash fails the example (and Hypothesis shrinks it) instead of killing
   the test run;
-- the pure-Python reader (``qlog._pure.iter_segment`` / ``read_log``), which
+- the pure-Python reader (``qlog._log.pure.iter_segment`` / ``read_log``), which
   must agree with the engine on the records of the same bytes;
-- the state journal (``qlog._state.decode`` / ``QueueState.apply``) and the
+- the state journal (``qlog._local.state.decode`` / ``QueueState.apply``) and the
   checkpoint loader (``QueueState.from_snapshot``), and a queue opened over
   a directory whose checkpoint or journal was mutated.
 
@@ -42,7 +42,9 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import qlog
-from qlog import _check, _pure, _purelog, _state, errors
+from qlog import errors
+from qlog._local import check as _check, state as _state
+from qlog._log import pure as _pure, purelog as _purelog
 
 SEG_HEADER_SIZE = 64
 REC_HEADER_SIZE = 32
@@ -406,7 +408,7 @@ def test_mutated_logs_never_crash_the_readers_nor_yield_a_bad_record(
 def test_mutated_logs_in_the_pure_engine(
     templates: Tuple[Template, Template], muts: List[tuple], starts: List[int], max_records: int,
 ) -> None:
-    """The same for the pure-Python engine (qlog/_purelog.py)."""
+    """The same for the pure-Python engine (qlog/_log/purelog.py)."""
     check_mutated_log(templates, muts, starts, max_records, "pure")
 
 

@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import qlog
 from _crashkit import child_env
 from damage import records, segments
-from qlog import _pure
-from qlog._state import QueueState, decode
+from qlog._log import pure as _pure
+from qlog._local.state import QueueState, decode
 
 QUEUE = "jobs"
 

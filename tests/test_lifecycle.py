@@ -23,7 +23,7 @@ import qlog
 from _crashkit import read_all
 from _simvfs import (PAGE, _SIZE, Recorder, _load_image, _put, boot_id_hook, materialise, new_boot_id,
                      real, syscalls)
-from qlog._qlog_c import ffi
+from qlog._log._qlog_c import ffi
 
 # ---- close() while other threads are inside the engine ------------------------
 

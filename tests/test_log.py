@@ -13,7 +13,7 @@ import pytest
 from damage import records, segment_base, segments
 
 import qlog
-from qlog._qlog_c import ffi, lib
+from qlog._log._qlog_c import ffi, lib
 
 SMALL = 4096  # the smallest segment: rolls after a few dozen records
 

@@ -53,13 +53,13 @@ import pytest
 import _powercut_queue as pq
 import qlog
 import qlog._queue
-import qlog._state
+import qlog._local.state
 from _crashkit import Child
 from _invariants import Report
 from _powertrace import SECTOR, Replay, TraceRecorder, load, out_of_order_writeback
 from _simvfs import boot_id_hook, new_boot_id, syscalls
 from damage import records, segments, zero_pages_inside
-from qlog import _pure
+from qlog._log import pure as _pure
 from test_cli import run_cli
 
 SEED = 20261129
@@ -309,7 +309,7 @@ def test_a_new_queue_and_a_message_sent_to_it_survive_a_power_cut_right_after_th
     live.mkdir()
     rec = TraceRecorder(str(live))
     proxy = rec.os_proxy()
-    monkeypatch.setattr(qlog._state, "os", proxy)
+    monkeypatch.setattr(qlog._local.state, "os", proxy)
     monkeypatch.setattr(qlog._queue, "os", proxy)
     with syscalls(**rec.engine_hooks()):
         broker = qlog.open(live)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import qlog
-from qlog import _pure
+from qlog._log import pure as _pure
 
 MiB = 1 << 20
 ALIGN_SIZES = [0, 1, 6, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 39, 40, 41]

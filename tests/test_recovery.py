@@ -27,7 +27,7 @@ from damage import (
 )
 
 import qlog
-from qlog import _pure
+from qlog._log import pure as _pure
 
 SEGMENT_BYTES = 4096  # the smallest segment: small files, cheap copies, many rolls
 OPTS = dict(durability="none", segment_bytes=SEGMENT_BYTES)

@@ -20,8 +20,8 @@ from damage import flip_byte, records, segment_base, segments, truncate_to
 from test_cli import run_cli, tree
 
 import qlog
-from qlog._check import rebuild_state
-from qlog._state import encode
+from qlog._local.check import rebuild_state
+from qlog._local.state import encode
 
 BIG = 1 << 16  # segment_bytes: a few batches per segment, several segments
 

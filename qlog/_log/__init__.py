@@ -1,7 +1,7 @@
 """Which log engine ``qlog`` uses: the C engine or the pure-Python one.
 
-``ENGINE`` is ``"c"`` when the compiled modules (``qlog._qlog_c``,
-``qlog._glue``) import, and ``"pure"`` when they do not or when the
+``ENGINE`` is ``"c"`` when the compiled modules (``qlog._log._qlog_c``,
+``qlog._log._glue``) import, and ``"pure"`` when they do not or when the
 environment has ``QLOG_PURE=1``.  The queue layer takes ``Log`` and its
 batch helpers (``pack``, ``unpack``, ``scan_messages``, ``ids``,
 ``MessageBase``, ``append1``) from here.
@@ -10,6 +10,7 @@ batch helpers (``pack``, ``unpack``, ``scan_messages``, ``ids``,
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 __all__ = ["ENGINE", "Log", "pack", "unpack", "scan_messages", "ids", "MessageBase", "append1"]
@@ -19,11 +20,30 @@ def _want_pure() -> bool:
     return os.environ.get("QLOG_PURE", "") not in ("", "0")
 
 
+def _find_compiled() -> None:
+    """Imported from a source checkout (the current directory comes first on
+    sys.path, e.g. ``python -c`` at the top of the tree) after a plain ``pip
+    install .``: the compiled modules live in the installed copy.  Let this
+    package find them there."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for entry in sys.path:
+        cand = os.path.join(entry or ".", "qlog", "_log")
+        if os.path.abspath(cand) != here and os.path.isdir(cand) and any(
+            f.startswith("_qlog_c") for f in os.listdir(cand)
+        ):
+            __path__.append(cand)
+            return
+
+
 ENGINE = "pure" if _want_pure() else "c"
 if ENGINE == "c":
     try:
+        try:
+            from . import _glue, _qlog_c  # noqa: F401  (the compiled modules)
+        except ImportError:  # pragma: no cover - depends on how Python was started
+            _find_compiled()
         from ._glue import MessageBase, ids, pack, scan_messages, unpack
-        from ._log import Log
+        from .clog import Log
         from ._qlog_c import lib as _lib
     except ImportError:
         ENGINE = "pure"
@@ -33,8 +53,8 @@ if ENGINE == "c":
         (a sequence number, or an error code below 0 for ``Log._append_error``)."""
 
 if ENGINE == "pure":
-    from ._pureglue import MessageBase, ids, pack, scan_messages, unpack  # noqa: F811
-    from ._purelog import Log  # noqa: F811
+    from .pureglue import MessageBase, ids, pack, scan_messages, unpack  # noqa: F811
+    from .purelog import Log  # noqa: F811
 
     def append1(h: Any, payload: bytes, size: int) -> int:  # noqa: F811
         """``append1(handle, payload, size)``: ``h.append(payload)`` (it raises

@@ -25,12 +25,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import errors
-from ._pure import (
+from .. import errors
+from .._log.pure import (
     FLAG_BATCH_CONT, FLAG_BATCH_MORE, Damage, Record, crc32c, decode_index, encode_record,
     encode_segment_header, iter_segment, segment_files, unmask_crc,
 )
-from ._state import QueueState, decode as decode_journal_record, write_checkpoint
+from .state import QueueState, decode as decode_journal_record, write_checkpoint
 
 __all__ = ["Problem", "LogCheck", "QueueCheck", "check_dir", "check_queue", "repair_queue",
            "rebuild_state", "QueueBusyError", "FORMAT_FILE", "lost_text"]
@@ -433,7 +433,7 @@ def rebuild_state(checkpoint: Optional[QueueState], messages: Dict[int, bytes],
     order) on ``checkpoint`` (None when it was lost), without dropping a
     message that may not be done.
 
-    This is the queue's own replay (``_state.py``, "Replay"): a range of
+    This is the queue's own replay (``_local/state.py``, "Replay"): a range of
     messages the journal skips over (a pull record lost to damage) becomes
     an unknown range, delivered again.  Without a checkpoint the replay
     starts at the oldest intact message (``messages``: seq -> payload, the

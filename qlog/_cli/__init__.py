@@ -39,13 +39,13 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, TextIO, Tuple
 
-from . import __version__
-from ._check import Problem, QueueBusyError, lost_text, check_queue, queue_names, repair_queue
-from ._message import CT_BYTES, CT_JSON, CT_PICKLE, CT_TEXT, Message
-from ._queue import _FORMAT_FILE, Broker, Queue
-from ._queue import open as _open_broker
-from ._settings import MAX_DELAY, MAX_PULL_BATCH, check_name
-from .errors import InvalidQueueNameError, QlogError
+from .. import __version__
+from .._local.check import Problem, QueueBusyError, lost_text, check_queue, queue_names, repair_queue
+from .._message import CT_BYTES, CT_JSON, CT_PICKLE, CT_TEXT, Message
+from .._queue import _FORMAT_FILE, Broker, Queue
+from .._queue import open as _open_broker
+from .._settings import MAX_DELAY, MAX_PULL_BATCH, check_name
+from ..errors import InvalidQueueNameError, QlogError
 
 logger = logging.getLogger("qlog.cli")
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
-from ._modes import check_mode
+from .modes import check_mode
 
 __all__ = ["LogStats", "Damage", "VerifyReport", "MAX_RECORD", "DURABILITY_MODES",
            "check_log_args", "LogLifecycle"]

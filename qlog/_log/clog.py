@@ -15,11 +15,11 @@ import threading
 from array import array
 from typing import Any, Callable, Optional, Sequence, Union
 
-from . import errors
-from ._modes import DEFAULT_FILE_MODE
+from .. import errors
+from .modes import DEFAULT_FILE_MODE
 from ._glue import pack as _pack, unpack as _unpack
 from ._qlog_c import ffi, lib
-from ._types import Damage, LogLifecycle, LogStats, VerifyReport, check_log_args
+from .types import Damage, LogLifecycle, LogStats, VerifyReport, check_log_args
 
 __all__ = ["Log", "LogStats", "Damage", "MAX_RECORD", "DURABILITY_MODES"]
 
@@ -91,7 +91,7 @@ def _raise(code: int, what: str, h=None) -> None:
 
 def _held_by_pure_engine(path: str) -> bool:
     """Whether the control file of the log at ``path`` is marked by the
-    pure-Python engine (qlog/_purelog.py), which keeps its own layout there."""
+    pure-Python engine (qlog/_log/purelog.py), which keeps its own layout there."""
     try:
         with open(os.path.join(path, "ctl"), "rb") as f:
             return f.read(8) == b"QLOGPURE"

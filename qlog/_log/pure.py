@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 
 import crc32c as _crc32c
 
-from .errors import FormatError, RecordTooLargeError
+from ..errors import FormatError, RecordTooLargeError
 
 __all__ = [
     "SegmentHeader", "Record", "Damage", "IndexFile",

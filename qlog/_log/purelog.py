@@ -54,10 +54,10 @@ from bisect import bisect_right
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from . import _pure as F
-from . import errors
-from ._modes import DEFAULT_FILE_MODE, dir_mode
-from ._types import (DURABILITY_MODES, MAX_RECORD, Damage, LogLifecycle, LogStats, VerifyReport,
+from . import pure as F
+from .. import errors
+from .modes import DEFAULT_FILE_MODE, dir_mode
+from .types import (DURABILITY_MODES, MAX_RECORD, Damage, LogLifecycle, LogStats, VerifyReport,
                      check_log_args)
 
 __all__ = ["Log", "LogStats", "Damage", "VerifyReport", "MAX_RECORD", "DURABILITY_MODES",

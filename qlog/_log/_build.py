@@ -14,7 +14,7 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(os.path.dirname(HERE), "csrc")
+CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
 SOURCES = ["crc32c.c", "vfs.c", "format.c", "open.c", "append.c", "read.c"]
 
 
@@ -48,7 +48,7 @@ extern "Python" {
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_from_header() + PY_SYSCALLS)
 ffibuilder.set_source(
-    "qlog._qlog_c",
+    "qlog._log._qlog_c",
     '#include "qlog.h"\n',
     sources=[os.path.relpath(os.path.join(CSRC, s)) for s in SOURCES],
     include_dirs=[os.path.relpath(CSRC)],

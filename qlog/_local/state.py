@@ -86,7 +86,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import crc32c as _crc32c
 
-from . import errors
+from .. import errors
 
 logger = logging.getLogger("qlog")
 
@@ -599,7 +599,7 @@ def _syscall_table():  # type: ignore[no-untyped-def]
     """The engine's syscall table in use (so that checkpoints meet the same
     faults as the logs), or None without the compiled engine."""
     try:
-        from ._qlog_c import ffi, lib
+        from .._log._qlog_c import ffi, lib
     except ImportError:
         return None, None
     t = ffi.new("qlog_vfs *")
