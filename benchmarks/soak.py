@@ -100,7 +100,7 @@ from array import array
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import qlog
-import qlog._queue
+import qlog._local.backend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD_ENV = "QLOG_SOAK_CHILD"
@@ -173,8 +173,8 @@ def configure(checkpoint_every: int) -> None:
     """The soak's checkpoint interval and state journal segment size, in
     this process (every process opening the directory, the script too)."""
     qlog.Broker.checkpoint_every = checkpoint_every
-    if hasattr(qlog._queue, "_JOURNAL_SEGMENT"):
-        qlog._queue._JOURNAL_SEGMENT = JOURNAL_SEGMENT
+    if hasattr(qlog._local.backend, "_JOURNAL_SEGMENT"):
+        qlog._local.backend._JOURNAL_SEGMENT = JOURNAL_SEGMENT
 
 
 def open_broker(cfg: Dict[str, Any]) -> qlog.Broker:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from . import errors
 from ._message import _ACK, _RETRY, Message, MessageBatch
-from ._settings import validate
+from ._settings import delay_us, validate
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._queue import Broker, Queue
@@ -55,7 +55,7 @@ class PushBatch(MessageBatch):
 
     def __init__(self, q: "Queue", messages: List[Message]) -> None:
         super().__init__(q, messages)
-        self._intent: Optional[Tuple[int, int]] = None
+        self._intent: Optional[Tuple[int, Optional[float]]] = None
 
     def ack_all(self) -> None:
         """Ack, when the handler finishes, every message not acked or retried on its own."""
@@ -66,9 +66,9 @@ class PushBatch(MessageBatch):
         """Retry, when the handler finishes, every message not acked or
         retried on its own (after ``delay_seconds``, default the queue's
         ``retry_delay``)."""
-        us = self._q._retry_delay_us(delay_seconds)  # bad input raises here
+        delay_us(delay_seconds, self._q.settings.retry_delay, "delay_seconds")  # bad input raises here
         if self._intent is None:
-            self._intent = (_RETRY, us)
+            self._intent = (_RETRY, delay_seconds)
 
 
 def settle(batch: PushBatch, exc: Optional[BaseException]) -> None:
@@ -80,13 +80,11 @@ def settle(batch: PushBatch, exc: Optional[BaseException]) -> None:
     q = batch._q
     intent = batch._intent
     if intent is None:
-        intent = (_ACK, 0) if exc is None else (_RETRY, q._retry_delay_us(None))
+        intent = (_ACK, 0) if exc is None else (_RETRY, None)
     if intent[0] == _ACK:
-        q._ack([m._seq for m in rest])
+        MessageBatch(q, rest).ack_all()
     else:
-        q._retry(rest, intent[1])
-    for m in rest:
-        m._outcome = intent[0]
+        MessageBatch(q, rest).retry_all(intent[1])
 
 
 class Consumer:
@@ -156,6 +154,23 @@ class _Running:
 
     # -- batching ----------------------------------------------------------
 
+    def _pull(self, need: int, wait: float) -> List[Message]:
+        """Lease up to ``need`` messages, waiting up to ``wait`` seconds for
+        one (a stop ends the wait: it wakes the queue)."""
+        q = self.q
+        end = time.monotonic() + wait
+        while True:
+            token = q.change_token() if wait > 0 else 0
+            if self.runner.stopping:
+                return []
+            got = q.pull(need, self.vt).messages
+            if got or wait <= 0:
+                return got
+            left = end - time.monotonic()
+            if left <= 0:
+                return got
+            q.wait_change(token, left)
+
     def step(self, wait: float = 0.0) -> Optional[PushBatch]:
         """Lease what is visible into the forming batch (waiting up to
         ``wait`` seconds for a first message); return the batch once it is
@@ -163,7 +178,7 @@ class _Running:
         visible.  Never returns an empty batch."""
         need = self.size - len(self.forming)
         if need > 0:
-            got = self.q._pull_wait(need, self.vt_us, wait, self.runner.is_stopping)
+            got = self._pull(need, wait)
             if got:
                 if not self.forming:
                     self.first_at = self._visible_since(got)
@@ -249,7 +264,7 @@ class _Running:
         thread hop per batch.  Only the wait for a send runs on a thread."""
         runner = self.runner
         loop = asyncio.get_running_loop()
-        msgs = self.q._msgs
+        q = self.q
         backoff = 0.1
         try:
             while not runner.stopping:
@@ -261,15 +276,15 @@ class _Running:
                         except asyncio.TimeoutError:
                             pass
                         continue
-                    gen = msgs.notify_gen()
+                    token = q.change_token()
                     batch = self.step(0.0)
                     if batch is not None:
                         self._dispatch(batch)
                         await asyncio.sleep(0)  # let the handler start
                         continue
-                    wait = self.q._due_wait(self._wait_for_batch())
+                    wait = self._wait_for_batch()
                     if wait > 0 and not runner.stopping:
-                        await loop.run_in_executor(self.waiter, msgs.wait_change, gen, wait)
+                        await loop.run_in_executor(self.waiter, q.wait_change, token, wait)
                     backoff = 0.1
                 except errors.LogClosedError:
                     if runner.stopping:
@@ -354,7 +369,7 @@ class _Running:
             held = [m for b in self.running.values() for m in b.messages]
         held += self.forming
         if held:
-            self.q._extend(held, int((self.clock() + self.vt) * 1_000_000))
+            MessageBatch(self.q, held).extend(self.vt)
 
     def busy(self) -> int:
         with self.cond:
@@ -409,7 +424,7 @@ class Runner:
             if w.consumer.is_async and self._loop is not None:
                 self._loop.call_soon_threadsafe(w.slot.set)
             try:
-                w.q._msgs.poke()  # wake a fetcher waiting for messages
+                w.q.wake()  # wake a fetcher waiting for messages
             except errors.QlogError:
                 pass
 

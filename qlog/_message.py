@@ -23,13 +23,12 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from . import errors
+from ._backend import RECORD_HEADER as HEADER, RECORD_VERSION as VERSION
 from ._log import MessageBase
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._queue import Queue
 
-HEADER = struct.Struct("<BBHIq")
-VERSION = 1
 FLAG_DEAD_LETTER = 1
 
 CONTENT_TYPES = {"json": 0, "text": 1, "bytes": 2, "pickle": 3}
@@ -240,6 +239,21 @@ class Message(MessageBase):
             dead_lettered_at=datetime.fromtimestamp(meta["dead_us"] / 1e6, tz=timezone.utc),
         )
 
+    @property
+    def lease_id(self) -> str:
+        """This delivery's lease, as an opaque string: :meth:`Queue.settle`
+        and :meth:`Queue.extend` take it, in any process that opens the queue."""
+        return f"{self._q._idpre}{self._seq:016x}.{self.attempts}"
+
+    def extend(self, visibility_timeout: Optional[float] = None) -> None:
+        """Renew this delivery's lease for ``visibility_timeout`` seconds from
+        now (default the queue's), without adding an attempt.  A no-op once
+        acked or retried, or when the lease has passed to another delivery."""
+        self._check_live()
+        if not self._outcome:
+            q = self._q
+            q._extend([self], q._deadline(visibility_timeout))
+
     def ack(self) -> None:
         """Mark the message done: it is never delivered again (unless a
         power cut takes the ack before it was synced).  Returns once the ack
@@ -296,6 +310,14 @@ class MessageBatch:
         self._q._retry(todo, self._q._retry_delay_us(delay_seconds))
         for m in todo:
             m._outcome = _RETRY
+
+    def extend(self, visibility_timeout: Optional[float] = None) -> None:
+        """Renew the leases of every message not acked or retried, for
+        ``visibility_timeout`` seconds from now (default the queue's), in one
+        journal write; attempts unchanged."""
+        todo = [m for m in self.messages if not m._outcome]
+        if todo:
+            self._q._extend(todo, self._q._deadline(visibility_timeout))
 
     def __len__(self) -> int:
         return len(self.messages)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional
 
 from . import errors
@@ -16,6 +16,21 @@ MAX_SEND_BATCH = 1000
 MAX_SEND_BATCH_BYTES = 256 << 20  # bodies of one send_batch, in all
 MAX_PULL_BATCH = 1000
 UNLIMITED = "unlimited"
+HANDLE_KEYS = frozenset({"durability", "allow_pickle", "segment_bytes"})
+"""Settings of a handle (each process chooses), not stored with the queue."""
+CONSUMER_TYPES = ("worker", "http_pull")
+
+
+def delay_us(value: Optional[float], default: float, what: str) -> int:
+    """A delay in seconds (``default`` when None) as microseconds; the one
+    check of every send, retry and redrive delay."""
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_DELAY:
+        raise errors.DelayOutOfRangeError(
+            f"{what} must be a number of seconds from 0 to {MAX_DELAY} (24 hours), got {value!r}"
+        )
+    return int(value * 1_000_000)
 
 
 def check_name(name: object, what: str = "queue name") -> str:
@@ -163,12 +178,35 @@ def load_toml(directory: str) -> Dict[str, Dict[str, Any]]:
             if not isinstance(entry, dict) or "queue" not in entry:
                 raise errors.SettingsError(f"missing key 'queue' {where}")
             name = check_name(entry["queue"])
-            rest = {k: v for k, v in entry.items() if k != "queue"}
+            rest = _wrangler_keys(section, {k: v for k, v in entry.items() if k != "queue"}, where)
             per.setdefault(name, dict(base)).update(validate(rest, where))
     if base:
         per["*"] = base
     return per
 
 
-def resolve(defaults: QueueSettings, file_values: Dict[str, Any], kwargs: Dict[str, Any]) -> QueueSettings:
-    return replace(defaults, **{**file_values, **validate(kwargs, "passed to queue()")})
+def _wrangler_keys(section: str, entry: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """wrangler's keys that mean something here, as qlog's: a consumer's
+    ``type`` ("worker" or "http_pull": both are served by the same queue)
+    and ``visibility_timeout_ms``; a producer's ``binding`` (a Worker's
+    variable name: nothing to do here)."""
+    out = dict(entry)
+    if section == "producers":
+        b = out.pop("binding", None)
+        if b is not None and not isinstance(b, str):
+            raise errors.SettingsError(f"key 'binding' {where} must be a string, got {b!r}")
+        return out
+    t = out.pop("type", None)
+    if t is not None and t not in CONSUMER_TYPES:
+        raise errors.SettingsError(
+            f"key 'type' {where} must be one of {', '.join(map(repr, CONSUMER_TYPES))}, got {t!r}")
+    if "visibility_timeout_ms" in out:
+        ms = out.pop("visibility_timeout_ms")
+        if "visibility_timeout" in out:
+            raise errors.SettingsError(
+                f"{where} gives both visibility_timeout and visibility_timeout_ms: keep one")
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)):
+            raise errors.SettingsError(
+                f"key 'visibility_timeout_ms' {where} must be a number of milliseconds, got {ms!r}")
+        out["visibility_timeout"] = ms / 1000
+    return out

@@ -108,3 +108,19 @@ class EngineConflictError(QlogError):
     """The log directory is open in another process that uses the other
     engine (the C engine or the pure-Python one): one directory is used by
     one engine at a time."""
+
+
+class QueueNotFoundError(QlogError, LookupError):
+    """The queue named does not exist (and the call does not create it)."""
+
+
+class QueueExistsError(QlogError):
+    """``create_queue`` of a queue that already exists."""
+
+
+class QueueNotEmptyError(QlogError):
+    """``delete_queue`` of a queue that still holds messages, without ``force``."""
+
+
+class InvalidLeaseError(QlogError, ValueError):
+    """A lease id that this queue never gave out (malformed, or another queue's)."""

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 import qlog
-import qlog._queue
+import qlog._local.backend
 from qlog._settings import QueueSettings
 
 # ---- bodies ----------------------------------------------------------------------
@@ -344,7 +344,7 @@ def check_logs(path: str, tolerate: Optional[Callable[[str, Any], bool]] = None,
             if settings is not None:
                 seg["segment_bytes"] = (
                     settings.get(name, {}).get("segment_bytes", QueueSettings().segment_bytes)
-                    if part == "messages" else qlog._queue._JOURNAL_SEGMENT)
+                    if part == "messages" else qlog._local.backend._JOURNAL_SEGMENT)
             with qlog.Log(d, durability="none", **seg) as log:
                 st = log.stats()
                 torn += st.recovered_bytes_dropped
@@ -472,8 +472,8 @@ def check(
                     batch.ack_all()
                 st = q.stats()
                 assert st.backlog == 0, f"queue {name!r} still holds {st.backlog} messages after the drain: {st}"
-                corrupt_records = ((0 if f"{name}/messages" in explained else q._msgs.stats().corrupt_records)
-                                   + (0 if f"{name}/state" in explained else q._journal.stats().corrupt_records))
+                corrupt_records = ((0 if f"{name}/messages" in explained else q._b._msgs.stats().corrupt_records)
+                                   + (0 if f"{name}/state" in explained else q._b._journal.stats().corrupt_records))
                 if corrupt_records:
                     rep.corrupt += corrupt_records
                     problems.append(f"queue {name!r}: {corrupt_records} corrupt records skipped while reading")

@@ -8,7 +8,7 @@ until they reach a dead-letter queue; short retention, small segments and
 frequent checkpoints, so that message and journal segments are deleted as it
 goes; a hand-moved clock, so nothing waits for real time.  Every durable
 write, whether the engine makes it (the syscall table) or Python code does
-(``os`` inside ``qlog._state`` and ``qlog._queue`` is replaced by a recording
+(``os`` inside ``qlog._local.state``, ``qlog._local.backend`` and ``qlog._log.files`` is replaced by a recording
 proxy), goes into one trace (``_powertrace``) together with markers of what
 the workload did and was told:
 
@@ -49,7 +49,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple
 import crc32c
 
 import qlog
-import qlog._queue
+import qlog._local.backend
 import qlog._local.state
 from _invariants import Fact, InvariantViolation, Report, body_key, check, make_body
 
@@ -93,9 +93,9 @@ SETTINGS = {name: settings(name) for name in QUEUES}
 def small_state(set_attr) -> None:
     """Checkpoint every CHECKPOINT_EVERY journal records, journal in
     JOURNAL_SEGMENT-byte segments (``set_attr``: setattr or monkeypatch's)."""
-    assert hasattr(qlog._queue, "_JOURNAL_SEGMENT"), "the state journal's segment size moved"
+    assert hasattr(qlog._local.backend, "_JOURNAL_SEGMENT"), "the state journal's segment size moved"
     set_attr(qlog.Broker, "checkpoint_every", CHECKPOINT_EVERY)
-    set_attr(qlog._queue, "_JOURNAL_SEGMENT", JOURNAL_SEGMENT)
+    set_attr(qlog._local.backend, "_JOURNAL_SEGMENT", JOURNAL_SEGMENT)
 
 
 def fails(key: str) -> bool:
@@ -116,7 +116,8 @@ def workload(path: str, trace: str, seed: int, steps: int) -> None:
     rec = TraceRecorder(path)
     proxy = rec.os_proxy()
     qlog._local.state.os = proxy
-    qlog._queue.os = proxy
+    qlog._local.backend.os = proxy
+    qlog._log.files.os = proxy
     now = [1_000_000.0]
     rec.mark(("t", now[0]))
 
@@ -289,7 +290,7 @@ def drain_after_reboot(path: str, queue: str, boot_id: str, later: float) -> Non
     with ctx:
         with qlog.open(path, clock=lambda: time.time() + later) as b:
             q = b.queue(queue)
-            seqs = {"messages": q._msgs.next_seq, "state": q._journal.next_seq}
+            seqs = {"messages": q._b._msgs.next_seq, "state": q._b._journal.next_seq}
             while True:
                 batch = q.pull(batch_size=100)
                 if not batch:

@@ -44,7 +44,7 @@ import qlog
 # claim wins: the ack does nothing, one copy).  (skip, DLQ at that point,
 # (acked, dead_lettered)).
 WHERE = {"before-the-claim": (0, False, (1, 0)), "after-the-dlq-write": (1, True, (0, 1))}
-from qlog._queue import _FileLock
+from qlog._local.backend import _FileLock
 
 from test_queue import T0, HandClock
 
@@ -104,7 +104,7 @@ def wrap_next_append(q: qlog.Queue, before: Callable[[], None], skip: int = 0) -
     """Make ``q``'s next state-journal append (after ``skip`` others) run
     ``before()`` first (then append as usual); returns a flag list that gets
     True when it ran."""
-    real = q._journal.append
+    real = q._b._journal.append
     ran: List[bool] = []
     left = [skip]
 
@@ -112,12 +112,12 @@ def wrap_next_append(q: qlog.Queue, before: Callable[[], None], skip: int = 0) -
         if left[0]:
             left[0] -= 1
             return real(record)
-        q._journal.append = real
+        q._b._journal.append = real
         before()
         ran.append(True)
         return real(record)
 
-    q._journal.append = append
+    q._b._journal.append = append
     return ran
 
 
@@ -329,15 +329,15 @@ def test_pull_dead_lettering_while_a_final_retry_waits_for_the_lock_leaves_one_d
     s = settings(max_retries=1)
     qa, qb = a.queue(QUEUE, **s), b.queue(QUEUE, **s)
     mid, deliveries = lease_final_delivery(qa, qb, clock, 1)
-    real_locked = qa._locked
+    real_locked = qa._b._locked
     ran: List[int] = []
 
     def locked_after_bs_pull():
-        qa._locked = real_locked
+        qa._b._locked = real_locked
         ran.append(len(qb.pull().messages))
         return real_locked()
 
-    qa._locked = locked_after_bs_pull
+    qa._b._locked = locked_after_bs_pull
     deliveries[-1].retry()
     assert ran == [0], "the pull did not run inside the retry"
     (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [qa, qb], mid)
@@ -385,7 +385,7 @@ def test_second_pull_cannot_dead_letter_while_the_first_is_between_its_dlq_write
     probe: List[bool] = []
 
     def try_as_locks() -> None:
-        lock = _FileLock(qa._lockfd, block=False)
+        lock = _FileLock(qa._b._lockfd, block=False)
         got = lock.acquire()
         if got:
             lock.release()
@@ -465,13 +465,13 @@ print(mid, flush=True)
 now[0] += 2  # the only delivery's lease runs out: the next pull dead-letters M
 dlq = b.queue("jobs-dlq")
 if where == "after-the-claim":  # killed before the DLQ copy is written
-    dlq._msgs.append_batch = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    dlq._b._msgs.append_batch = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 else:  # "after-the-dlq-write": killed before the record that moves M
-    real_sync = dlq._msgs.sync
+    real_sync = dlq._b._msgs.sync
     def sync():
         real_sync()
         os.kill(os.getpid(), signal.SIGKILL)
-    dlq._msgs.sync = sync
+    dlq._b._msgs.sync = sync
 q.pull()
 """
 
@@ -491,7 +491,7 @@ def test_a_dead_lettering_killed_part_way_is_finished_by_the_next_pull(
     s = settings(max_retries=0)
     with qlog.open(data_dir, clock=clock) as b:
         q = b.queue(QUEUE, **s)
-        st = q._state()
+        st = q._b._state()
         assert list(st.dying) == [int(mid[16:], 16)] and not st.pending  # claimed, not moved
         assert q.stats().backlog == 1
         assert q.pull().messages == []  # finishes the dead-lettering

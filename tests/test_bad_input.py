@@ -432,7 +432,7 @@ def test_segment_truncated_in_the_middle_opens_and_delivers_every_intact_message
     damaged = open(seg, "rb").read()
     q = env.reopen()
     assert open(seg, "rb").read() == damaged, "opening changed the damaged segment"
-    assert [d.kind for d in q._msgs.verify().damage], "verify() does not report the damage"
+    assert [d.kind for d in q._b._msgs.verify().damage], "verify() does not report the damage"
     got = []
     while True:
         b = q.pull(100)

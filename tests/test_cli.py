@@ -453,7 +453,7 @@ def test_verify_of_a_clean_directory_exits_0(data) -> None:
         q.pull(3).ack_all()
     with qlog.open(data) as b:
         q = b.queue(Q)
-        want = q._msgs.verify().records + q._journal.verify().records
+        want = q._b._msgs.verify().records + q._b._journal.verify().records
     p = run_cli("verify", data)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.splitlines()[-1] == f"ok: {want} records in 2 logs, no damage"

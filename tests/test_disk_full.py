@@ -45,7 +45,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 
 import qlog
-import qlog._queue
+import qlog._local.backend
 from _simvfs import fd_path, real, syscalls
 from qlog._log._qlog_c import ffi
 
@@ -184,7 +184,7 @@ def fill_first_segment(q: qlog.Queue, size: int = 1000) -> List[int]:
     n = (SEG - 64) // per
     for i in range(n):
         q.send(body(i, size), content_type="bytes")
-    assert q._msgs.next_seq == n and len([f for f in os.listdir(q._msgs.path) if f.endswith(".seg")]) == 1
+    assert q._b._msgs.next_seq == n and len([f for f in os.listdir(q._b._msgs.path) if f.endswith(".seg")]) == 1
     return list(range(n))
 
 
@@ -231,15 +231,15 @@ def test_disk_full_send_writes_nothing_and_works_once_space_is_freed(faults, dat
             return q.send_batch([qlog.MessageSendRequest(x, content_type="bytes") for x in items])
         return q.send_batch(items, content_type="bytes")
 
-    nxt = q._msgs.next_seq
+    nxt = q._b._msgs.next_seq
     for _ in range(2):   # and again: a full disk does not poison the queue
         with pytest.raises(qlog.DiskFullError) as e:
             attempt()
         assert_disk_full(e, "a message" if k == 1 else f"a batch of {k} messages")
         need = sum((32 + 16 + len(x) + 7) & ~7 for x in items)
         assert f"({need} bytes needed" in str(e.value)
-        assert q._msgs.next_seq == nxt and q._msgs.read(nxt) == []
-        assert not q._msgs.stats().poisoned
+        assert q._b._msgs.next_seq == nxt and q._b._msgs.read(nxt) == []
+        assert not q._b._msgs.stats().poisoned
     assert q.stats().backlog == len(returned)
     CASES["disk_full"] += 1
     faults.fallocate.clear()
@@ -255,7 +255,7 @@ def test_disk_full_in_the_state_journal_refuses_the_ack_which_succeeds_later(fau
     """The journal cannot grow: pulls and acks raise DiskFullError naming
     the queue; a refused ack records nothing (the message is still open and
     acked later); sends are unaffected; nothing is lost."""
-    monkeypatch.setattr(qlog._queue, "_JOURNAL_SEGMENT", 64 << 10)
+    monkeypatch.setattr(qlog._local.backend, "_JOURNAL_SEGMENT", 64 << 10)
     b = qlog.open(data)
     q = b.queue("q")
     n = 8000
@@ -303,7 +303,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_old_one_and_loses_nothin
     q = b.queue("q")
     acked += drain_some(q, 10)
     faults.pwrite["/queues/q/checkpoint."] = errno.ENOSPC
-    first_journal = q._journal.first_seq
+    first_journal = q._b._journal.first_seq
     with caplog.at_level(logging.WARNING, logger="qlog"):
         q.close()                                        # does not raise: upkeep only
     assert faults.injected["pwrite"] == 1
@@ -397,7 +397,7 @@ def test_eio_in_the_state_journal_refuses_acks_until_reopened_and_loses_nothing(
         # next sync fails and the journal refuses what follows.
         batch.messages[0].ack()
         acked.append(index_of(batch.messages[0].body))
-        wait_until(lambda: q._journal.stats().poisoned, what="the journal's background fdatasync")
+        wait_until(lambda: q._b._journal.stats().poisoned, what="the journal's background fdatasync")
     getattr(faults, call).clear()
     with pytest.raises(qlog.LogPoisonedError):
         batch.messages[1].ack()
@@ -420,7 +420,7 @@ def test_eio_while_writing_a_checkpoint_keeps_the_journal_and_loses_nothing(faul
         q.send(body(i, 100), content_type="bytes")
     acked = drain_some(q, 15)
     qdir = os.path.join(data, "queues", "q")
-    first_journal = q._journal.first_seq
+    first_journal = q._b._journal.first_seq
     if call == "fsync-dir":
         faults.fsync["=" + qdir] = errno.EIO
     else:

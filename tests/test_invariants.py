@@ -187,7 +187,7 @@ def test_a_dead_letter_written_twice_counts_as_an_in_flight_duplicate(tmp_path):
         (mid,) = _send(q, w, "d", 1)
         (m,) = q.pull(batch_size=1, visibility_timeout=0.001).messages
         w.delivered(Q, [m])
-        q._dead_letter([m._seq], [m.attempts], q._now_us())   # the DLQ copy, and no journal record
+        q._b._move_dead([m._seq], [m.attempts], q._now_us(), q._policy)   # the DLQ copy, and no journal record
     rep = check(path, read_facts([side]), settings=settings)
     assert (rep.duplicates_in_flight, rep.duplicates_otherwise, rep.dead_lettered) == (1, 0, 1)
     assert [x[0] for x in rep.drained[DLQ]] == [mid, mid]

@@ -183,12 +183,12 @@ def test_every_replica_replaying_the_same_damaged_journal_reaches_the_same_state
     _zero(*recs[3])
     with qlog.open(d) as b1, qlog.open(d) as b2:
         q1, q2 = b1.queue(QUEUE), b2.queue(QUEUE)
-        s1, s2 = q1._state(), q2._state()
+        s1, s2 = q1._b._state(), q2._b._state()
         assert (s1.cursor, s1.unknown, sorted(s1.pending)) == (s2.cursor, s2.unknown, sorted(s2.pending))
         assert s1.unknown == [(0, 20), (30, 40)]
         # a pull by one replica reaches the other as the same change
         q1.pull(25)
-        assert q2._state().unknown == q1._state().unknown == [(35, 40)]
+        assert q2._b._state().unknown == q1._b._state().unknown == [(35, 40)]
 
 
 def test_backlog_counts_messages_not_the_numbers_a_reboot_skipped(tmp_path) -> None:
@@ -197,7 +197,7 @@ def test_backlog_counts_messages_not_the_numbers_a_reboot_skipped(tmp_path) -> N
     _as_if_rebooted(d / "queues" / QUEUE / "messages")
     with qlog.open(d) as b:
         q = b.queue(QUEUE)
-        assert q._msgs.next_seq >= _pure.SEQ_RESERVE  # the reboot's gap
+        assert q._b._msgs.next_seq >= _pure.SEQ_RESERVE  # the reboot's gap
         assert q.stats().backlog == 20
         q.send_batch([{"n": i} for i in range(3)])
         assert q.stats().backlog == 23
@@ -289,9 +289,9 @@ def test_expiry_takes_messages_of_a_hidden_range_past_retention(tmp_path) -> Non
     later = time.time() + 1800  # past a minute's retention, within the leases
     with qlog.open(d, clock=lambda: later) as b:
         q = b.queue(QUEUE, message_retention=60)
-        assert q._state().unknown == [(0, 20)]
+        assert q._b._state().unknown == [(0, 20)]
         assert q.expire() == 40
-        st = q._state()
+        st = q._b._state()
         assert (st.unknown, sorted(st.pending), st.cursor) == ([], list(range(20, 30)), 50)
         s = q.stats()
         assert (s.backlog, s.in_flight, s.expired) == (10, 10, 40)

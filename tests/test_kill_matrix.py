@@ -154,11 +154,11 @@ import os
 import time
 
 import qlog
-import qlog._queue
+import qlog._local.backend
 from _invariants import FactWriter, body_key
 
 qlog.Broker.checkpoint_every = {checkpoint_every}
-qlog._queue._JOURNAL_SEGMENT = 65536
+qlog._local.backend._JOURNAL_SEGMENT = 65536
 
 broker = qlog.open({data!r}, durability={durability!r})
 facts = FactWriter(os.path.join({side_dir!r}, "worker-%d.txt" % os.getpid()))

@@ -52,7 +52,7 @@ import pytest
 
 import _powercut_queue as pq
 import qlog
-import qlog._queue
+import qlog._local.backend
 import qlog._local.state
 from _crashkit import Child
 from _invariants import Report
@@ -310,7 +310,8 @@ def test_a_new_queue_and_a_message_sent_to_it_survive_a_power_cut_right_after_th
     rec = TraceRecorder(str(live))
     proxy = rec.os_proxy()
     monkeypatch.setattr(qlog._local.state, "os", proxy)
-    monkeypatch.setattr(qlog._queue, "os", proxy)
+    monkeypatch.setattr(qlog._local.backend, "os", proxy)
+    monkeypatch.setattr(qlog._log.files, "os", proxy)
     with syscalls(**rec.engine_hooks()):
         broker = qlog.open(live)
         mid = broker.queue("jobs").send({"n": 1})

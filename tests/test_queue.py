@@ -71,7 +71,7 @@ def bodies_of(batch) -> list:
 
 def log_end(queue: qlog.Queue) -> int:
     """Sequence number the queue's message log gives its next record."""
-    return queue._msgs.next_seq
+    return queue._b._msgs.next_seq
 
 
 def segments(directory: pathlib.Path) -> List[str]:
@@ -1017,7 +1017,7 @@ def test_state_survives_reopen_across_checkpoints(data_dir, clock, monkeypatch):
 
 def test_checkpoint_truncates_the_journal_and_a_lagging_replica_catches_up(data_dir, clock, monkeypatch):
     monkeypatch.setattr(qlog.Broker, "checkpoint_every", 4)
-    monkeypatch.setattr(qlog._queue, "_JOURNAL_SEGMENT", 1 << 16)
+    monkeypatch.setattr(qlog._local.backend, "_JOURNAL_SEGMENT", 1 << 16)
     b = qlog.open(data_dir, clock=clock)
     lagging = qlog.open(data_dir, clock=clock)
     try:
@@ -1030,7 +1030,7 @@ def test_checkpoint_truncates_the_journal_and_a_lagging_replica_catches_up(data_
             q.send_batch([r] * 1000)
             q.pull(batch_size=1000).ack_all()
             peak = max(peak, len(segments(journal)))
-        assert q._journal.first_seq > 0
+        assert q._b._journal.first_seq > 0
         assert peak <= 3
         assert q_lag.stats() == q.stats()
         q.send(1)
@@ -1051,7 +1051,7 @@ def test_acked_segments_of_the_message_log_are_deleted(broker, data_dir, monkeyp
         q.pull(batch_size=50).ack_all()
         peak = max(peak, len(segments(messages)))
     # 2 MB went through 64 KiB segments; only the last few are kept.
-    assert q._msgs.first_seq > 0
+    assert q._b._msgs.first_seq > 0
     assert peak <= 4
     assert q.stats().acked == 2000
 
@@ -1074,7 +1074,7 @@ def test_pending_message_keeps_its_segment(broker, data_dir, monkeypatch, clock)
 
 def _signal_when_waiting(monkeypatch, q: qlog.Queue, on_wait: Callable[[], None]) -> None:
     """Call ``on_wait`` each time ``q``'s pull is about to block."""
-    log = q._msgs
+    log = q._b._msgs
     real = log.wait_change
 
     def wait_change(gen, timeout=None):
@@ -1177,7 +1177,7 @@ def test_consumer_state_grows_with_messages_in_flight_not_with_the_backlog(broke
         q.send_batch([b"m"] * 1000, content_type="bytes")
     batch = q.pull(batch_size=10)
     assert len(batch) == 10
-    st = q._st
+    st = q._b._st
     assert len(st.pending) == 10  # one entry per leased message; the 49,990 waiting have none
     batch.ack_all()
     assert len(st.pending) == 0
@@ -1196,14 +1196,14 @@ def test_ack_landing_between_a_pulls_read_and_its_lease_wins(data_dir, clock):
         held = qb.pull(batch_size=1, visibility_timeout=1).messages  # message 1, leased by b
         assert [m.body for m in held] == [1]
         clock.advance(2)  # b's lease runs out: a pull may take message 1 again
-        journal_append = qa._journal.append
+        journal_append = qa._b._journal.append
 
         def append_after_bs_ack(record: bytes) -> int:
-            qa._journal.append = journal_append
+            qa._b._journal.append = journal_append
             held[0].ack()  # lands between a's read of the state and its lease
             return journal_append(record)
 
-        qa._journal.append = append_after_bs_ack
+        qa._b._journal.append = append_after_bs_ack
         got = qa.pull(batch_size=10)
         assert [m.body for m in got] == [2]
         assert [m.attempts for m in got] == [1]
@@ -1223,14 +1223,14 @@ def test_retry_landing_between_a_pulls_read_and_its_lease_keeps_its_delay(data_d
         qa.send("job")
         held = qb.pull(batch_size=1, visibility_timeout=1).messages
         clock.advance(2)  # b's lease ran out: the message is due again
-        journal_append = qa._journal.append
+        journal_append = qa._b._journal.append
 
         def append_after_bs_retry(record: bytes) -> int:
-            qa._journal.append = journal_append
+            qa._b._journal.append = journal_append
             held[0].retry(delay_seconds=100)  # lands before a's lease record
             return journal_append(record)
 
-        qa._journal.append = append_after_bs_retry
+        qa._b._journal.append = append_after_bs_retry
         assert qa.pull(batch_size=10).messages == []
         assert qa.stats().delayed == 1
         clock.advance(101)

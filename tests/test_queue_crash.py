@@ -32,7 +32,7 @@ from typing import Dict, List, Sequence, Tuple
 import pytest
 
 import qlog
-import qlog._queue
+import qlog._local.backend
 from _crashkit import Child, jitter
 from _invariants import Fact, FactWriter, body_key, check, make_body, read_facts
 
@@ -61,9 +61,9 @@ def small_journal(set_attr, checkpoint_every: int = CHECKPOINT_EVERY) -> None:
     state journal in segments of JOURNAL_SEGMENT bytes, so that checkpoints
     delete journal segments (``set_attr``: ``setattr`` in a child, a test's
     ``monkeypatch.setattr`` in the parent)."""
-    assert hasattr(qlog._queue, "_JOURNAL_SEGMENT"), "the state journal's segment size moved"
+    assert hasattr(qlog._local.backend, "_JOURNAL_SEGMENT"), "the state journal's segment size moved"
     set_attr(qlog.Broker, "checkpoint_every", checkpoint_every)
-    set_attr(qlog._queue, "_JOURNAL_SEGMENT", JOURNAL_SEGMENT)
+    set_attr(qlog._local.backend, "_JOURNAL_SEGMENT", JOURNAL_SEGMENT)
 
 
 def side_file(path: str) -> int:

@@ -50,7 +50,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import qlog
-from qlog import _queue
+from qlog._local import backend as _queue
 
 QUEUE = "jobs"
 DLQ = "jobs-dlq"

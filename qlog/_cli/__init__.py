@@ -42,10 +42,11 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Text
 from .. import __version__
 from .._local.check import Problem, QueueBusyError, lost_text, check_queue, queue_names, repair_queue
 from .._message import CT_BYTES, CT_JSON, CT_PICKLE, CT_TEXT, Message
-from .._queue import _FORMAT_FILE, Broker, Queue
+from .._local.backend import FORMAT_FILE as _FORMAT_FILE
+from .._queue import Broker, Queue
 from .._queue import open as _open_broker
 from .._settings import MAX_DELAY, MAX_PULL_BATCH, check_name
-from ..errors import InvalidQueueNameError, QlogError
+from ..errors import InvalidQueueNameError, QlogError, QueueNotFoundError
 
 logger = logging.getLogger("qlog.cli")
 
@@ -53,8 +54,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 BODY_WIDTH = 60  # characters of a body shown in peek's table
-REDRIVE_BATCH = 100
-REDRIVE_LEASE = 300.0  # seconds: ample for one batch to be sent and acked
 RESTART_BACKOFF = 1.0  # seconds between a worker's exit and its replacement
 _SUPERVISOR_ENV = "QLOG_SUPERVISOR_PID"
 
@@ -184,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--to", metavar="QUEUE", help="the queue to move them to (default: where each failed)")
     r.add_argument("--limit", type=_int_in(1, None), default=None, metavar="N",
                    help="move at most N messages")
+    r.add_argument("--create", action="store_true",
+                   help="create a target queue that does not exist (without it, a typo is refused)")
     r.set_defaults(func=cmd_redrive)
 
     v = sub.add_parser(
@@ -435,7 +436,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         elapsed = 0.0
         if args.interval > 0:
             t0 = time.monotonic()
-            first = [(q._msgs.next_seq, _done(q.stats())) for q in queues]
+            first = [(q.stats().sent, _done(q.stats())) for q in queues]
             time.sleep(args.interval)
             elapsed = time.monotonic() - t0
         out = []
@@ -447,7 +448,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 row[key] = getattr(stats, key)
             if first:
                 seq0, done0 = first[i]
-                row["rate_in"] = round((q._msgs.next_seq - seq0) / elapsed, 3)
+                row["rate_in"] = round((stats.sent - seq0) / elapsed, 3)
                 row["rate_out"] = round((_done(stats) - done0) / elapsed, 3)
             else:
                 row["rate_in"] = row["rate_out"] = None
@@ -557,15 +558,7 @@ def cmd_peek(args: argparse.Namespace) -> int:
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
-    """Move the messages of a dead-letter queue back into the queue given
-    with ``--to``, or each into the queue it failed in.
-
-    Batch by batch: lease up to 100 messages of the DLQ, send their stored
-    bytes to their targets (``Queue._send_raw``: one atomic write per
-    target, bodies not decoded, so pickles stay inert), then ack the batch.
-    A crash between the send and the ack leaves the batch in both queues (a
-    duplicate, delivered again from the DLQ when its lease runs out), never
-    in neither.  The moved messages get new ids and start at attempt 1."""
+    """Move the messages of a dead-letter queue back (:meth:`Broker.redrive`)."""
     to = None if args.to is None else _queue_name(args.to, "queue name given to --to")
     if to is not None and to == args.dlq:
         raise UsageError(f"--to {to!r} is the dead-letter queue itself")
@@ -574,54 +567,20 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         if dlq.paused:
             raise Failed(f"queue {dlq.name!r} is paused, so nothing can be taken from it: "
                          f"run `qlog resume {args.dir} {dlq.name}` first")
-        if to is None:
-            for m in dlq.peek(MAX_PULL_BATCH):
-                if m.dead_letter is None:
-                    raise Failed(f"message {m.id} of {dlq.name!r} was not dead-lettered (it has no "
-                                 "queue it failed in): say where to move the messages with --to QUEUE; "
-                                 "nothing was moved")
         total = dlq.stats().backlog
         if args.limit is not None:
             total = min(total, args.limit)
         bar = _Progress(total)
-        moved: Dict[str, int] = {}
-        targets: Dict[str, Queue] = {}
-        stranded = 0
-        left = args.limit
         try:
-            while left is None or left > 0:
-                n = REDRIVE_BATCH if left is None else min(REDRIVE_BATCH, left)
-                batch = dlq.pull(n, visibility_timeout=REDRIVE_LEASE)
-                if not batch.messages:
-                    break
-                groups: Dict[str, List[Tuple[int, bytes]]] = {}
-                back: List[Tuple[int, bytes]] = []
-                for m in batch.messages:
-                    dest = to
-                    if dest is None and m.dead_letter is not None and m.dead_letter.queue != dlq.name:
-                        dest = m.dead_letter.queue
-                    item = (m._parts()[0], m._raw_body())
-                    if dest is None:
-                        back.append(item)
-                    else:
-                        groups.setdefault(dest, []).append(item)
-                for dest, items in groups.items():
-                    target = targets.get(dest)
-                    if target is None:
-                        target = targets[dest] = broker.queue(dest)
-                    target._send_raw(items)
-                    moved[dest] = moved.get(dest, 0) + len(items)
-                if back:
-                    # Sent there directly, so nowhere to go back to: kept in
-                    # the DLQ (at its end), and the redrive stops.
-                    dlq._send_raw(back)
-                    stranded += len(back)
-                batch.ack_all()
-                if left is not None:
-                    left -= len(batch.messages)
-                bar.update(sum(moved.values()))
-                if back:
-                    break
+            moved = broker.redrive(args.dlq, to, create=args.create, limit=args.limit,
+                                   progress=bar.update)
+        except QueueNotFoundError as e:
+            raise Failed(str(e).replace("pass create=True (qlog dlq redrive --create)", "pass --create")
+                         .replace("pass create=True", "pass --create")) from None
+        except QlogError as e:
+            raise Failed(str(e).replace("name the queue to move the messages to",
+                                        "say where to move the messages with --to QUEUE")
+                         .replace("name the queue to move it to", "move it with --to QUEUE")) from None
         finally:
             bar.finish()
         count = sum(moved.values())
@@ -632,9 +591,6 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         else:
             where = " to " + ", ".join(f"{k} ({v})" for k, v in sorted(moved.items()))
         print(f"moved {_plural(count, 'message')} from {dlq.name}{where}")
-        if stranded:
-            raise Failed(f"{_plural(stranded, 'message')} of {dlq.name!r} had no queue they failed in "
-                         "(they were sent to it directly); they are kept there: move them with --to QUEUE")
     return EXIT_OK
 
 
