@@ -153,11 +153,18 @@ class Row:
     exc: Type[BaseException]
     words: Tuple[str, ...]          # each must appear in the message
     damage: Optional[Callable[[Env], None]] = None   # done with the broker closed; act reopens
+    prep: Optional[Callable[[Env], None]] = None     # done before the snapshot (e.g. settings)
 
 
 def R(id: str, act: Callable[[Env], Any], exc: Type[BaseException], *words: str,
-      damage: Optional[Callable[[Env], None]] = None) -> Row:
-    return Row(id, act, exc, words, damage)
+      damage: Optional[Callable[[Env], None]] = None,
+      prep: Optional[Callable[[Env], None]] = None) -> Row:
+    return Row(id, act, exc, words, damage, prep)
+
+
+def big_messages(env: Env) -> None:
+    """Let queue "q" take 16 MiB bodies (a setting stored with the queue)."""
+    env.broker.queue("q", max_message_size=16 * MiB, segment_bytes=SEG)
 
 
 def send(body: Any, **kw: Any) -> Callable[[Env], Any]:
@@ -242,11 +249,12 @@ ROWS: List[Row] = [
       qlog.MessageTooLargeError, "message 1 of the batch", LIMIT),
     R("batch-1001-messages", batch([1] * 1001), qlog.BatchTooLargeError, "1001", "1000"),
     R("batch-empty", batch([]), qlog.BatchTooLargeError, "1 to 1000", "none"),
-    R("batch-too-many-bytes", lambda env: env.broker.queue("q", max_message_size=16 * MiB, segment_bytes=SEG).send_batch(
+    R("batch-too-many-bytes", lambda env: env.broker.queue("q").send_batch(
         [b"x" * MiB] * 257, content_type="bytes"), qlog.BatchTooLargeError,
-      str(257 * MiB), str(MAX_SEND_BATCH_BYTES), "nothing was sent"),
-    R("batch-requests-too-many-bytes", lambda env: env.broker.queue("q", max_message_size=16 * MiB, segment_bytes=SEG).send_batch(
-        [Req(b"x" * MiB, content_type="bytes")] * 257), qlog.BatchTooLargeError, str(MAX_SEND_BATCH_BYTES)),
+      str(257 * MiB), str(MAX_SEND_BATCH_BYTES), "nothing was sent", prep=big_messages),
+    R("batch-requests-too-many-bytes", lambda env: env.broker.queue("q").send_batch(
+        [Req(b"x" * MiB, content_type="bytes")] * 257), qlog.BatchTooLargeError, str(MAX_SEND_BATCH_BYTES),
+      prep=big_messages),
     # -- content types and bodies
     R("unknown-content-type", send("x", content_type="yaml"), qlog.ContentTypeError, "'yaml'", "json"),
     R("content-type-not-a-string", send("x", content_type=5), qlog.ContentTypeError, "5", "json"),
@@ -389,6 +397,8 @@ def test_bad_input_raises_a_specific_error_and_changes_nothing(env, row):
         env.reopen()
         env.close()
         row.damage(env)
+    if row.prep is not None:
+        row.prep(env)
     before = snapshot(env.path)
     with pytest.raises(row.exc) as e:
         row.act(env)

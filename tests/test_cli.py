@@ -413,7 +413,7 @@ def test_redrive_draws_a_progress_bar_when_stderr_is_a_terminal(data) -> None:
 
 def test_redrive_to_moves_every_dead_letter_into_the_given_queue(data) -> None:
     dead_letter(data, Q, ["a", "b", "c"])
-    p = run_cli("dlq", "redrive", data, DLQ, "--to", "fixed")
+    p = run_cli("dlq", "redrive", data, DLQ, "--to", "fixed", "--create")
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == f"moved 3 messages from {DLQ} to fixed"
     with qlog.open(data) as b:

@@ -125,6 +125,8 @@ class LocalStore(Store):
         return os.path.exists(os.path.join(self._qdir(name), "queue.json"))
 
     def create_queue(self, name: str) -> bool:
+        if self.exists(name):
+            return False  # nothing to write (a full disk must not stop opening a queue)
         d = self._qdir(name)
         makedirs(d, self.mode)
         # The queue's name must survive a power cut before anything in it
