@@ -8,7 +8,7 @@ with Cloudflare Queues' semantics; :class:`Log` is the engine beneath.
 from ._log import ENGINE, Log
 from ._log.types import DURABILITY_MODES, MAX_RECORD, Damage, LogStats, VerifyReport
 from ._message import DeadLetterInfo, Message, MessageBatch, MessageSendRequest
-from ._queue import Broker, Queue, QueueStats, open
+from ._queue import Broker, Queue, QueueMetrics, QueueStats, SettleResult, open
 from ._settings import QueueSettings
 from .errors import (
     BatchTooLargeError,
@@ -16,6 +16,7 @@ from .errors import (
     ContentTypeError,
     CorruptStateError,
     DelayOutOfRangeError,
+    InvalidLeaseError,
     InvalidQueueNameError,
     MessageTooLargeError,
     PickleNotAllowedError,
@@ -26,6 +27,9 @@ from .errors import (
     LogClosedError,
     LogPoisonedError,
     QlogError,
+    QueueExistsError,
+    QueueNotEmptyError,
+    QueueNotFoundError,
     RecordTooLargeError,
     StorageError,
     UnsupportedFilesystemError,
@@ -40,6 +44,8 @@ __all__ = [
     "Queue",
     "QueueSettings",
     "QueueStats",
+    "QueueMetrics",
+    "SettleResult",
     "Message",
     "MessageBatch",
     "MessageSendRequest",
@@ -68,4 +74,8 @@ __all__ = [
     "SettingsError",
     "PickleNotAllowedError",
     "EngineConflictError",
+    "QueueNotFoundError",
+    "QueueExistsError",
+    "QueueNotEmptyError",
+    "InvalidLeaseError",
 ]
