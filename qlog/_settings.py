@@ -76,7 +76,7 @@ class QueueSettings:
     given back, and what reopening after a crash scans at most."""
 
 
-_RANGES = {
+RANGES = {
     "max_batch_size": (int, 1, 100),
     "max_batch_timeout": (float, 0, 60),
     "max_retries": (int, 0, 100),
@@ -88,6 +88,9 @@ _RANGES = {
     "max_concurrency": (int, 1, 250),
     "segment_bytes": (int, 1 << 16, 1 << 40),
 }
+"""The type and limits of each numeric setting, ``key: (int or float,
+lowest, highest)``: what :func:`validate` checks (and ``qlog queues``
+shows in its help)."""
 KEYS = frozenset(f.name for f in fields(QueueSettings))
 
 
@@ -113,7 +116,7 @@ def validate(values: Mapping[str, Any], where: str) -> Dict[str, Any]:
         elif key == "message_retention" and (v is None or v == UNLIMITED):
             v = None
         else:
-            typ, lo, hi = _RANGES[key]
+            typ, lo, hi = RANGES[key]
             ok_type = isinstance(v, int) if typ is int else isinstance(v, (int, float))
             if isinstance(v, bool) or not ok_type:
                 raise errors.SettingsError(

@@ -1,0 +1,407 @@
+"""The commands that work on queues' messages: ``send``, ``stats``,
+``peek``, ``dlq redrive``, ``pause``, ``resume`` and ``purge``.  Each is an
+``add_*`` function that declares its arguments and a ``cmd_*`` function
+that runs it over the public API of :mod:`qlog`."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from .._message import CT_BYTES, CT_JSON, CT_PICKLE, CT_TEXT, Message
+from .._settings import MAX_DELAY, MAX_PULL_BATCH
+from ..errors import QlogError, QueueNotFoundError
+from .common import (
+    EXIT_OK,
+    EXIT_FAILED,
+    Failed,
+    Progress,
+    UsageError,
+    age,
+    existing_queue,
+    int_in,
+    isatty,
+    missing_subcommand,
+    open_broker,
+    open_existing,
+    plural,
+    queue_name,
+    seconds_in,
+    table,
+)
+
+BODY_WIDTH = 60  # characters of a body shown in peek's table
+
+# -- arguments ---------------------------------------------------------------
+
+
+def add_send(sub: Any) -> None:
+    """``qlog send DIR QUEUE BODY``"""
+    s = sub.add_parser(
+        "send", help="send one message; prints its id",
+        description="Send BODY to QUEUE in the data directory DIR (both created if missing).",
+    )
+    s.add_argument("dir", metavar="DIR")
+    s.add_argument("queue", metavar="QUEUE")
+    s.add_argument("body", metavar="BODY", help="the body; '-' reads it from stdin")
+    s.add_argument("--content-type", choices=("json", "text", "bytes"), default="json",
+                   help="json (default: BODY is parsed as JSON), text, or bytes")
+    s.add_argument("--delay", type=seconds_in(0, MAX_DELAY), default=None, metavar="SECONDS",
+                   help=f"deliver after this many seconds (0 to {MAX_DELAY})")
+    s.set_defaults(func=cmd_send)
+
+
+def add_stats(sub: Any) -> None:
+    """``qlog stats DIR``"""
+    st = sub.add_parser(
+        "stats", help="counts and rates of every queue",
+        description="Per queue: backlog, in flight, delayed, dead-lettered, deleted, acked, "
+        "expired, age of the oldest message, paused, and messages in and out per second "
+        "measured over --interval.",
+    )
+    st.add_argument("dir", metavar="DIR")
+    st.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    st.add_argument("--interval", type=seconds_in(0, 3600), default=1.0, metavar="S",
+                    help="seconds over which rates are measured (default 1; 0: no rates)")
+    st.set_defaults(func=cmd_stats)
+
+
+def add_peek(sub: Any) -> None:
+    """``qlog peek DIR QUEUE``"""
+    pk = sub.add_parser(
+        "peek", help="show messages without leasing them",
+        description="Show up to N messages of QUEUE not yet done, oldest first, without leasing "
+        "or changing them. Pickle bodies are never unpickled.",
+    )
+    pk.add_argument("dir", metavar="DIR")
+    pk.add_argument("queue", metavar="QUEUE")
+    pk.add_argument("-n", type=int_in(1, MAX_PULL_BATCH), default=10, metavar="N",
+                    help=f"how many messages (1 to {MAX_PULL_BATCH}, default 10)")
+    pk.add_argument("--json", action="store_true", help="one JSON object, bodies in full")
+    pk.set_defaults(func=cmd_peek)
+
+
+def add_dlq(sub: Any) -> None:
+    """``qlog dlq redrive DIR DLQ``"""
+    d = sub.add_parser("dlq", help="dead-letter queue tools (redrive)",
+                       description="Dead-letter queue tools.")
+    dsub = d.add_subparsers(dest="dlq_command", metavar="COMMAND")
+    d.set_defaults(func=lambda args: missing_subcommand(d))
+    r = dsub.add_parser(
+        "redrive", help="move dead letters back into a queue",
+        description="Move the messages of the dead-letter queue DLQ back into QUEUE (--to), or "
+        "each into the queue it failed in. Bodies are copied as stored (never decoded); a crash "
+        "part way leaves duplicates, never a loss.",
+    )
+    r.add_argument("dir", metavar="DIR")
+    r.add_argument("dlq", metavar="DLQ")
+    r.add_argument("--to", metavar="QUEUE", help="the queue to move them to (default: where each failed)")
+    r.add_argument("--limit", type=int_in(1, None), default=None, metavar="N",
+                   help="move at most N messages")
+    r.add_argument("--create", action="store_true",
+                   help="create a target queue that does not exist (without it, a typo is refused)")
+    r.set_defaults(func=cmd_redrive)
+
+
+def add_pause_resume(sub: Any) -> None:
+    """``qlog pause DIR QUEUE`` and ``qlog resume DIR QUEUE``"""
+    for name, func, what in (
+        ("pause", cmd_pause, "stop delivering a queue's messages (sends are kept), in every process"),
+        ("resume", cmd_resume, "deliver a paused queue's messages again"),
+    ):
+        pp = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        pp.add_argument("dir", metavar="DIR")
+        pp.add_argument("queue", metavar="QUEUE")
+        pp.set_defaults(func=func)
+
+
+def add_purge(sub: Any) -> None:
+    """``qlog purge DIR QUEUE``"""
+    pu = sub.add_parser(
+        "purge", help="delete every message of a queue",
+        description="Delete every message of QUEUE. Asks first (reading the answer from stdin) "
+        "unless --yes is given.",
+    )
+    pu.add_argument("dir", metavar="DIR")
+    pu.add_argument("queue", metavar="QUEUE")
+    pu.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    pu.set_defaults(func=cmd_purge)
+
+
+# -- send ----------------------------------------------------------------------
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    name = queue_name(args.queue)
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise UsageError(f"data directory {args.dir!r} is not a directory")
+    ct = args.content_type
+    if args.body == "-":
+        raw = sys.stdin.buffer.read() if sys.stdin is not None else b""
+        source = "the body read from stdin"
+        if ct == "bytes":
+            body: Any = raw
+        else:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{source} is not valid UTF-8 ({e}); use --content-type bytes") from None
+            body = text
+    else:
+        source = "BODY"
+        body = os.fsencode(args.body) if ct == "bytes" else args.body
+    if ct == "json":
+        try:
+            body = json.loads(body, parse_constant=_no_constant)
+        except ValueError as e:
+            raise UsageError(
+                f"{source} is not valid JSON ({e}); to send it as a string use --content-type text"
+            ) from None
+    with open_broker(args.dir) as broker:
+        msg_id = broker.queue(name).send(body, content_type=ct, delay_seconds=args.delay)
+    print(msg_id)
+    return EXIT_OK
+
+
+# -- stats -----------------------------------------------------------------------
+
+_STAT_COLUMNS = (
+    ("QUEUE", "name"),
+    ("BACKLOG", "backlog"),
+    ("IN-FLIGHT", "in_flight"),
+    ("DELAYED", "delayed"),
+    ("DEAD-LETTERED", "dead_lettered"),
+    ("DELETED", "deleted"),
+    ("ACKED", "acked"),
+    ("EXPIRED", "expired"),
+    ("OLDEST", "oldest_age"),
+    ("PAUSED", "paused"),
+    ("IN/S", "rate_in"),
+    ("OUT/S", "rate_out"),
+)
+
+
+def _done(stats: Any) -> int:
+    """Messages that have left the queue, one way or another."""
+    return stats.acked + stats.dead_lettered + stats.deleted + stats.expired + stats.purged
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with open_existing(args.dir) as broker:
+        queues = [broker.queue(n) for n in broker.queues()]
+        first: List[Tuple[int, int]] = []
+        elapsed = 0.0
+        if args.interval > 0:
+            t0 = time.monotonic()
+            first = [(q.stats().sent, _done(q.stats())) for q in queues]
+            time.sleep(args.interval)
+            elapsed = time.monotonic() - t0
+        out = []
+        for i, q in enumerate(queues):
+            stats = q.stats()
+            row: Dict[str, Any] = {"name": q.name}
+            for key in ("backlog", "in_flight", "delayed", "dead_lettered", "deleted", "acked",
+                        "expired", "purged", "oldest_age", "paused"):
+                row[key] = getattr(stats, key)
+            if first:
+                seq0, done0 = first[i]
+                row["rate_in"] = round((stats.sent - seq0) / elapsed, 3)
+                row["rate_out"] = round((_done(stats) - done0) / elapsed, 3)
+            else:
+                row["rate_in"] = row["rate_out"] = None
+            out.append(row)
+    if args.json:
+        print(json.dumps({"queues": out}))
+        return EXIT_OK
+    rows = []
+    for row in out:
+        cells = []
+        for _title, key in _STAT_COLUMNS:
+            value = row[key]
+            if key == "oldest_age":
+                cells.append(age(value))
+            elif key == "paused":
+                cells.append("yes" if value else "no")
+            elif key in ("rate_in", "rate_out"):
+                cells.append("-" if value is None else f"{value:.1f}")
+            else:
+                cells.append(str(value))
+        rows.append(cells)
+    print(table([t for t, _k in _STAT_COLUMNS], rows, [k == "name" for _t, k in _STAT_COLUMNS]))
+    return EXIT_OK
+
+
+# -- peek ------------------------------------------------------------------------
+
+_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def _iso(dt: Any) -> str:
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _stored(m: Message) -> Tuple[int, bytes]:
+    """A message's content type code and body bytes as stored, never
+    decoded.  The public :class:`qlog.Message` has no such accessor (its
+    ``body`` decodes, and would unpickle), so this is the one place the
+    commands read a message's private parts."""
+    return m._parts()[0], m._raw_body()
+
+
+def _shown_body(m: Message) -> str:
+    """A body for the table: never unpickled, one line, truncated."""
+    ct, raw = _stored(m)
+    if ct == CT_PICKLE:
+        return f"<pickle, {plural(len(raw), 'byte')}>"
+    if ct in (CT_JSON, CT_TEXT):
+        try:
+            text = raw.decode("utf-8").translate(_ESCAPES)
+        except UnicodeDecodeError:
+            text = repr(raw)
+    elif ct == CT_BYTES:
+        text = repr(raw)
+    else:
+        return f"<content type {ct}, {plural(len(raw), 'byte')}>"
+    if len(text) > BODY_WIDTH:
+        text = text[:BODY_WIDTH - 3] + "..."
+    return text
+
+
+def _json_message(m: Message) -> Dict[str, Any]:
+    ct, raw = _stored(m)
+    body: Any = None
+    encoding: Optional[str] = "base64"
+    if ct in (CT_JSON, CT_TEXT):
+        try:
+            text = raw.decode("utf-8")
+            body = json.loads(text) if ct == CT_JSON else text
+            encoding = None
+        except ValueError:  # damaged or foreign bytes: shown as they are
+            pass
+    if encoding is not None:
+        body = base64.b64encode(raw).decode("ascii")
+    dl = m.dead_letter
+    return {
+        "id": m.id,
+        "timestamp": m.timestamp.isoformat(),
+        "attempts": m.attempts,
+        "content_type": m.content_type,
+        "body": body,
+        "body_encoding": encoding,
+        "dead_letter": None if dl is None else {
+            "queue": dl.queue, "attempts": dl.attempts,
+            "dead_lettered_at": dl.dead_lettered_at.isoformat(),
+        },
+    }
+
+
+def cmd_peek(args: argparse.Namespace) -> int:
+    with open_existing(args.dir) as broker:
+        q = existing_queue(broker, args.queue)
+        msgs = q.peek(args.n)
+        if args.json:
+            print(json.dumps({"queue": q.name, "messages": [_json_message(m) for m in msgs]}))
+            return EXIT_OK
+        header = ["ID", "SENT", "ATTEMPTS", "TYPE", "BODY"]
+        dead = any(m.dead_letter is not None for m in msgs)
+        if dead:
+            header.insert(4, "FAILED IN")
+        rows = []
+        for m in msgs:
+            row = [m.id, _iso(m.timestamp), str(m.attempts), m.content_type, _shown_body(m)]
+            if dead:
+                dl = m.dead_letter
+                row.insert(4, "-" if dl is None else f"{dl.queue} ({plural(dl.attempts, 'attempt')})")
+            rows.append(row)
+        print(table(header, rows, [True, True, False, True] + [True] * (len(header) - 4)))
+    return EXIT_OK
+
+
+# -- dlq redrive -------------------------------------------------------------------
+
+
+def cmd_redrive(args: argparse.Namespace) -> int:
+    """Move the messages of a dead-letter queue back (:meth:`Broker.redrive`)."""
+    to = None if args.to is None else queue_name(args.to, "queue name given to --to")
+    if to is not None and to == args.dlq:
+        raise UsageError(f"--to {to!r} is the dead-letter queue itself")
+    with open_existing(args.dir) as broker:
+        dlq = existing_queue(broker, args.dlq)
+        if dlq.paused:
+            raise Failed(f"queue {dlq.name!r} is paused, so nothing can be taken from it: "
+                         f"run `qlog resume {args.dir} {dlq.name}` first")
+        total = dlq.stats().backlog
+        if args.limit is not None:
+            total = min(total, args.limit)
+        bar = Progress(total)
+        try:
+            moved = broker.redrive(args.dlq, to, create=args.create, limit=args.limit,
+                                   progress=bar.update)
+        except QueueNotFoundError as e:
+            raise Failed(str(e).replace("pass create=True (qlog dlq redrive --create)", "pass --create")
+                         .replace("pass create=True", "pass --create")) from None
+        except QlogError as e:
+            raise Failed(str(e).replace("name the queue to move the messages to",
+                                        "say where to move the messages with --to QUEUE")
+                         .replace("name the queue to move it to", "move it with --to QUEUE")) from None
+        finally:
+            bar.finish()
+        count = sum(moved.values())
+        if not moved:
+            where = f" to {to}" if to else ""
+        elif len(moved) == 1:
+            where = f" to {next(iter(moved))}"
+        else:
+            where = " to " + ", ".join(f"{k} ({v})" for k, v in sorted(moved.items()))
+        print(f"moved {plural(count, 'message')} from {dlq.name}{where}")
+    return EXIT_OK
+
+
+# -- pause, resume, purge ------------------------------------------------------------
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    with open_existing(args.dir) as broker:
+        q = existing_queue(broker, args.queue)
+        was = q.paused
+        q.pause_delivery()
+    state = "was already paused" if was else "is paused"
+    print(f"queue {q.name!r} {state}: sends are kept, nothing is delivered until "
+          f"`qlog resume {args.dir} {q.name}`")
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    with open_existing(args.dir) as broker:
+        q = existing_queue(broker, args.queue)
+        was = q.paused
+        q.resume_delivery()
+    print(f"queue {q.name!r} {'is delivering again' if was else 'was not paused'}")
+    return EXIT_OK
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    with open_existing(args.dir) as broker:
+        q = existing_queue(broker, args.queue)
+        if not args.yes:
+            backlog = q.stats().backlog
+            sys.stderr.write(f"Delete every message of queue {q.name!r} ({backlog} not yet done)? [y/N] ")
+            sys.stderr.flush()
+            answer = sys.stdin.readline() if sys.stdin is not None else ""
+            if not answer.endswith("\n") or not isatty(sys.stdin):
+                sys.stderr.write("\n")  # the answer was not echoed: end the prompt's line
+            if answer.strip().lower() not in ("y", "yes"):
+                print("aborted; nothing was deleted", file=sys.stderr)
+                return EXIT_FAILED
+        n = q.purge()
+    print(f"purged {plural(n, 'message')} from {q.name}")
+    return EXIT_OK
