@@ -20,19 +20,9 @@
 #include <time.h>
 #include <unistd.h>
 
-int qlog_seg_create_for_roll(qlog_log *log, uint64_t base, uint64_t cap, int *fd_out,
-                             uint64_t *salt_out, uint64_t *alloc_out);
-
 static long futex(uint32_t *uaddr, int op, uint32_t val, const struct timespec *ts)
 {
     return syscall(SYS_futex, uaddr, op, val, ts, NULL, 0);
-}
-
-void notify_readers(qlog_ctl *c)
-{
-    __atomic_add_fetch(&c->notify, 1, __ATOMIC_RELEASE);
-    if (LOAD(&c->waiters))
-        futex(&c->notify, FUTEX_WAKE, INT_MAX, NULL);
 }
 
 static int poisoned(const qlog_log *log)
@@ -142,7 +132,7 @@ static int roll(qlog_log *log, uint64_t need)
      * one is untouched and stays the active segment. */
     int fd;
     uint64_t salt, alloc, base = c->next_seq;
-    r = qlog_seg_create_for_roll(log, base, cap, &fd, &salt, &alloc);
+    r = seg_create(log, base, cap, &fd, &salt, &alloc);
     if (r)
         return r;
     /* Seal: every record of the old segment reaches stable storage, then

@@ -159,7 +159,7 @@ struct qlog_log {
     int closed;
 };
 
-/* open.c */
+/* segment.c: helpers shared by open.c, append.c and read.c */
 int  log_fail(qlog_log *log, int code);   /* records errno, returns code */
 void log_path(const qlog_log *log, uint64_t base, const char *ext, char *out, size_t n);
 int  list_segments(const char *dir, uint64_t **bases, size_t *n);
@@ -178,15 +178,18 @@ uint64_t random_salt(void);
  * file, and a later access maps it again). */
 #define QLOG_DROP_EVERY (2u << 20)
 void drop_resident(void *map, uint64_t from, uint64_t to);
-
-/* append.c */
-int  group_sync(qlog_log *log, uint64_t target);
+/* Create segment `base` with capacity cap: header written and synced,
+ * first chunk allocated, directory synced. */
+int  seg_create(qlog_log *log, uint64_t base, uint64_t cap, int *fd_out,
+                uint64_t *salt_out, uint64_t *alloc_out);
 void notify_readers(qlog_ctl *c);
-
 /* Enter/leave a public call: 0 when the handle is open (and stays open
  * until log_leave), else QLOG_ECLOSED with nothing held. */
 int  log_enter(qlog_log *log);
 void log_leave(qlog_log *log);
+
+/* append.c */
+int  group_sync(qlog_log *log, uint64_t target);
 int  sync_impl(qlog_log *log);
 
 /* read.c */

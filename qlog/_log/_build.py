@@ -15,7 +15,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
-SOURCES = ["crc32c.c", "vfs.c", "format.c", "open.c", "append.c", "read.c"]
+SOURCES = ["crc32c.c", "vfs.c", "format.c", "segment.c", "open.c", "append.c", "read.c"]
 
 
 def _cdef_from_header() -> str:
