@@ -35,7 +35,7 @@ from .errors import (
     UnsupportedFilesystemError,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "open",
