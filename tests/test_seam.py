@@ -11,44 +11,15 @@ import pytest
 import qlog
 from qlog._consumer import Runner
 
-T0 = 1_700_000_000.0
 Q = "jobs"
 DLQ = "jobs-dlq"
 
 
-class HandClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
-def clock() -> HandClock:
-    return HandClock()
-
-
-@pytest.fixture(params=["c", "pure"])
-def engine_name(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def broker(tmp_path: pathlib.Path, clock: HandClock, engine_name: str):
-    b = qlog.open(tmp_path / "data", clock=clock, engine=engine_name)
-    yield b
-    b.close()
-
-
-@pytest.fixture
-def reopen(engine_name: str):
-    """A second broker on the same directory: another process's view."""
-    def second(broker: qlog.Broker, clock: HandClock) -> qlog.Broker:
-        return qlog.open(broker.path, clock=clock, engine=engine_name)
+def reopen(make_broker):
+    """A second broker on the same store: another process's view."""
+    def second(broker: qlog.Broker, clock) -> qlog.Broker:
+        return make_broker(clock=clock)
     return second
 
 
@@ -150,30 +121,32 @@ def test_configure_refuses_missing_queue_and_handle_keys(broker):
     assert broker.queue(Q).settings.max_retries == 3
 
 
-def test_explicit_settings_win_over_qlog_toml(tmp_path, clock):
-    d = tmp_path / "data"
+@pytest.mark.local_only("qlog.toml is a file in the data directory")
+def test_explicit_settings_win_over_qlog_toml(data_dir, make_broker, clock):
+    d = data_dir
     d.mkdir()
     (d / "qlog.toml").write_text('[[queues.consumers]]\nqueue = "jobs"\nmax_retries = 7\nretry_delay = 2\n')
-    with qlog.open(d, clock=clock) as b:
+    with make_broker(clock=clock) as b:
         assert b.queue(Q).settings.max_retries == 7
         b.configure(Q, max_retries=1)
-    with qlog.open(d, clock=clock) as b:
+    with make_broker(clock=clock) as b:
         s = b.queue(Q).settings
         assert (s.max_retries, s.retry_delay) == (1, 2)  # stored wins; toml fills the rest
 
 
-def test_wrangler_keys_in_qlog_toml(tmp_path, clock):
-    d = tmp_path / "data"
+@pytest.mark.local_only("qlog.toml is a file in the data directory")
+def test_wrangler_keys_in_qlog_toml(data_dir, make_broker, clock):
+    d = data_dir
     d.mkdir()
     (d / "qlog.toml").write_text(
         '[[queues.producers]]\nqueue = "jobs"\nbinding = "JOBS"\n'
         '[[queues.consumers]]\nqueue = "jobs"\ntype = "http_pull"\nvisibility_timeout_ms = 2500\n'
     )
-    with qlog.open(d, clock=clock) as b:
+    with make_broker(clock=clock) as b:
         assert b.queue(Q).settings.visibility_timeout == 2.5
     (d / "qlog.toml").write_text('[[queues.consumers]]\nqueue = "jobs"\ntype = "cron"\n')
     with pytest.raises(qlog.errors.SettingsError, match="type"):
-        qlog.open(d, clock=clock)
+        make_broker(clock=clock)
 
 
 # ---- lease ids, settle and extend -------------------------------------------
@@ -359,6 +332,7 @@ def test_redrive_back_to_origin(broker):
     assert sorted(m.body for m in got) == [1, 2, 3] and {m.attempts for m in got} == {1}
 
 
+@pytest.mark.local_only("reads the local backend's settings file")
 def test_stored_settings_file_is_json(broker):
     broker.queue(Q, max_retries=4)
     path = pathlib.Path(broker.path) / "queues" / Q / "settings.json"
