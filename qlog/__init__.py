@@ -35,7 +35,7 @@ from .errors import (
     UnsupportedFilesystemError,
 )
 
-from ._version import __version__
+from ._version import __version__  # noqa: F401  (qlog.__version__)
 
 __all__ = [
     "open",
