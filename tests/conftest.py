@@ -1,12 +1,15 @@
-"""Shared fixtures: fresh log directories, waiting on conditions, child interpreters."""
+"""Shared fixtures: fresh log directories, waiting on conditions, child
+interpreters, a hand-moved clock, and a broker on every backend."""
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import pytest
 from _crashkit import child_env
@@ -112,14 +115,9 @@ ENGINE_MODULES = {
 }
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "c_only(reason): the test needs the C engine's internals; it runs as [c] only")
-    config.addinivalue_line(
-        "markers", "engines(*names): the engines (of 'c', 'pure') a test of an engine module runs against")
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend_name" in metafunc.fixturenames:
+        _parametrize_backends(metafunc)
     if metafunc.module.__name__.rsplit(".", 1)[-1] not in ENGINE_MODULES:
         return
     engines = ["c", "pure"]
@@ -153,3 +151,181 @@ def _engine_under_test(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
             pytest.skip("the compiled modules (qlog._log._qlog_c, qlog._log._glue) are not built")
         monkeypatch.setattr(qlog, "Log", _c_log.Log)
         monkeypatch.delenv("QLOG_PURE", raising=False)
+
+
+# ---- the clock ----------------------------------------------------------------
+
+T0 = 1_700_000_000.0  # the hand clock's start; whole and half seconds from it are exact floats
+
+
+class HandClock:
+    """Seconds since the epoch, moved only by ``advance``: pass it as
+    ``clock=`` to a broker and delays, leases and retention run on it."""
+
+    def __init__(self, start: float = T0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> HandClock:
+    """A fresh :class:`HandClock` at ``T0``; ``broker`` runs on it."""
+    return HandClock()
+
+
+def drain(q: qlog.Queue) -> List[qlog.Message]:
+    """Pull and ack until nothing is visible; the messages delivered, in order."""
+    out: List[qlog.Message] = []
+    while True:
+        batch = q.pull(batch_size=100)
+        if not batch.messages:
+            return out
+        out += batch.messages
+        batch.ack_all()
+
+
+# ---- every backend ------------------------------------------------------------
+#
+# A queue semantics test asks for `broker` (a broker on a fresh store, on the
+# `clock` fixture), `make_broker` (more brokers on the same store: a reopen, or
+# another process's view) or `backend` (all of it, with `target` for child
+# interpreters), and runs once per backend: [local-c] (the local backend on
+# the C engine), [local-pure] (the same on qlog/_log/purelog.py).
+#
+# A backend is a name and a factory: given a scratch directory of the test's
+# own, it returns a `Backend` whose store is fresh and empty.  A new backend
+# (PostgreSQL: a fresh schema per test) is one more entry in BACKENDS.
+#
+# `@pytest.mark.local_only("why")` keeps a test on the local backends (it
+# reads or damages the data directory's files, or reaches into the local
+# backend's internals); such a test may ask for `data_dir`, the store's
+# directory, and must open it only through `make_broker` so that every broker
+# uses the engine under test.  `@pytest.mark.backends("local-c", ...)` picks
+# backends explicitly (a slow test run on fewer of them).
+
+
+class Backend:
+    """One fresh store of one backend, for one test: every broker made opens
+    the same queues, as a second process or a reopen would."""
+
+    def __init__(self, name: str, target: str, opener: Callable[..., qlog.Broker],
+                 env: Dict[str, Optional[str]], path: Optional[pathlib.Path] = None) -> None:
+        self.name = name
+        self.target = target
+        """What ``qlog.open`` takes to reach this store, for a child
+        interpreter (which gets ``env`` through the ``backend`` fixture)."""
+        self.env = env
+        """Environment variables a child needs to open ``target`` the same
+        way (None: unset)."""
+        self.path = path
+        """The data directory (local backends); None elsewhere."""
+        self._opener = opener
+        self._brokers: List["weakref.ref[qlog.Broker]"] = []  # a test may drop one unclosed
+
+    @property
+    def local(self) -> bool:
+        return self.path is not None
+
+    def make_broker(self, *, clock: Optional[Callable[[], float]] = None, **kw: Any) -> qlog.Broker:
+        """A new broker on this store (``clock`` default: the real time;
+        ``kw``: ``qlog.open``'s other options); closed at teardown if the
+        test does not close it."""
+        b = self._opener(clock=clock, **kw)
+        self._brokers.append(weakref.ref(b))
+        return b
+
+    def close(self) -> None:
+        """Close every broker made and still alive (close is idempotent)."""
+        for ref in self._brokers:
+            b = ref()
+            if b is not None:
+                b.close()
+        self._brokers.clear()
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r}, {self.target!r})"
+
+
+def _local_backend(engine: str, scratch: pathlib.Path) -> Backend:
+    """The local backend on ``engine`` ("c" or "pure"), in ``scratch``/data."""
+    if engine == "c" and _c_log is None:
+        pytest.skip("the compiled modules (qlog._log._qlog_c, qlog._log._glue) are not built")
+    path = scratch / "data"
+    return Backend(
+        f"local-{engine}", str(path),
+        functools.partial(qlog.open, path, engine=engine),
+        # a child's plain qlog.open(target) picks the engine from QLOG_PURE
+        env={"QLOG_PURE": "1" if engine == "pure" else None},
+        path=path,
+    )
+
+
+BACKENDS: Dict[str, Callable[[pathlib.Path], Backend]] = {
+    "local-c": functools.partial(_local_backend, "c"),
+    "local-pure": functools.partial(_local_backend, "pure"),
+}
+LOCAL_BACKENDS = ("local-c", "local-pure")
+
+
+def _parametrize_backends(metafunc: pytest.Metafunc) -> None:
+    """Run the test once per backend its markers allow."""
+    names = list(BACKENDS)
+    local = metafunc.definition.get_closest_marker("local_only")
+    if "data_dir" in metafunc.fixturenames and local is None:
+        pytest.fail(f"{metafunc.definition.nodeid} uses data_dir (the local backend's files) "
+                    "without @pytest.mark.local_only(reason)", pytrace=False)
+    if local is not None:
+        names = [n for n in names if n in LOCAL_BACKENDS]
+    picked = metafunc.definition.get_closest_marker("backends")
+    if picked is not None:
+        unknown = set(picked.args) - set(BACKENDS)
+        if unknown:
+            pytest.fail(f"{metafunc.definition.nodeid}: unknown backend(s) {sorted(unknown)}, "
+                        f"known: {sorted(BACKENDS)}", pytrace=False)
+        names = [n for n in names if n in picked.args]
+    metafunc.parametrize("backend_name", names, indirect=True)
+
+
+@pytest.fixture
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """The backend a test runs against (a key of BACKENDS, from its parameter)."""
+    return request.param
+
+
+@pytest.fixture
+def backend(backend_name: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch):
+    """A fresh store of the backend under test; its brokers close at teardown.
+    Child interpreters started by the test get its ``env``."""
+    b = BACKENDS[backend_name](tmp_path)
+    for key, value in b.env.items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def make_broker(backend: Backend) -> Callable[..., qlog.Broker]:
+    """``make_broker(clock=None, **kw)``: a new broker on the test's store."""
+    return backend.make_broker
+
+
+@pytest.fixture
+def broker(make_broker: Callable[..., qlog.Broker], clock: HandClock) -> qlog.Broker:
+    """A broker on a fresh store of the backend under test, on ``clock``."""
+    return make_broker(clock=clock)
+
+
+@pytest.fixture
+def data_dir(backend: Backend) -> pathlib.Path:
+    """The local store's data directory (not created until a broker opens
+    it); only for tests marked ``local_only``."""
+    assert backend.path is not None, f"{backend.name} has no data directory"
+    return backend.path

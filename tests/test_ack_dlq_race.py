@@ -31,10 +31,10 @@ open across processes (acks do not take the queue's lock).
 
 from __future__ import annotations
 
-import pathlib
 from typing import Callable, List, Tuple
 
 import pytest
+from conftest import T0, HandClock, drain
 
 import qlog
 
@@ -46,31 +46,20 @@ import qlog
 WHERE = {"before-the-claim": (0, False, (1, 0)), "after-the-dlq-write": (1, True, (0, 1))}
 from qlog._local.backend import _FileLock
 
-from test_queue import T0, HandClock
-
 QUEUE = "jobs"
 DLQ = "jobs-dlq"
 LEASE = 1.0
 
 
-@pytest.fixture
-def clock() -> HandClock:
-    return HandClock()
+# Forcing an interleaving wraps the local backend's state-journal append (or
+# its lock); the tests that do so run on the local backends only.
+HOOKED = pytest.mark.local_only("forces the interleaving through the local backend's journal append or lock")
 
 
 @pytest.fixture
-def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
-    return tmp_path / "data"
-
-
-@pytest.fixture
-def two(data_dir, clock):
-    """Two brokers on one directory: two replicas of every queue's state."""
-    a = qlog.open(data_dir, clock=clock)
-    b = qlog.open(data_dir, clock=clock)
-    yield a, b
-    a.close()
-    b.close()
+def two(make_broker, clock) -> Tuple[qlog.Broker, qlog.Broker]:
+    """Two brokers on one store: two replicas of every queue's state."""
+    return make_broker(clock=clock), make_broker(clock=clock)
 
 
 def settings(max_retries: int, dlq: bool = True) -> dict:
@@ -126,34 +115,23 @@ def dlq_ids(broker: qlog.Broker) -> List[str]:
     return [m.id for m in broker.queue(DLQ).peek(100)]
 
 
-def drain(q: qlog.Queue) -> List[qlog.Message]:
-    """Pull everything deliverable now, acking it."""
-    out: List[qlog.Message] = []
-    while True:
-        batch = q.pull(batch_size=1000)
-        if not batch:
-            return out
-        out += batch.messages
-        batch.ack_all()
-
-
-def fresh_stats(data_dir, clock, s: dict) -> qlog.QueueStats:
+def fresh_stats(make_broker, clock, s: dict) -> qlog.QueueStats:
     """The queue's stats as a broker opened now replays them."""
-    c = qlog.open(data_dir, clock=clock)
+    c = make_broker(clock=clock)
     try:
         return c.queue(QUEUE, **s).stats()
     finally:
         c.close()
 
 
-def assert_settled(data_dir, clock, s, queues, mid) -> Tuple[Tuple[int, ...], List[qlog.Message]]:
+def assert_settled(make_broker, clock, s, queues, mid) -> Tuple[Tuple[int, ...], List[qlog.Message]]:
     """Check what holds in every interleaving, and return the agreed counts
     and the DLQ's contents (drained after a reopen):
 
     replicas agree (every open queue, a fresh opener), M is not in flight
     nor waiting, it is never delivered again from its own queue, and a
     reopen (replaying from the checkpoint written at close) agrees too."""
-    seen = [counts(q.stats()) for q in queues] + [counts(fresh_stats(data_dir, clock, s))]
+    seen = [counts(q.stats()) for q in queues] + [counts(fresh_stats(make_broker, clock, s))]
     assert all(c == seen[0] for c in seen), f"replicas disagree: {seen}"
     acked, dead, deleted, backlog, in_flight = seen[0]
     assert (backlog, in_flight) == (0, 0), seen[0]
@@ -162,7 +140,7 @@ def assert_settled(data_dir, clock, s, queues, mid) -> Tuple[Tuple[int, ...], Li
         assert q.pull(batch_size=100).messages == [], "M came back from its own queue"
     for q in queues:
         q._broker.close()
-    r = qlog.open(data_dir, clock=clock)
+    r = make_broker(clock=clock)
     try:
         q = r.queue(QUEUE, **s)
         assert counts(q.stats()) == seen[0], "a reopen disagrees with the replicas"
@@ -175,11 +153,11 @@ def assert_settled(data_dir, clock, s, queues, mid) -> Tuple[Tuple[int, ...], Li
     return seen[0], in_dlq
 
 
-def assert_outcome(data_dir, clock, s, queues, mid, outcome: Tuple[int, int]) -> None:
+def assert_outcome(make_broker, clock, s, queues, mid, outcome: Tuple[int, int]) -> None:
     """:func:`assert_settled`, then: the counts are ``outcome`` (acked,
     dead-lettered; none deleted), and the DLQ holds exactly one copy per
     message counted dead-lettered."""
-    (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, queues, mid)
+    (acked, dead, deleted, _, _), in_dlq = assert_settled(make_broker, clock, s, queues, mid)
     assert (acked, dead, deleted) == (*outcome, 0)
     assert len(in_dlq) == dead, (
         f"the DLQ holds {len(in_dlq)} copy(ies) of M but the queue counts {dead} dead-lettered "
@@ -190,7 +168,7 @@ def assert_outcome(data_dir, clock, s, queues, mid, outcome: Tuple[int, int]) ->
 # ---- a late ack against a pull that dead-letters ---------------------------
 
 
-def test_late_ack_after_pull_dead_letters_keeps_one_dlq_copy(two, data_dir, clock):
+def test_late_ack_after_pull_dead_letters_keeps_one_dlq_copy(two, make_broker, clock):
     """Journal order P(dead M), A(M): the pull wins; the late ack is a no-op."""
     a, b = two
     s = settings(max_retries=1)
@@ -201,14 +179,15 @@ def test_late_ack_after_pull_dead_letters_keeps_one_dlq_copy(two, data_dir, cloc
     assert qb.pull().messages == []      # M is due with no retries left: dead-lettered
     assert dlq_ids(a) == dlq_ids(b) == [mid]
     final.ack()                          # the late ack, after the pull record
-    (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [qa, qb], mid)
+    (acked, dead, deleted, _, _), in_dlq = assert_settled(make_broker, clock, s, [qa, qb], mid)
     assert (acked, dead, deleted) == (0, 1, 0)
     assert [(m.id, m.dead_letter.attempts, m.attempts) for m in in_dlq] == [(mid, 2, 1)]
 
 
 @pytest.mark.parametrize("where", sorted(WHERE))
+@HOOKED
 def test_ack_landing_inside_a_pulls_dead_lettering_leaves_no_unaccounted_dlq_copy(
-        two, data_dir, clock, where):
+        two, make_broker, clock, where):
     """The pull read M as due with no retries left; a lock-free ack of M's
     final delivery lands before the pull's claim, or after its DLQ write and
     before its record.  Either the ack wins (acked, no copy) or the claim
@@ -229,20 +208,21 @@ def test_ack_landing_inside_a_pulls_dead_lettering_leaves_no_unaccounted_dlq_cop
     ran = wrap_next_append(qb, ack_now, skip)
     assert qb.pull().messages == []
     assert ran == [True] and at_hook == [[mid] if copied else []], "the interleaving was not the one forced"
-    assert_outcome(data_dir, clock, s, [qa, qb], mid, outcome)
+    assert_outcome(make_broker, clock, s, [qa, qb], mid, outcome)
 
 
 @pytest.mark.parametrize("where", sorted(WHERE))
+@HOOKED
 def test_ack_from_another_process_inside_a_pulls_dead_lettering_leaves_no_unaccounted_dlq_copy(
-        data_dir, clock, spawn_python, where):
+        backend, make_broker, clock, spawn_python, where):
     """The same interleavings with the consumer in a separate process: its
     ack is not held back by the pulling process's lock."""
     skip, copied, outcome = WHERE[where]
     s = settings(max_retries=0)
-    b = qlog.open(data_dir, clock=clock)
+    b = make_broker(clock=clock)
     qb = b.queue(QUEUE, **s)
     mid = qb.send({"job": "M"})
-    child = spawn_python(CONSUMER, [data_dir, T0])
+    child = spawn_python(CONSUMER, [backend.target, T0])
     line = child.stdout.readline().split()
     assert line == ["held", mid, "1"], (line, child.stderr.read() if child.poll() is not None else "")
     clock.advance(LEASE + 1)             # the child's (final) lease runs out
@@ -259,7 +239,7 @@ def test_ack_from_another_process_inside_a_pulls_dead_lettering_leaves_no_unacco
     assert qb.pull().messages == []
     assert child.wait(timeout=60) == 0, child.stderr.read()
     assert ran == [True] and at_hook == [[mid] if copied else []], "the interleaving was not the one forced"
-    assert_outcome(data_dir, clock, s, [qb], mid, outcome)
+    assert_outcome(make_broker, clock, s, [qb], mid, outcome)
 
 
 CONSUMER = """
@@ -276,8 +256,9 @@ b.close()
 """
 
 
+@HOOKED
 def test_ack_landing_between_a_pulls_read_and_its_record_wins_when_there_is_no_dlq(
-        two, data_dir, clock):
+        two, make_broker, clock):
     """Without a DLQ the pull writes no copy before its record, and an ack
     landing in the same place simply wins: acked, not deleted."""
     a, b = two
@@ -287,26 +268,26 @@ def test_ack_landing_between_a_pulls_read_and_its_record_wins_when_there_is_no_d
     ran = wrap_next_append(qb, deliveries[-1].ack)
     assert qb.pull().messages == []
     assert ran == [True]
-    (acked, dead, deleted, _, _), _ = assert_settled(data_dir, clock, s, [qa, qb], mid)
+    (acked, dead, deleted, _, _), _ = assert_settled(make_broker, clock, s, [qa, qb], mid)
     assert (acked, dead, deleted) == (1, 0, 0)
 
 
 # ---- a final retry against a pull that dead-letters -------------------------
 
 
-def test_final_retry_after_the_pull_dead_lettered_adds_no_second_dlq_copy(two, data_dir, clock):
+def test_final_retry_after_the_pull_dead_lettered_adds_no_second_dlq_copy(two, make_broker, clock):
     a, b = two
     s = settings(max_retries=1)
     qa, qb = a.queue(QUEUE, **s), b.queue(QUEUE, **s)
     mid, deliveries = lease_final_delivery(qa, qb, clock, 1)
     assert qb.pull().messages == []      # dead-letters M
     deliveries[-1].retry()               # the final retry, late: finds M gone
-    (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [qa, qb], mid)
+    (acked, dead, deleted, _, _), in_dlq = assert_settled(make_broker, clock, s, [qa, qb], mid)
     assert (acked, dead, deleted) == (0, 1, 0)
     assert [m.id for m in in_dlq] == [mid]
 
 
-def test_final_retry_before_the_pull_dead_letters_once(two, data_dir, clock):
+def test_final_retry_before_the_pull_dead_letters_once(two, make_broker, clock):
     a, b = two
     s = settings(max_retries=1)
     qa, qb = a.queue(QUEUE, **s), b.queue(QUEUE, **s)
@@ -314,13 +295,14 @@ def test_final_retry_before_the_pull_dead_letters_once(two, data_dir, clock):
     deliveries[-1].retry()               # lease ran out, but no pull took M yet: this dead-letters it
     assert dlq_ids(b) == [mid]
     assert qb.pull().messages == []      # finds M gone: no second copy
-    (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [qa, qb], mid)
+    (acked, dead, deleted, _, _), in_dlq = assert_settled(make_broker, clock, s, [qa, qb], mid)
     assert (acked, dead, deleted) == (0, 1, 0)
     assert [m.id for m in in_dlq] == [mid]
 
 
+@HOOKED
 def test_pull_dead_lettering_while_a_final_retry_waits_for_the_lock_leaves_one_dlq_copy(
-        two, data_dir, clock):
+        two, make_broker, clock):
     """The final retry has checked its replica (M still leased to it) and is
     about to take the queue's lock when the other broker's pull runs whole
     and dead-letters M; under the lock the retry catches up, finds M gone and
@@ -340,14 +322,15 @@ def test_pull_dead_lettering_while_a_final_retry_waits_for_the_lock_leaves_one_d
     qa._b._locked = locked_after_bs_pull
     deliveries[-1].retry()
     assert ran == [0], "the pull did not run inside the retry"
-    (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [qa, qb], mid)
+    (acked, dead, deleted, _, _), in_dlq = assert_settled(make_broker, clock, s, [qa, qb], mid)
     assert (acked, dead, deleted) == (0, 1, 0)
     assert [m.id for m in in_dlq] == [mid]
 
 
 @pytest.mark.parametrize("where", sorted(WHERE))
+@HOOKED
 def test_late_ack_of_an_earlier_delivery_inside_a_final_retrys_dead_lettering_leaves_no_unaccounted_dlq_copy(
-        two, data_dir, clock, where):
+        two, make_broker, clock, where):
     """The final retry's dead-lettering has the same windows: a lock-free
     ack of M (here by the consumer of M's first delivery, whose lease ran
     out long ago) lands before the retry's claim, or after its DLQ write and
@@ -367,14 +350,15 @@ def test_late_ack_of_an_earlier_delivery_inside_a_final_retrys_dead_lettering_le
     ran = wrap_next_append(qa, first_acks, skip)
     final.retry()
     assert ran == [True] and at_hook == [[mid] if copied else []], "the interleaving was not the one forced"
-    assert_outcome(data_dir, clock, s, [qa, qb], mid, outcome)
+    assert_outcome(make_broker, clock, s, [qa, qb], mid, outcome)
 
 
 # ---- two pulls ----------------------------------------------------------------
 
 
+@HOOKED
 def test_second_pull_cannot_dead_letter_while_the_first_is_between_its_dlq_write_and_record(
-        two, data_dir, clock):
+        two, make_broker, clock):
     """While one pull holds the queue's lock between its DLQ write and its
     journal record, another broker's pull cannot take the lock; once it can,
     it has caught up and finds M gone."""
@@ -395,7 +379,7 @@ def test_second_pull_cannot_dead_letter_while_the_first_is_between_its_dlq_write
     assert qb.pull().messages == []
     assert ran == [True] and probe == [False], "another pull could have run inside this one"
     assert qa.pull().messages == []
-    (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [qa, qb], mid)
+    (acked, dead, deleted, _, _), in_dlq = assert_settled(make_broker, clock, s, [qa, qb], mid)
     assert (acked, dead, deleted) == (0, 1, 0)
     assert [m.id for m in in_dlq] == [mid]
 
@@ -418,12 +402,12 @@ b.close()
 """
 
 
-def test_pulls_in_separate_processes_dead_letter_each_message_once(data_dir, clock, spawn_python):
+def test_pulls_in_separate_processes_dead_letter_each_message_once(backend, make_broker, clock, spawn_python):
     """Many messages on their final delivery, their leases run out, and four
     processes pull at once: whatever the interleaving, each message is in the
     DLQ once, counted once, and delivered to none of them."""
     s = settings(max_retries=0)
-    b = qlog.open(data_dir, clock=clock)
+    b = make_broker(clock=clock)
     q = b.queue(QUEUE, **s)
     ids = q.send_batch(list(range(200)))
     held = []
@@ -431,7 +415,7 @@ def test_pulls_in_separate_processes_dead_letter_each_message_once(data_dir, clo
         held += q.pull(batch_size=100, visibility_timeout=LEASE).messages
     b.close()
     clock.advance(LEASE + 1)
-    kids = [spawn_python(PULLER, [data_dir, clock.now]) for _ in range(4)]
+    kids = [spawn_python(PULLER, [backend.target, clock.now]) for _ in range(4)]
     for k in kids:
         assert k.stdout.readline().strip() == "ready", k.stderr.read()
     for k in kids:
@@ -440,7 +424,7 @@ def test_pulls_in_separate_processes_dead_letter_each_message_once(data_dir, clo
     for k in kids:
         assert k.stdout.readline().split() == ["got", "0"], k.stderr.read()
         assert k.wait(timeout=60) == 0, k.stderr.read()
-    r = qlog.open(data_dir, clock=clock)
+    r = make_broker(clock=clock)
     try:
         st = r.queue(QUEUE, **s).stats()
         assert (st.acked, st.dead_lettered, st.backlog) == (0, len(ids), 0)
@@ -476,25 +460,26 @@ q.pull()
 """
 
 
+@pytest.mark.local_only("the child hooks the local message log to die part way; reads the local replica")
 @pytest.mark.parametrize("where, copies", [("after-the-claim", 1), ("after-the-dlq-write", 2)])
 def test_a_dead_lettering_killed_part_way_is_finished_by_the_next_pull(
-        data_dir, clock, run_python, where, copies):
+        backend, make_broker, clock, run_python, where, copies):
     """A puller killed after claiming M (and maybe after copying it) leaves
     M claimed: no ack or redelivery takes it, and the next pull copies it to
     the DLQ and records it dead-lettered.  A kill after the copy leaves a
     second copy with the same id (the documented crash duplicate), never a
     loss."""
-    p = run_python(DIES_DEAD_LETTERING, [data_dir, T0, where])
+    p = run_python(DIES_DEAD_LETTERING, [backend.target, T0, where])
     assert p.returncode == -9, p.stderr
     mid = p.stdout.split()[0]
     clock.advance(2)
     s = settings(max_retries=0)
-    with qlog.open(data_dir, clock=clock) as b:
+    with make_broker(clock=clock) as b:
         q = b.queue(QUEUE, **s)
         st = q._b._state()
         assert list(st.dying) == [int(mid[16:], 16)] and not st.pending  # claimed, not moved
         assert q.stats().backlog == 1
         assert q.pull().messages == []  # finishes the dead-lettering
-    (acked, dead, deleted, _, _), in_dlq = assert_settled(data_dir, clock, s, [], mid)
+    (acked, dead, deleted, _, _), in_dlq = assert_settled(make_broker, clock, s, [], mid)
     assert (acked, dead, deleted) == (0, 1, 0)
     assert [m.id for m in in_dlq] == [mid] * copies

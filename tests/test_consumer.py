@@ -19,36 +19,13 @@ import time
 from typing import Callable, List, Optional
 
 import pytest
+from conftest import HandClock
 
 import qlog
 from qlog._consumer import PushBatch, Runner
 
-T0 = 1_700_000_000.0
 Q = "jobs"
 DLQ = "jobs-dlq"
-
-
-class HandClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> HandClock:
-    return HandClock()
-
-
-@pytest.fixture
-def broker(tmp_path: pathlib.Path, clock: HandClock):
-    b = qlog.open(tmp_path / "data", clock=clock)
-    yield b
-    b.close()
 
 
 def stepper(broker: qlog.Broker, handler: Callable = lambda batch: None, **settings):
@@ -366,26 +343,26 @@ def test_run_without_consumers_is_a_clear_error(broker):
         broker.run(handle_signals=False)
 
 
-def test_consumer_settings_come_from_qlog_toml(tmp_path, clock):
-    d = tmp_path / "data"
-    d.mkdir()
-    (d / "qlog.toml").write_text(
+@pytest.mark.local_only("qlog.toml lives in the data directory")
+def test_consumer_settings_come_from_qlog_toml(data_dir, make_broker, clock):
+    data_dir.mkdir()
+    (data_dir / "qlog.toml").write_text(
         '[[queues.consumers]]\nqueue = "jobs"\nmax_batch_size = 2\nmax_batch_timeout = 7\n'
         'max_retries = 1\ndead_letter_queue = "jobs-dlq"\nretry_delay = 3\nmax_concurrency = 4\n'
     )
-    with qlog.open(d, clock=clock) as b:
+    with make_broker(clock=clock) as b:
         w = stepper(b)
         s = w.q.settings
         assert (w.size, w.timeout, w.concurrency) == (2, 7, 4)
         assert (s.max_retries, s.dead_letter_queue, s.retry_delay) == (1, DLQ, 3)
 
 
-def test_unknown_consumer_key_in_qlog_toml_names_the_key(tmp_path):
-    d = tmp_path / "data"
-    d.mkdir()
-    (d / "qlog.toml").write_text('[[queues.consumers]]\nqueue = "jobs"\nmax_batch_sise = 2\n')
+@pytest.mark.local_only("qlog.toml lives in the data directory")
+def test_unknown_consumer_key_in_qlog_toml_names_the_key(data_dir, make_broker):
+    data_dir.mkdir()
+    (data_dir / "qlog.toml").write_text('[[queues.consumers]]\nqueue = "jobs"\nmax_batch_sise = 2\n')
     with pytest.raises(qlog.SettingsError, match="unknown setting 'max_batch_sise'"):
-        qlog.open(d)
+        make_broker()
 
 
 # -- running for real ----------------------------------------------------------
@@ -413,10 +390,9 @@ class Running:
 
 
 @pytest.fixture
-def real(tmp_path: pathlib.Path):
-    b = qlog.open(tmp_path / "real")
-    yield b
-    b.close()
+def real(make_broker) -> qlog.Broker:
+    """A broker on the real clock (threads and timeouts run for real)."""
+    return make_broker()
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -481,7 +457,7 @@ def test_slow_batch_does_not_hold_up_the_others(real, wait_until):
     assert run.stop() is True
 
 
-def test_lease_is_renewed_while_a_long_handler_runs(real, tmp_path, wait_until):
+def test_lease_is_renewed_while_a_long_handler_runs(real, make_broker, wait_until):
     calls: List[int] = []
     release = threading.Event()
 
@@ -496,7 +472,7 @@ def test_lease_is_renewed_while_a_long_handler_runs(real, tmp_path, wait_until):
     wait_until(lambda: calls, what="the handler started")
     # Another process's view (a second broker): for five lease lengths the
     # message stays in flight and no pull gets it.
-    with qlog.open(tmp_path / "real") as other:
+    with make_broker() as other:
         oq = other.queue(Q)
         end = time.monotonic() + 1.5
         while time.monotonic() < end:
@@ -509,13 +485,13 @@ def test_lease_is_renewed_while_a_long_handler_runs(real, tmp_path, wait_until):
     assert calls == [1]
 
 
-def test_waiting_worker_is_woken_by_a_send_from_another_process(real, tmp_path, wait_until, run_python):
+def test_waiting_worker_is_woken_by_a_send_from_another_process(real, backend, wait_until, run_python):
     got: List[object] = []
     real.consumer(Q, max_batch_size=10, max_batch_timeout=0)(lambda batch: got.extend(m.body for m in batch))
     run = Running(real)
     wait_until(lambda: real._runner is not None and real._runner.work[0].q.stats().backlog == 0)
     r = run_python("import qlog, sys; qlog.open(sys.argv[1]).queue('jobs').send({'from': 'child'})",
-                   [tmp_path / "real"])
+                   [backend.target])
     assert r.returncode == 0, r.stderr
     wait_until(lambda: got == [{"from": "child"}], what="the child's message handled")
     assert run.stop() is True
@@ -564,11 +540,11 @@ def test_idle_worker_stops_cleanly_with_shutdown_timeout_zero(real, kind):
     assert run.stop() is True  # no batch was running: nothing left behind
 
 
-def test_paused_queue_delivers_nothing_until_resumed(real, tmp_path, wait_until):
+def test_paused_queue_delivers_nothing_until_resumed(real, make_broker, wait_until):
     got: List[object] = []
     real.consumer(Q, max_batch_size=10, max_batch_timeout=0)(lambda batch: got.extend(m.body for m in batch))
     q = real.queue(Q)
-    with qlog.open(tmp_path / "real") as other:
+    with make_broker() as other:
         other.queue(Q).pause_delivery()
     assert q.paused and q.stats().paused
     run = Running(real)
@@ -577,7 +553,7 @@ def test_paused_queue_delivers_nothing_until_resumed(real, tmp_path, wait_until)
     while time.monotonic() < end:
         assert got == [] and q.stats().in_flight == 0
         time.sleep(0.02)
-    with qlog.open(tmp_path / "real") as other:
+    with make_broker() as other:
         other.queue(Q).resume_delivery()
     wait_until(lambda: got == [1, 2], what="delivery after resume")
     assert run.stop() is True
@@ -586,13 +562,13 @@ def test_paused_queue_delivers_nothing_until_resumed(real, tmp_path, wait_until)
 # -- pausing and async producers -----------------------------------------------
 
 
-def test_pause_is_persisted_and_seen_by_other_brokers(tmp_path):
-    with qlog.open(tmp_path / "d") as b:
+def test_pause_is_persisted_and_seen_by_other_brokers(make_broker):
+    with make_broker() as b:
         q = b.queue(Q)
         q.send("x")
         q.pause_delivery()
         q.pause_delivery()  # idempotent
-    with qlog.open(tmp_path / "d") as b:
+    with make_broker() as b:
         q = b.queue(Q)
         assert q.paused
         assert q.pull(10).messages == []
@@ -603,8 +579,8 @@ def test_pause_is_persisted_and_seen_by_other_brokers(tmp_path):
         assert [m.body for m in q.pull(10).messages] == ["x"]
 
 
-def test_messages_delivered_before_a_pause_can_still_be_acked(tmp_path):
-    with qlog.open(tmp_path / "d") as b:
+def test_messages_delivered_before_a_pause_can_still_be_acked(make_broker):
+    with make_broker() as b:
         q = b.queue(Q)
         q.send("x")
         batch = q.pull(10)
@@ -613,21 +589,21 @@ def test_messages_delivered_before_a_pause_can_still_be_acked(tmp_path):
         assert q.stats().acked == 1
 
 
-def test_resume_wakes_a_waiting_pull(tmp_path, wait_until):
-    with qlog.open(tmp_path / "d") as b:
+def test_resume_wakes_a_waiting_pull(make_broker):
+    with make_broker() as b:
         q = b.queue(Q)
         q.pause_delivery()
         q.send("x")
         out: List[object] = []
         t = threading.Thread(target=lambda: out.extend(m.body for m in q.pull(10, wait=30).messages))
         t.start()
-        with qlog.open(tmp_path / "d") as other:
+        with make_broker() as other:
             other.queue(Q).resume_delivery()
         t.join(30)
         assert out == ["x"]
 
 
-def test_send_async_runs_off_the_event_loop_and_returns_the_id(tmp_path):
+def test_send_async_runs_off_the_event_loop_and_returns_the_id(make_broker):
     threads: List[str] = []
 
     def clock() -> float:
@@ -641,7 +617,7 @@ def test_send_async_runs_off_the_event_loop_and_returns_the_id(tmp_path):
         ids += await q.send_batch_async(({"n": i} for i in range(30, 35)), delay_seconds=0)
         return loop_thread, ids
 
-    with qlog.open(tmp_path / "d", clock=clock) as b:
+    with make_broker(clock=clock) as b:
         q = b.queue(Q)
         loop_thread, ids = asyncio.run(main(q))
         assert threads and loop_thread not in threads
@@ -651,7 +627,7 @@ def test_send_async_runs_off_the_event_loop_and_returns_the_id(tmp_path):
         assert sorted(m.id for m in got) == sorted(ids) and len(set(ids)) == 35
 
 
-def test_send_async_bad_input_raises_the_same_error_and_writes_nothing(tmp_path):
+def test_send_async_bad_input_raises_the_same_error_and_writes_nothing(make_broker):
     async def main(q):
         with pytest.raises(qlog.BodyTypeError):
             await q.send_async(object())
@@ -660,7 +636,7 @@ def test_send_async_bad_input_raises_the_same_error_and_writes_nothing(tmp_path)
         with pytest.raises(qlog.DelayOutOfRangeError):
             await q.send_async("x", delay_seconds=-1)
 
-    with qlog.open(tmp_path / "d") as b:
+    with make_broker() as b:
         q = b.queue(Q)
         asyncio.run(main(q))
         assert q.stats().backlog == 0
@@ -696,29 +672,31 @@ def lines(path: pathlib.Path) -> List[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def test_sigterm_lets_the_running_batch_finish_takes_nothing_new_and_exits_0(tmp_path, spawn_python, wait_until):
-    data, out, hold = tmp_path / "data", tmp_path / "out", tmp_path / "hold"
-    with qlog.open(data) as b:
+def test_sigterm_lets_the_running_batch_finish_takes_nothing_new_and_exits_0(
+        backend, make_broker, tmp_path, spawn_python, wait_until):
+    data, out, hold = backend.target, tmp_path / "out", tmp_path / "hold"
+    with make_broker() as b:
         b.queue(Q).send_batch([1, 2, 3, 4, 5])
     p = spawn_python(WORKER, [data, out, hold, 30, 60])
     assert p.stdout.readline().strip() == "running"
     wait_until(lambda: len(lines(out)) == 5, what="the batch started")
     p.send_signal(signal.SIGTERM)
-    with qlog.open(data) as b:
+    with make_broker() as b:
         b.queue(Q).send_batch([6, 7])  # after SIGTERM: not taken
     assert p.poll() is None  # still finishing its batch
     hold.touch()
     assert p.wait(30) == 0
     assert p.stdout.read().strip() == "finished"
     assert lines(out) == ["start 1", "start 2", "start 3", "start 4", "start 5", "done 1 2 3 4 5"]
-    with qlog.open(data) as b:
+    with make_broker() as b:
         s = b.queue(Q).stats()
         assert (s.acked, s.backlog, s.in_flight) == (5, 2, 0)
 
 
-def test_unfinished_batch_after_shutdown_timeout_is_not_acked_and_comes_back(tmp_path, spawn_python, wait_until):
-    data, out, hold = tmp_path / "data", tmp_path / "out", tmp_path / "hold"
-    with qlog.open(data) as b:
+def test_unfinished_batch_after_shutdown_timeout_is_not_acked_and_comes_back(
+        backend, make_broker, tmp_path, spawn_python, wait_until):
+    data, out, hold = backend.target, tmp_path / "out", tmp_path / "hold"
+    with make_broker() as b:
         b.queue(Q).send_batch([1, 2])
     p = spawn_python(WORKER, [data, out, hold, 0.2, 1.0])
     assert p.stdout.readline().strip() == "running"
@@ -727,7 +705,7 @@ def test_unfinished_batch_after_shutdown_timeout_is_not_acked_and_comes_back(tmp
     assert p.wait(30) == 0
     assert p.stdout.read().strip() == "gave up"
     assert "done" not in " ".join(lines(out))
-    with qlog.open(data) as b:
+    with make_broker() as b:
         q = b.queue(Q)
         assert q.stats().acked == 0
         got = q.pull(10, visibility_timeout=5, wait=60)  # once the 1 s lease runs out
@@ -735,9 +713,9 @@ def test_unfinished_batch_after_shutdown_timeout_is_not_acked_and_comes_back(tmp
         assert {m.attempts for m in got.messages} == {2}
 
 
-def test_second_signal_exits_at_once(tmp_path, spawn_python, wait_until):
-    data, out, hold = tmp_path / "data", tmp_path / "out", tmp_path / "hold"
-    with qlog.open(data) as b:
+def test_second_signal_exits_at_once(backend, make_broker, tmp_path, spawn_python, wait_until):
+    data, out, hold = backend.target, tmp_path / "out", tmp_path / "hold"
+    with make_broker() as b:
         b.queue(Q).send("x")
     p = spawn_python(WORKER, [data, out, hold, 600, 60])
     assert p.stdout.readline().strip() == "running"
@@ -748,7 +726,7 @@ def test_second_signal_exits_at_once(tmp_path, spawn_python, wait_until):
     wait_until(lambda: any("SIGINT: stopping" in line for line in err), what="the first signal noted")
     p.send_signal(signal.SIGTERM)
     assert p.wait(30) == 128 + signal.SIGTERM
-    with qlog.open(data) as b:
+    with make_broker() as b:
         assert b.queue(Q).stats().acked == 0
 
 
@@ -769,15 +747,16 @@ broker.close()
 """
 
 
-def test_two_worker_processes_share_a_queue_without_double_delivery(tmp_path, spawn_python, wait_until):
-    data = tmp_path / "data"
-    with qlog.open(data) as b:
+def test_two_worker_processes_share_a_queue_without_double_delivery(
+        backend, make_broker, tmp_path, spawn_python, wait_until):
+    data = backend.target
+    with make_broker() as b:
         b.queue(Q)
     outs = [tmp_path / "w0", tmp_path / "w1"]
     procs = [spawn_python(SHARED_WORKER, [data, o]) for o in outs]
     for p in procs:
         assert p.stdout.readline().strip() == "running"
-    with qlog.open(data) as b:
+    with make_broker() as b:
         q = b.queue(Q)
         for start in range(0, 2000, 50):
             q.send_batch(list(range(start, start + 50)))

@@ -38,6 +38,7 @@ the machine accepts any allowed choice and follows the one the queue made.
 
 from __future__ import annotations
 
+import pathlib
 import shutil
 import tempfile
 from collections import Counter
@@ -45,9 +46,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Tuple
 
+from conftest import BACKENDS, HandClock
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import qlog
 from qlog._local import backend as _queue
@@ -55,7 +64,6 @@ from qlog._local import backend as _queue
 QUEUE = "jobs"
 DLQ = "jobs-dlq"
 DEFAULT_VT = 30.0               # the queue's visibility_timeout (default)
-T0 = 1_700_000_000.0            # fake clock start
 
 # Whole seconds only, so that leases, delays and retries often end at the
 # same instant (ties are where ordering and bookkeeping slip); None is the
@@ -74,14 +82,6 @@ def _us(t: float) -> int:
 
 def _when(us: int) -> datetime:
     return datetime.fromtimestamp(us / 1e6, tz=timezone.utc)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = T0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @dataclass
@@ -119,7 +119,10 @@ class DeadLetter:
 
 
 class QueueMachine(RuleBasedStateMachine):
-    def __init__(self) -> None:
+    """The machine on a fresh store of backend ``backend_name`` (a key of
+    conftest's BACKENDS), new for every run."""
+
+    def __init__(self, backend_name: str) -> None:
         super().__init__()
         self.saved_checkpoint_every = qlog.Broker.checkpoint_every
         qlog.Broker.checkpoint_every = 5  # checkpoints and journal truncation every few records
@@ -129,7 +132,8 @@ class QueueMachine(RuleBasedStateMachine):
         self.saved_journal_segment = _queue._JOURNAL_SEGMENT
         _queue._JOURNAL_SEGMENT = 4096
         self.dir = tempfile.mkdtemp(prefix="qlog-model-")
-        self.clock = FakeClock()
+        self.store = BACKENDS[backend_name](pathlib.Path(self.dir))
+        self.clock = HandClock()
         self.brokers: List[Tuple[int, qlog.Broker]] = []  # open brokers, current last
         self.generation = 0
         self.msgs: List[Msg] = []
@@ -146,7 +150,7 @@ class QueueMachine(RuleBasedStateMachine):
     # -- helpers -----------------------------------------------------------
 
     def now(self) -> int:
-        return _us(self.clock.t)
+        return _us(self.clock.now)
 
     def queue_of(self, broker: qlog.Broker) -> qlog.Queue:
         return broker.queue(QUEUE, max_retries=self.max_retries, dead_letter_queue=self.dlq,
@@ -159,7 +163,7 @@ class QueueMachine(RuleBasedStateMachine):
     def open_broker(self) -> None:
         self.generation += 1
         self.pulls_since_open = 0
-        b = qlog.open(self.dir, clock=self.clock, durability="none")
+        b = self.store.make_broker(clock=self.clock, durability="none")
         self.brokers.append((self.generation, b))
         self.queue_of(b)
 
@@ -234,8 +238,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
-            for _gen, b in self.brokers:
-                b.close()
+            self.store.close()  # every broker still open
         finally:
             qlog.Broker.checkpoint_every = self.saved_checkpoint_every
             _queue._JOURNAL_SEGMENT = self.saved_journal_segment
@@ -289,7 +292,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     def pull_batch(self, wait: float, n: int, vt: Optional[float], then: List[str],
                    delay: Optional[float]) -> None:
-        self.clock.t += wait
+        self.clock.advance(wait)
         self.pulls_since_open += 1
         now = self.now()
         visible = [m for m in self.msgs if self.visible(m, now)]
@@ -405,7 +408,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(dt=STEPS)
     def advance_clock(self, dt: float) -> None:
-        self.clock.t += dt
+        self.clock.advance(dt)
 
     # -- reopening ---------------------------------------------------------
 
@@ -514,13 +517,16 @@ class QueueMachine(RuleBasedStateMachine):
         self.check_dead_letters(got)
 
 
-QueueMachine.TestCase.settings = settings(
+RANDOM_USE = settings(
     max_examples=100,
     stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-TestDeliveryContractHoldsUnderRandomUse = QueueMachine.TestCase
+
+
+def test_delivery_contract_holds_under_random_use(backend_name: str) -> None:
+    run_state_machine_as_test(lambda: QueueMachine(backend_name), settings=RANDOM_USE)
 
 
 # Fixed replays of sequences the machine has found, each a failure mode of
@@ -529,10 +535,10 @@ TestDeliveryContractHoldsUnderRandomUse = QueueMachine.TestCase
 Step = Tuple[str, Dict[str, Any]]
 
 
-def _replay(start: Dict[str, Any], steps: List[Step]) -> None:
+def _replay(backend_name: str, start: Dict[str, Any], steps: List[Step]) -> None:
     """Run the machine through ``steps`` after ``start``, checking every
     invariant after each step, as a hypothesis run does."""
-    m = QueueMachine()
+    m = QueueMachine(backend_name)
     try:
         for name, kwargs in [("start", start), *steps]:
             getattr(m, name)(**kwargs)
@@ -543,10 +549,10 @@ def _replay(start: Dict[str, Any], steps: List[Step]) -> None:
         m.teardown()
 
 
-def test_dead_lettered_candidate_takes_no_room_from_a_due_redelivery() -> None:
+def test_dead_lettered_candidate_takes_no_room_from_a_due_redelivery(backend_name: str) -> None:
     # a's last lease and b's first run out together: pull(1) deletes a and
     # must still deliver b (again), not return an empty batch.
-    _replay(dict(use_dlq=False, max_retries=1, backlog=0), [
+    _replay(backend_name, dict(use_dlq=False, max_retries=1, backlog=0), [
         ("send", dict(items=[(0, "plain")], delay=None)),
         ("pull", dict(wait=0, n=1, vt=1, then=["retry"], delay=0)),
         ("send", dict(items=[(0, "plain")], delay=None)),
@@ -556,10 +562,10 @@ def test_dead_lettered_candidate_takes_no_room_from_a_due_redelivery() -> None:
     ])
 
 
-def test_dead_lettered_candidate_does_not_let_a_later_message_jump_the_queue() -> None:
+def test_dead_lettered_candidate_does_not_let_a_later_message_jump_the_queue(backend_name: str) -> None:
     # d's lease runs out as delayed a becomes visible; c, sent after a, is
     # visible as early: pull(1) deletes d and delivers a, not c.
-    _replay(dict(use_dlq=False, max_retries=0, backlog=1), [
+    _replay(backend_name, dict(use_dlq=False, max_retries=0, backlog=1), [
         ("poll", dict(wait=0, n=1, vt=1)),                            # d
         ("send", dict(items=[(0, "plain")], delay=2)),                # a, visible at +2
         ("poll", dict(wait=0, n=1, vt=1)),                            # nothing yet
@@ -570,18 +576,18 @@ def test_dead_lettered_candidate_does_not_let_a_later_message_jump_the_queue() -
     ])
 
 
-def test_lease_ending_with_an_earlier_cut_short_lease_delivers_the_message_once() -> None:
+def test_lease_ending_with_an_earlier_cut_short_lease_delivers_the_message_once(backend_name: str) -> None:
     # Leased until +3, retried at once, leased again at +1 for 2 s: both
     # leases end at +3, and the next pull must hold the message once.
-    _replay(dict(use_dlq=False, max_retries=2, backlog=1), [
+    _replay(backend_name, dict(use_dlq=False, max_retries=2, backlog=1), [
         ("pull", dict(wait=0, n=1, vt=3, then=["retry"], delay=0)),
         ("poll", dict(wait=1, n=1, vt=2)),
         ("poll", dict(wait=2, n=2, vt=1)),
     ])
 
 
-def test_last_lease_ending_with_an_earlier_cut_short_lease_dead_letters_once() -> None:
-    _replay(dict(use_dlq=True, max_retries=1, backlog=1), [
+def test_last_lease_ending_with_an_earlier_cut_short_lease_dead_letters_once(backend_name: str) -> None:
+    _replay(backend_name, dict(use_dlq=True, max_retries=1, backlog=1), [
         ("pull", dict(wait=0, n=1, vt=2, then=["retry"], delay=0)),
         ("poll", dict(wait=1, n=1, vt=1)),   # attempt 2, the last, until +2
         ("poll", dict(wait=1, n=2, vt=1)),

@@ -4,27 +4,23 @@ Cloudflare's defaults, and the errors bad settings raise."""
 from __future__ import annotations
 
 import pathlib
+from typing import Callable
 
 import pytest
 
 import qlog
 
 QUEUE = "jobs"
-
-
-@pytest.fixture
-def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
-    d = tmp_path / "data"
-    d.mkdir()
-    return d
+TOML = pytest.mark.local_only("qlog.toml lives in the data directory")
 
 
 def write_toml(data_dir: pathlib.Path, text: str) -> None:
+    data_dir.mkdir(exist_ok=True)
     (data_dir / "qlog.toml").write_text(text)
 
 
-def settings_of(data_dir: pathlib.Path, name: str = QUEUE, **kwargs) -> qlog.QueueSettings:
-    with qlog.open(data_dir) as b:
+def settings_of(make_broker: Callable[..., qlog.Broker], name: str = QUEUE, **kwargs) -> qlog.QueueSettings:
+    with make_broker() as b:
         return b.queue(name, **kwargs).settings
 
 
@@ -47,8 +43,8 @@ segment_bytes = 1048576
 """
 
 
-def test_defaults_are_cloudflares(data_dir):
-    s = settings_of(data_dir)
+def test_defaults_are_cloudflares(make_broker):
+    s = settings_of(make_broker)
     assert s == qlog.QueueSettings()
     assert (s.max_batch_size, s.max_batch_timeout, s.max_retries, s.dead_letter_queue) == (10, 5.0, 3, None)
     assert (s.retry_delay, s.delivery_delay, s.message_retention) == (0, 0, 4 * 86_400)
@@ -56,21 +52,23 @@ def test_defaults_are_cloudflares(data_dir):
     assert (s.durability, s.allow_pickle) == (None, False)
 
 
-def test_toml_consumer_settings_are_applied(data_dir):
+@TOML
+def test_toml_consumer_settings_are_applied(data_dir, make_broker):
     write_toml(data_dir, ALL_KEYS)
-    s = settings_of(data_dir)
+    s = settings_of(make_broker)
     assert s == qlog.QueueSettings(
         max_batch_size=50, max_batch_timeout=2.5, max_retries=7, dead_letter_queue="jobs-dlq",
         retry_delay=12, delivery_delay=3, message_retention=3600, visibility_timeout=45.5,
         max_message_size=2048, max_concurrency=4, durability="none", allow_pickle=True,
         segment_bytes=1048576,
     )
-    assert settings_of(data_dir, "other") == qlog.QueueSettings()
+    assert settings_of(make_broker, "other") == qlog.QueueSettings()
 
 
-def test_toml_settings_take_effect_on_the_queue(data_dir):
+@TOML
+def test_toml_settings_take_effect_on_the_queue(data_dir, make_broker):
     write_toml(data_dir, ALL_KEYS)
-    with qlog.open(data_dir) as b:
+    with make_broker() as b:
         q = b.queue(QUEUE)
         assert q.durability == "none"
         with pytest.raises(qlog.MessageTooLargeError, match="2048"):
@@ -79,7 +77,8 @@ def test_toml_settings_take_effect_on_the_queue(data_dir):
         assert [m.body for m in q.pull()] == [{"p": 1}]
 
 
-def test_toml_producer_settings_are_applied(data_dir):
+@TOML
+def test_toml_producer_settings_are_applied(data_dir, make_broker):
     write_toml(data_dir, """
 [[queues.producers]]
 queue = "jobs"
@@ -88,30 +87,33 @@ delivery_delay = 5
 queue = "jobs"
 max_retries = 1
 """)
-    s = settings_of(data_dir)
+    s = settings_of(make_broker)
     assert (s.delivery_delay, s.max_retries) == (5, 1)
 
 
-def test_toml_top_level_durability_applies_to_every_queue(data_dir):
+@TOML
+def test_toml_top_level_durability_applies_to_every_queue(data_dir, make_broker):
     write_toml(data_dir, """
 durability = "interval"
 [[queues.consumers]]
 queue = "fast"
 durability = "none"
 """)
-    with qlog.open(data_dir) as b:
+    with make_broker() as b:
         assert b.queue(QUEUE).durability == "interval"
         assert b.queue("fast").durability == "none"
 
 
-def test_toml_unlimited_message_retention(data_dir):
+@TOML
+def test_toml_unlimited_message_retention(data_dir, make_broker):
     write_toml(data_dir, '[[queues.consumers]]\nqueue = "jobs"\nmessage_retention = "unlimited"\n')
-    assert settings_of(data_dir).message_retention is None
+    assert settings_of(make_broker).message_retention is None
 
 
-def test_kwargs_override_toml(data_dir):
+@TOML
+def test_kwargs_override_toml(data_dir, make_broker):
     write_toml(data_dir, ALL_KEYS)
-    s = settings_of(data_dir, max_retries=2, visibility_timeout=1, dead_letter_queue=None)
+    s = settings_of(make_broker, max_retries=2, visibility_timeout=1, dead_letter_queue=None)
     assert (s.max_retries, s.visibility_timeout, s.dead_letter_queue) == (2, 1.0, None)
     assert s.max_batch_size == 50  # the rest still comes from the file
 
@@ -127,10 +129,11 @@ def test_kwargs_override_toml(data_dir):
     ],
     ids=["consumer-key", "producer-key", "similar-key", "top-level", "section"],
 )
-def test_unknown_toml_key_raises_settings_error_naming_it(data_dir, text, key):
+@TOML
+def test_unknown_toml_key_raises_settings_error_naming_it(data_dir, make_broker, text, key):
     write_toml(data_dir, text)
     with pytest.raises(qlog.SettingsError, match=key):
-        qlog.open(data_dir)
+        make_broker()
 
 
 @pytest.mark.parametrize(
@@ -145,10 +148,11 @@ def test_unknown_toml_key_raises_settings_error_naming_it(data_dir, text, key):
         ("retry_delay", "[1]"),
     ],
 )
-def test_toml_value_of_the_wrong_type_raises_settings_error_naming_the_key(data_dir, key, value):
+@TOML
+def test_toml_value_of_the_wrong_type_raises_settings_error_naming_the_key(data_dir, make_broker, key, value):
     write_toml(data_dir, f'[[queues.consumers]]\nqueue = "jobs"\n{key} = {value}\n')
     with pytest.raises(qlog.SettingsError, match=key):
-        qlog.open(data_dir)
+        make_broker()
 
 
 OUT_OF_RANGE = [
@@ -166,29 +170,30 @@ OUT_OF_RANGE = [
 
 
 @pytest.mark.parametrize("key, value", OUT_OF_RANGE)
-def test_toml_value_out_of_range_raises_settings_error_naming_the_key(data_dir, key, value):
+@TOML
+def test_toml_value_out_of_range_raises_settings_error_naming_the_key(data_dir, make_broker, key, value):
     write_toml(data_dir, f'[[queues.consumers]]\nqueue = "jobs"\n{key} = {value}\n')
     with pytest.raises(qlog.SettingsError, match=key):
-        qlog.open(data_dir)
+        make_broker()
 
 
 @pytest.mark.parametrize("key, value", OUT_OF_RANGE + [("retry_delay", float("nan"))])
-def test_keyword_value_out_of_range_raises_settings_error_naming_the_key(data_dir, key, value):
-    with qlog.open(data_dir) as b:
+def test_keyword_value_out_of_range_raises_settings_error_naming_the_key(make_broker, key, value):
+    with make_broker() as b:
         with pytest.raises(qlog.SettingsError, match=key):
             b.queue(QUEUE, **{key: value})
 
 
-def test_unknown_keyword_setting_raises_settings_error_naming_it(data_dir):
-    with qlog.open(data_dir) as b:
+def test_unknown_keyword_setting_raises_settings_error_naming_it(make_broker):
+    with make_broker() as b:
         with pytest.raises(qlog.SettingsError, match="max_retry"):
             b.queue(QUEUE, max_retry=3)
         with pytest.raises(qlog.SettingsError, match="max_retries"):
             b.queue(QUEUE, max_retries="3")
 
 
-def test_limits_themselves_are_accepted(data_dir):
-    with qlog.open(data_dir) as b:
+def test_limits_themselves_are_accepted(make_broker):
+    with make_broker() as b:
         for key, lo, hi in [("max_batch_size", 1, 100), ("max_retries", 0, 100),
                             ("message_retention", 60, 1_209_600), ("visibility_timeout", 0.001, 43_200),
                             ("retry_delay", 0, 86_400), ("max_concurrency", 1, 250)]:
@@ -196,24 +201,32 @@ def test_limits_themselves_are_accepted(data_dir):
             assert getattr(b.queue(QUEUE, **{key: hi}).settings, key) == hi
 
 
-def test_queue_as_its_own_dead_letter_queue_raises_settings_error(data_dir):
-    with qlog.open(data_dir) as b:
+def test_queue_as_its_own_dead_letter_queue_raises_settings_error(make_broker):
+    with make_broker() as b:
         with pytest.raises(qlog.SettingsError, match="dead_letter_queue"):
             b.queue(QUEUE, dead_letter_queue=QUEUE)
         assert b.queues() == []
+
+
+@TOML
+def test_queue_as_its_own_dead_letter_queue_in_qlog_toml_raises_settings_error(data_dir, make_broker):
     write_toml(data_dir, '[[queues.consumers]]\nqueue = "jobs"\ndead_letter_queue = "jobs"\n')
-    with qlog.open(data_dir) as b:
+    with make_broker() as b:
         with pytest.raises(qlog.SettingsError, match="dead_letter_queue"):
             b.queue(QUEUE)
 
 
-def test_invalid_dead_letter_queue_name_is_refused(data_dir):
-    with qlog.open(data_dir) as b:
+def test_invalid_dead_letter_queue_name_is_refused(make_broker):
+    with make_broker() as b:
         with pytest.raises(qlog.InvalidQueueNameError):
             b.queue(QUEUE, dead_letter_queue="../elsewhere")
+
+
+@TOML
+def test_invalid_dead_letter_queue_name_in_qlog_toml_is_refused(data_dir, make_broker):
     write_toml(data_dir, '[[queues.consumers]]\nqueue = "jobs"\ndead_letter_queue = "a/b"\n')
     with pytest.raises(qlog.InvalidQueueNameError):
-        qlog.open(data_dir)
+        make_broker()
 
 
 @pytest.mark.parametrize(
@@ -227,20 +240,21 @@ def test_invalid_dead_letter_queue_name_is_refused(data_dir):
     ],
     ids=["no-queue", "bad-queue-name", "malformed", "queues-not-a-table", "consumers-not-an-array"],
 )
-def test_bad_toml_file_is_refused_naming_the_problem(data_dir, text, error, match):
+@TOML
+def test_bad_toml_file_is_refused_naming_the_problem(data_dir, make_broker, text, error, match):
     write_toml(data_dir, text)
     with pytest.raises(error, match=match):
-        qlog.open(data_dir)
+        make_broker()
 
 
 @pytest.mark.parametrize("durability", ["fast", None, ""])
-def test_open_with_unknown_durability_raises_settings_error(data_dir, durability):
+def test_open_with_unknown_durability_raises_settings_error(make_broker, durability):
     with pytest.raises(qlog.SettingsError, match="durability"):
-        qlog.open(data_dir, durability=durability)
+        make_broker(durability=durability)
 
 
-def test_changing_durability_of_an_open_queue_raises_settings_error(data_dir):
-    with qlog.open(data_dir) as b:
+def test_changing_durability_of_an_open_queue_raises_settings_error(make_broker):
+    with make_broker() as b:
         b.queue(QUEUE)
         with pytest.raises(qlog.SettingsError, match="durability"):
             b.queue(QUEUE, durability="none")
@@ -248,8 +262,8 @@ def test_changing_durability_of_an_open_queue_raises_settings_error(data_dir):
             b.queue(QUEUE, segment_bytes=1 << 20)
 
 
-def test_pull_options_out_of_range_raise(data_dir):
-    with qlog.open(data_dir) as b:
+def test_pull_options_out_of_range_raise(make_broker):
+    with make_broker() as b:
         q = b.queue(QUEUE)
         with pytest.raises(qlog.SettingsError, match="visibility_timeout"):
             q.pull(visibility_timeout=0)
