@@ -34,6 +34,7 @@ def _kill_point(rng: random.Random) -> int:
     return rng.choice([0, 1, rng.randint(1, 30), rng.randint(30, 300), rng.randint(100, 600)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("durability", MODES)
 def test_kill_9_never_loses_a_returned_append(tmp_path, durability, engine):
     rng = random.Random(f"kill-9/{durability}")
@@ -59,6 +60,7 @@ def test_kill_9_never_loses_a_returned_append(tmp_path, durability, engine):
     assert segments >= 4, f"the log never rolled much ({segments} segments): kills missed the rolls"
 
 
+@pytest.mark.slow
 def test_writer_killed_while_another_appends_is_repaired_and_the_survivor_goes_on(tmp_path, engine):
     """Two writers share the log; one is SIGKILLed again and again (possibly
     holding the writers' lock or the group-commit lock, mid-batch or mid-roll).

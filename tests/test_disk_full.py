@@ -43,6 +43,7 @@ import subprocess
 from typing import Callable, Dict, List, Optional
 
 import pytest
+from conftest import drain
 
 import qlog
 import qlog._local.backend
@@ -69,22 +70,17 @@ def index_of(b: bytes) -> int:
     return i
 
 
-def drain(q: qlog.Queue) -> List[int]:
-    """Pull and ack until nothing is visible; the numbers delivered, in order."""
-    out: List[int] = []
-    while True:
-        batch = q.pull(100)
-        if not batch.messages:
-            return out
-        out += [index_of(m.body) for m in batch.messages]
-        batch.ack_all()
+def drained_numbers(q: qlog.Queue) -> List[int]:
+    """Pull and ack until nothing is visible (conftest's ``drain``); the
+    numbers delivered, in order, each body checked."""
+    return [index_of(m.body) for m in drain(q)]
 
 
 def reopened_contents(path: str, name: str = "q", **settings) -> List[int]:
     """Open the directory with a new broker (default syscalls by now) and
     drain ``name``; the numbers delivered."""
     with qlog.open(path) as b:
-        return drain(b.queue(name, **settings))
+        return drained_numbers(b.queue(name, **settings))
 
 
 def check_exactly(delivered: List[int], returned: List[int], maybe: Optional[List[int]] = None) -> None:
@@ -296,12 +292,12 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_old_one_and_loses_nothin
     q = b.queue("q")
     for i in range(50):
         q.send(body(i, 100), content_type="bytes")
-    acked = drain_some(q, 20)
+    acked = ack_next(q, 20)
     q.close()                                            # a first checkpoint, written fine
     ckpt = os.path.join(data, "queues", "q", "checkpoint")
     old = open(ckpt, "rb").read()
     q = b.queue("q")
-    acked += drain_some(q, 10)
+    acked += ack_next(q, 10)
     faults.pwrite["/queues/q/checkpoint."] = errno.ENOSPC
     first_journal = q._b._journal.first_seq
     with caplog.at_level(logging.WARNING, logger="qlog"):
@@ -320,7 +316,8 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_old_one_and_loses_nothin
     check_exactly(acked + reopened_contents(data), list(range(50)))
 
 
-def drain_some(q: qlog.Queue, n: int) -> List[int]:
+def ack_next(q: qlog.Queue, n: int) -> List[int]:
+    """Pull exactly ``n`` messages and ack them; their numbers."""
     batch = q.pull(n)
     assert len(batch.messages) == n
     batch.ack_all()
@@ -418,7 +415,7 @@ def test_eio_while_writing_a_checkpoint_keeps_the_journal_and_loses_nothing(faul
     q = b.queue("q")
     for i in range(40):
         q.send(body(i, 100), content_type="bytes")
-    acked = drain_some(q, 15)
+    acked = ack_next(q, 15)
     qdir = os.path.join(data, "queues", "q")
     first_journal = q._b._journal.first_seq
     if call == "fsync-dir":
@@ -499,9 +496,9 @@ for line in sys.stdin:          # "again": try the next send; "more N": send unt
 _CONSUMER = r"""
 import json, sys, qlog
 sys.path.insert(0, sys.argv[2])
-from test_disk_full import drain
+from test_disk_full import drained_numbers
 with qlog.open(sys.argv[1]) as b:
-    print(json.dumps(drain(b.queue("q", segment_bytes=64 << 10))))
+    print(json.dumps(drained_numbers(b.queue("q", segment_bytes=64 << 10))))
 """
 
 

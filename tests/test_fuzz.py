@@ -544,6 +544,7 @@ def _counters(stt: _state.QueueState) -> tuple:
             stt.purged, stt.hidden, tuple(stt.unknown))
 
 
+@pytest.mark.slow
 @fuzz_settings(examples=300)
 @given(records=st.lists(journal_record(), min_size=1, max_size=12), now=_I64)
 def test_journal_replay_of_any_records_gives_a_state_that_checkpoints(

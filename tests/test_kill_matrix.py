@@ -495,6 +495,7 @@ def _run_all_at_once(m: Matrix, z: Zygote, wait_until) -> None:
         m.check([sends, prod, cons, wside], ordered=False)   # three processes at once: no one order
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("durability", MODES)
 @pytest.mark.parametrize("role", ["producer", "consumer", "worker"])
 def test_kill_minus_9_loses_nothing_returned(tmp_path, role, durability, wait_until, monkeypatch):
@@ -519,6 +520,7 @@ def test_kill_minus_9_loses_nothing_returned(tmp_path, role, durability, wait_un
         assert t.dead_lettered > 0, f"scenario: nothing reached the dead-letter queue; {m.summary()}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("durability", MODES)
 def test_kill_minus_9_of_all_roles_at_once_loses_nothing_returned(tmp_path, durability, wait_until, monkeypatch):
     small_journal(monkeypatch.setattr, CHECKPOINT_EVERY)

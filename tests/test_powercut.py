@@ -23,6 +23,8 @@ from __future__ import annotations
 import random
 from typing import Dict
 
+import pytest
+
 import qlog
 from _crashkit import Child, decode_payload, jitter, make_payload, read_all
 from _simvfs import Recorder, boot_id_hook, materialise, new_boot_id, syscalls
@@ -36,6 +38,7 @@ def _cut_point(rng: random.Random) -> int:
     return rng.choice([0, 1, rng.randint(1, 20), rng.randint(10, 80), rng.randint(40, 160)])
 
 
+@pytest.mark.slow
 def test_power_cut_loses_no_acknowledged_record_and_reuses_no_number(tmp_path):
     rng = random.Random(20240601)
     acked: Dict[int, int] = {}      # seq -> counter, acknowledged durable

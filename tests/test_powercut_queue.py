@@ -253,6 +253,7 @@ def cut_many(tmp_path, seed: int, cuts: int, total: Report, stats: Counter,
         and pq.fails(f.key))
 
 
+@pytest.mark.slow
 def test_power_cuts_of_a_whole_broker(work_dir, monkeypatch, capsys):
     """CHILDREN workloads, CUTS random cuts of each plus the explicit ones;
     every cut passes the invariant checker, and the cuts covered out-of-order

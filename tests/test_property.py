@@ -108,6 +108,7 @@ def _check_log(log: qlog.Log, model: List[bytes], reads: List[Tuple[float, int, 
         assert _read_all(log, from_seq) == expected[from_seq:]
 
 
+@pytest.mark.slow
 @pytest.mark.engines("c")
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=_ops(), reads=_reads, segment_bytes=st.sampled_from([4096, 16384, 65536]))

@@ -230,6 +230,7 @@ def _drain(q: qlog.Queue) -> List[qlog.Message]:
         batch.ack_all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("durability", MODES)
 def test_killed_consumers_lose_nothing_and_acked_messages_stay_acked(tmp_path, durability, wait_until,
                                                                      monkeypatch):
@@ -278,6 +279,7 @@ def test_killed_consumers_lose_nothing_and_acked_messages_stay_acked(tmp_path, d
         assert (st.acked, st.backlog, st.dead_lettered, st.deleted) == (MESSAGES + 1, 0, 0, 0), st
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("durability", MODES)
 def test_producer_killed_mid_send_batch_leaves_whole_batches(tmp_path, durability, wait_until):
     """After each kill: every batch send_batch returned is all there under

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Tuple
 
+import pytest
 from conftest import BACKENDS, HandClock
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -525,6 +526,7 @@ RANDOM_USE = settings(
 )
 
 
+@pytest.mark.slow
 def test_delivery_contract_holds_under_random_use(backend_name: str) -> None:
     run_state_machine_as_test(lambda: QueueMachine(backend_name), settings=RANDOM_USE)
 

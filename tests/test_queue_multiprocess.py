@@ -22,6 +22,8 @@ import random
 import sys
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
+import pytest
+
 import qlog
 from _crashkit import Child, jitter
 from test_queue_crash import side_file, side_lines, small_journal
@@ -152,6 +154,7 @@ def _finish_all(children: Sequence[Child], what: str) -> None:
 # ---- tests -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_four_producers_and_four_consumers_deliver_200000_messages_exactly_once(tmp_path, monkeypatch):
     small_journal(monkeypatch.setattr, CHECKPOINT_EVERY)
     path, procs, per_producer = str(tmp_path / "q"), 4, 50_000

@@ -428,6 +428,7 @@ def run_garbage_case(case: dict, template: pathlib.Path, root: pathlib.Path, run
     return dict(case, name=name), proc
 
 
+@pytest.mark.slow
 def test_garbage_segment_files_never_crash_nor_yield_bad_records(garbage_template, tmp_path, run_python) -> None:
     expected: Dict[int, bytes] = {s: payload(s) for s in range(GARBAGE_RECORDS)}
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from _crashkit import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +23,7 @@ SEED = 20261129
 SEGMENT = 256 << 10   # small message segments, so a minute gives some back
 
 
+@pytest.mark.slow
 def test_one_minute_soak_loses_nothing_and_stays_bounded(tmp_path):
     out = tmp_path / "soak.json"
     cmd = [sys.executable, SOAK, "--minutes", "1", "--interval", "15", "--rate", "300",
