@@ -59,8 +59,9 @@ uint64_t fmt_rec_check(const uint8_t *p, uint64_t avail, uint32_t salt32,
     uint64_t size = rec_size(len);
     if (len > QLOG_MAX_RECORD || size > avail)
         return 0;                       /* length runs past the data: torn */
-    if (p[REC_OFF_TYPE] != QLOG_REC_TYPE_DATA || p[30] || p[31])
-        return 0;
+    if (p[REC_OFF_TYPE] != QLOG_REC_TYPE_DATA || p[30] || p[31] ||
+        (p[REC_OFF_FLAGS] & ~QLOG_REC_FLAGS_KNOWN))
+        return 0;                       /* not a record of this format (FORMAT.md: reserved bits) */
     uint64_t seq = ld64(p + REC_OFF_SEQ);
     if (have_min && seq <= min_seq)
         return 0;                       /* a stale record from before a reuse */

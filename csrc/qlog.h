@@ -51,6 +51,7 @@
 #define QLOG_REC_TYPE_DATA         1
 #define QLOG_REC_FLAG_BATCH_MORE   1   /* another record of this batch follows */
 #define QLOG_REC_FLAG_BATCH_CONT   2   /* an earlier record of this batch precedes */
+#define QLOG_REC_FLAGS_KNOWN       3   /* every other flag bit is reserved: a record with one set is damage */
 #define QLOG_CRC_MASK_DELTA 0xa282ead8 /* masked = rotr15(crc) + delta */
 #define QLOG_MAX_RECORD   1073741824   /* largest payload: 1 GiB */
 #define QLOG_IDX_HEADER_SIZE      48

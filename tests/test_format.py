@@ -127,6 +127,7 @@ CONSTANTS = {
     "record type data": ("QLOG_REC_TYPE_DATA", _pure.REC_TYPE_DATA),
     "flag BATCH_MORE": ("QLOG_REC_FLAG_BATCH_MORE", _pure.FLAG_BATCH_MORE),
     "flag BATCH_CONT": ("QLOG_REC_FLAG_BATCH_CONT", _pure.FLAG_BATCH_CONT),
+    "flags known": ("QLOG_REC_FLAGS_KNOWN", _pure.FLAGS_KNOWN),
     "largest payload": ("QLOG_MAX_RECORD", _pure.MAX_RECORD),
     "CRC mask delta": ("QLOG_CRC_MASK_DELTA", _pure.CRC_MASK_DELTA),
     "index header size": ("QLOG_IDX_HEADER_SIZE", _pure.IDX_HEADER_SIZE),

@@ -838,6 +838,45 @@ def test_journal_record_naming_a_negative_message_is_skipped() -> None:
     assert _state.QueueState.from_snapshot(stt.snapshot()).floor() == 0
 
 
+BAD_JOURNAL_RECORDS = {
+    "negative message in a pull": (_state.encode(b"P", [100, 2, 4, 0, 0], [[3, -2], [7, 7]] + [[]] * 7),
+                                   "negative message number"),
+    "negative message in an ack": (_state.encode(b"A", [], [[-1, 0]]), "negative message number"),
+    "negative message in a retry": (_state.encode(b"R", [], [[-5], [1], [0]]), "negative message number"),
+    "negative message in an extend": (_state.encode(b"E", [10], [[-3], [1]]), "negative message number"),
+    "unknown tag": (_state.encode(b"Z", [], []), "unknown record tag"),
+    "pull above its cursor": (_state.encode(b"P", [100, 2, 4, 0, 0], [[2, 9], [7, 7]] + [[]] * 7),
+                              "at or above its cursor"),
+    "truncated": (_state.encode(b"A", [], [[1, 2]])[:-3], ""),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_JOURNAL_RECORDS))
+def test_replica_and_verify_judge_a_journal_record_alike(case: str) -> None:
+    """One validator: what the replica skips, `qlog verify` reports, with
+    the same reason (verify used to miss a negative message number)."""
+    payload, why = BAD_JOURNAL_RECORDS[case]
+    stt = _state.QueueState()
+    stt.apply(_state.encode(b"P", [100, 0, 2, 0, 0], [[0, 1], [7, 7]] + [[]] * 7))
+    before = (_counters(stt), _entries(stt))
+    stt.apply(payload)
+    assert (_counters(stt), _entries(stt)) == before, f"the replica applied a bad record ({case})"
+    reason = _check.journal_record_error(payload)
+    assert reason is not None, f"verify passed a record the replica skips ({case})"
+    assert why in reason
+    with pytest.raises(ValueError, match=why or "."):
+        _state.check_record(payload)
+
+
+def test_a_good_journal_record_passes_both() -> None:
+    good = _state.encode(b"A", [], [[0, 1]])
+    assert _check.journal_record_error(good) is None
+    stt = _state.QueueState()
+    stt.apply(_state.encode(b"P", [100, 0, 2, 0, 0], [[0, 1], [7, 7]] + [[]] * 7))
+    stt.apply(good)
+    assert stt.acked == 2
+
+
 def test_queue_over_a_checkpoint_naming_a_negative_message_refuses_it(
     queue_template: QueueTemplate,
 ) -> None:

@@ -30,7 +30,7 @@ from .._log.pure import (
     FLAG_BATCH_CONT, FLAG_BATCH_MORE, Damage, Record, crc32c, decode_index, encode_record,
     encode_segment_header, iter_segment, segment_files, unmask_crc,
 )
-from .state import QueueState, decode as decode_journal_record, write_checkpoint
+from .state import QueueState, check_record, decode as decode_journal_record, write_checkpoint
 
 __all__ = ["Problem", "LogCheck", "QueueCheck", "check_dir", "check_queue", "repair_queue",
            "rebuild_state", "QueueBusyError", "FORMAT_FILE", "lost_text"]
@@ -257,22 +257,13 @@ def _id_prefix(qdir: str) -> Tuple[Optional[str], Optional[str]]:
         return None, f"queue.json does not parse: {e}"
 
 
-JOURNAL_TAGS = frozenset(b"PARKDEX")  # FORMAT.md, "State journal record"
-
-
 def journal_record_error(payload: bytes) -> Optional[str]:
-    """Why a state journal record (that passed its CRC) cannot be applied, or None."""
+    """Why a state journal record (that passed its CRC) cannot be applied,
+    or None: the replica's own check (:func:`~qlog._local.state.check_record`)."""
     try:
-        tag = decode_journal_record(payload)[0]
+        check_record(payload)
     except (ValueError, struct.error) as e:
         return str(e)
-    if tag[0] not in JOURNAL_TAGS:
-        return f"unknown record tag {tag!r}"
-    _, sc, ar = decode_journal_record(payload)
-    if tag == b"P" and len(sc) >= 3:
-        for i in (0, 4):  # new and deferred messages: below the cursor after the pull
-            if i < len(ar) and len(ar[i]) and max(ar[i]) >= sc[2]:
-                return f"a pull record hands out message {max(ar[i])} at or above its cursor after, {sc[2]}"
     return None
 
 

@@ -160,20 +160,8 @@ class QueueState:
 
     def apply(self, payload: bytes) -> None:
         try:
-            tag, sc, ar = decode(payload)
-            fn = _APPLY.get(tag)
-            if fn is None:
-                raise ValueError(f"unknown record tag {tag!r}")
-            for i in _SEQ_ARRAYS[tag]:
-                if i < len(ar) and len(ar[i]) and min(ar[i]) < 0:
-                    raise ValueError("a negative message number")
-            if tag == b"P" and len(sc) >= 3:
-                # new and deferred messages are those the pull moved the
-                # cursor past: each is below the cursor after it
-                for i in (0, 4):
-                    if i < len(ar) and len(ar[i]) and max(ar[i]) >= sc[2]:
-                        raise ValueError(f"a pull record hands out message {max(ar[i])} at or "
-                                         f"above its cursor after, {sc[2]}")
+            tag, sc, ar = check_record(payload)
+            fn = _APPLY[tag]
             fn(self, sc, ar)
         except (ValueError, struct.error, IndexError, TypeError) as e:
             # A record that passed its CRC but does not parse was written by
@@ -571,6 +559,27 @@ _CKPT_HEAD = struct.Struct("<8sI10q")     # the same, then the number of unknown
 # Which arrays of each record hold message numbers (never negative).
 _SEQ_ARRAYS = {b"P": (0, 2, 4, 7, 8, 9), b"A": (0,), b"R": (0,), b"K": (0,), b"D": (0,), b"E": (0,),
                b"X": ()}
+
+
+def check_record(payload: bytes) -> Tuple[bytes, Tuple[int, ...], List[memoryview]]:
+    """A state journal record (one that passed its CRC) split into ``(tag,
+    scalars, arrays)``, or ValueError saying why it cannot be applied: the
+    one check of a journal record, used by the replica (:meth:`QueueState.apply`)
+    and by ``qlog verify`` alike (FORMAT.md, "State journal record")."""
+    tag, sc, ar = decode(payload)
+    if tag not in _APPLY:
+        raise ValueError(f"unknown record tag {tag!r}")
+    for i in _SEQ_ARRAYS[tag]:
+        if i < len(ar) and len(ar[i]) and min(ar[i]) < 0:
+            raise ValueError(f"a negative message number, {min(ar[i])}")
+    if tag == b"P" and len(sc) >= 3:
+        # new and deferred messages are those the pull moved the cursor
+        # past: each is below the cursor after it
+        for i in (0, 4):
+            if i < len(ar) and len(ar[i]) and max(ar[i]) >= sc[2]:
+                raise ValueError(f"a pull record hands out message {max(ar[i])} at or "
+                                 f"above its cursor after, {sc[2]}")
+    return tag, sc, ar
 
 
 def _pull(st: QueueState, sc, ar) -> None:

@@ -42,6 +42,8 @@ REC_ALIGN = 8
 REC_TYPE_DATA = 1
 FLAG_BATCH_MORE = 1
 FLAG_BATCH_CONT = 2
+FLAGS_KNOWN = FLAG_BATCH_MORE | FLAG_BATCH_CONT
+"""Every other flag bit is reserved: a record with one set is damage (FORMAT.md)."""
 MAX_RECORD = 1073741824
 CRC_MASK_DELTA = 0xA282EAD8
 IDX_HEADER_SIZE = 48
@@ -212,8 +214,8 @@ def _record_at(data: bytes, off: int, salt32: int, min_seq: Optional[int]) -> Op
     size = record_size(length)
     if length > MAX_RECORD or off + size > len(data):
         return None  # runs past the data: torn
-    if rtype != REC_TYPE_DATA or reserved:
-        return None
+    if rtype != REC_TYPE_DATA or reserved or flags & ~FLAGS_KNOWN:
+        return None  # not a record of this format (reserved bytes and flag bits are 0)
     if min_seq is not None and seq <= min_seq:
         return None  # a stale record
     if unmask_crc(crc) != crc32c(memoryview(data)[off + 4:off + size]):

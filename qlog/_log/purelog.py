@@ -149,7 +149,7 @@ def _check(buf: Any, off: int, end: int, salt32: int, last: Optional[int]) -> Op
     if s32 != salt32 or length > MAX_RECORD:
         return None
     size = (_RH + length + 7) & ~7
-    if off + size > end or rtype != F.REC_TYPE_DATA or reserved or flags & ~3:
+    if off + size > end or rtype != F.REC_TYPE_DATA or reserved or flags & ~F.FLAGS_KNOWN:
         return None
     if last is not None and seq <= last:
         return None
