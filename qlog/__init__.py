@@ -8,6 +8,7 @@ with Cloudflare Queues' semantics; :class:`Log` is the engine beneath.
 from ._log import ENGINE, Log
 from ._log.types import DURABILITY_MODES, MAX_RECORD, Damage, LogStats, VerifyReport
 from ._message import DeadLetterInfo, Message, MessageBatch, MessageSendRequest
+from ._local import backend as _local_backend  # noqa: F401  (the default backend: its imports are paid by `import qlog`, not by the first qlog.open)
 from ._queue import Broker, Queue, QueueMetrics, QueueStats, SettleResult, open
 from ._settings import QueueSettings
 from .errors import (
