@@ -36,7 +36,7 @@ from __future__ import annotations
 import abc
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 RECORD_HEADER = struct.Struct("<BBHIq")
 """A message record's header (docs/FORMAT.md, "Message records"): version,
@@ -99,6 +99,19 @@ class QueueBackend(abc.ABC):
     @abc.abstractmethod
     def append_one(self, record: bytes) -> int:
         """``append([record])``, on the shortest path the backend has."""
+
+    def direct_append(self) -> Optional[Tuple[Callable[..., int], Any]]:
+        """``(fn, handle)`` where ``fn(handle, record, len(record))`` is
+        :meth:`append_one` with no Python frame of its own (the local C
+        engine's call, made straight from ``Queue.send``): it returns the
+        number, or a negative error code that the caller hands to
+        :meth:`append_failed`, which raises.  Valid until :meth:`close`;
+        None (the default) when the backend has no such path."""
+        return None
+
+    def append_failed(self, code: int, record: bytes) -> int:
+        """Raise the error of a failed :meth:`direct_append` call (``code`` < 0)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def sync(self) -> None:
@@ -210,9 +223,13 @@ class QueueBackend(abc.ABC):
         other writers; returns the stored settings after the change."""
 
     @abc.abstractmethod
-    def settings_changed(self) -> bool:
-        """Whether the stored settings may have changed since the last
-        :meth:`load_settings` of this handle: cheap enough to ask per send."""
+    def settings_counter(self) -> Any:
+        """The stored settings' change counter: an object ``c`` whose
+        ``c[0]`` is an int that changes whenever :meth:`store_settings`
+        runs, in any process, and stays put until :meth:`close`.  Reading
+        ``c[0]`` is a plain memory read, so the semantics layer compares it
+        with the value it read before its last :meth:`load_settings` on
+        every call (a send included) and reloads when it moved."""
 
     @abc.abstractmethod
     def close(self) -> None:

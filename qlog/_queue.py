@@ -125,8 +125,9 @@ class Queue:
             name, self, Message, self.durability,
             handle.get("segment_bytes", QueueSettings.segment_bytes))
         self._idpre = self._b.id_prefix
-        self._append1 = self._b.append_one
-        self._changed = self._b.settings_changed
+        self._direct = self._b.direct_append()  # see send; None once closed
+        self._gen = self._b.settings_counter()  # see settings
+        self._gen_seen = -1
         self._next_sweep = 0.0
         self._closed = False
         self._refresh()
@@ -135,6 +136,7 @@ class Queue:
 
     def _refresh(self) -> None:
         """Resolve the settings again (see the module docstring)."""
+        self._gen_seen = self._gen[0]  # before the load: a change during it reloads next call
         stored = self._b.load_settings()
         fs = self._broker._file_settings
         base = {**fs.get("*", {}), **fs.get(self.name, {})}
@@ -157,7 +159,7 @@ class Queue:
     def settings(self) -> QueueSettings:
         """The settings every delivery obeys now (see the module docstring
         for where each comes from)."""
-        if self._changed():
+        if self._gen[0] != self._gen_seen:
             self._refresh()
         return self._settings
 
@@ -189,7 +191,7 @@ class Queue:
             if ct == CT_PICKLE and not self.settings.allow_pickle:
                 self._refuse_pickle()
             data = encode_body(body, ct)
-        if self._changed():
+        if self._gen[0] != self._gen_seen:
             self._refresh()
         settings = self._settings
         if len(data) > settings.max_message_size:
@@ -203,7 +205,13 @@ class Queue:
             delay_ms = _delay_us(delay_seconds, settings.delivery_delay, "delay_seconds") // 1000
         now = int(self._clock() * 1_000_000)
         payload = _pack_header(VERSION, ct, 0, delay_ms, now) + data
-        seq = self._append1(payload)
+        direct = self._direct
+        if direct is not None:
+            seq = direct[0](direct[1], payload, len(payload))
+            if seq < 0:
+                self._b.append_failed(seq, payload)
+        else:
+            seq = self._b.append_one(payload)
         if now > self._next_sweep:
             self._sweep(now)
         return f"{self._idpre}{seq:016x}"
@@ -367,7 +375,7 @@ class Queue:
             self.wait_change(token, left)
 
     def _lease(self, n: int, vt_us: int) -> List[Message]:
-        if self._changed():
+        if self._gen[0] != self._gen_seen:
             self._refresh()
         return self._b.lease(n, vt_us, self._now_us(), self._policy)
 
@@ -632,6 +640,8 @@ class Queue:
         if self._closed:
             return
         self._closed = True
+        self._direct = None  # sends now reach append_one, which says the queue is closed
+        self._gen = (self._gen_seen,)  # the backend's counter goes with it
         try:
             self._b.close()
         finally:

@@ -188,8 +188,7 @@ class LocalQueue(QueueBackend):
         self._ckpt_path = os.path.join(d, "checkpoint")
         self._paused_path = os.path.join(d, "paused")
         self._settings_path = os.path.join(d, "settings.json")
-        self._gen_map, self._gen = self._map_settings_gen()  # see settings_changed
-        self._gen_seen = -1
+        self._gen_map, self._gen = self._map_settings_gen()  # see settings_counter
         self._ckpt_pos = 0
         self._gaps: List[Tuple[int, int]] = []  # see _messages_in
         self._gaps_from = self._gaps_upto = 0
@@ -222,11 +221,19 @@ class LocalQueue(QueueBackend):
             raise errors.LogClosedError(f"queue {self.name!r} is closed")
         seq: int = self._append1(h, record, len(record))
         if seq < 0:
-            try:
-                self._msgs._append_error(seq, len(record))
-            except errors.DiskFullError as e:
-                self._disk_full(e, [record])
+            self.append_failed(seq, record)
         return seq
+
+    def direct_append(self) -> Optional[Tuple[Callable[..., int], Any]]:
+        h = self._msgs._h
+        return None if h is None else (self._append1, h)
+
+    def append_failed(self, code: int, record: bytes) -> int:
+        try:
+            self._msgs._append_error(code, len(record))
+        except errors.DiskFullError as e:
+            self._disk_full(e, [record])
+        raise errors.StorageError(code, f"append to queue {self.name!r} failed (code {code})")
 
     def append(self, records: Sequence[bytes], prefix: bytes = b"") -> int:
         try:
@@ -704,7 +711,6 @@ class LocalQueue(QueueBackend):
     # -- settings ------------------------------------------------------------
 
     def load_settings(self) -> Dict[str, Any]:
-        self._gen_seen = self._gen[0]
         try:
             with io.open(self._settings_path, "rb") as f:
                 raw = f.read()
@@ -729,12 +735,11 @@ class LocalQueue(QueueBackend):
             data = json.dumps({"settings": stored}, sort_keys=True, indent=1).encode() + b"\n"
             write_durable(self._settings_path, data, self._mode)
             self._gen[0] += 1  # under the lock: no other writer; readers see it at their next call
-            self._gen_seen = self._gen[0]
             self._msgs.poke()  # waiting pulls look again (pause, retries, sizes)
             return stored
 
-    def settings_changed(self) -> bool:
-        return self._gen[0] != self._gen_seen
+    def settings_counter(self) -> memoryview:
+        return self._gen
 
     # -- state replica ---------------------------------------------------
 
@@ -861,8 +866,9 @@ class LocalQueue(QueueBackend):
                 self._journal.close()
                 os.close(self._lockfd)
                 self._lockfd = -1
+                last = self._gen[0]
                 self._gen.release()
-                self._gen = [self._gen_seen]  # type: ignore[assignment]  (closed: no more changes)
+                self._gen = [last]  # type: ignore[assignment]  (closed: no more changes)
                 self._gen_map.close()
 
 
