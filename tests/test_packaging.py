@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 ROUNDTRIP = """
 import os, sys, tempfile, qlog
-assert not qlog.__file__.startswith(sys.argv[1]), qlog.__file__   # the installed copy
+assert qlog.__file__.startswith(os.path.join(sys.argv[1], "")), qlog.__file__   # the installed copy
 b = qlog.open(tempfile.mkdtemp())
 q = b.queue("jobs")
 q.send({"n": 1})
@@ -45,7 +45,7 @@ def install(what: pathlib.Path, target: pathlib.Path, tmp: pathlib.Path, **env: 
 def installed_engine(target: pathlib.Path, tmp: pathlib.Path) -> str:
     e = {k: v for k, v in os.environ.items() if k != "QLOG_PURE"}
     e["PYTHONPATH"] = str(target)
-    r = run([sys.executable, "-c", ROUNDTRIP, str(ROOT)], cwd=tmp, env=e)
+    r = run([sys.executable, "-c", ROUNDTRIP, str(target)], cwd=tmp, env=e)
     return r.stdout.split()[0]
 
 
