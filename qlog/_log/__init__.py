@@ -26,6 +26,8 @@ def _find_compiled() -> None:
     install .``: the compiled modules live in the installed copy.  Let this
     package find them there."""
     here = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(here)), "csrc", "qlog.h")):
+        return  # an installed copy: it never borrows another install's modules
     for entry in sys.path:
         cand = os.path.join(entry or ".", "qlog", "_log")
         if os.path.abspath(cand) != here and os.path.isdir(cand) and any(
