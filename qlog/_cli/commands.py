@@ -32,7 +32,9 @@ from .common import (
     plural,
     queue_name,
     seconds_in,
+    print_rows,
     table,
+    yes_no,
 )
 
 BODY_WIDTH = 60  # characters of a body shown in peek's table
@@ -202,7 +204,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         elapsed = 0.0
         if args.interval > 0:
             t0 = time.monotonic()
-            first = [(q.stats().sent, _done(q.stats())) for q in queues]
+            first = [(st.sent, _done(st)) for st in (q.stats() for q in queues)]
             time.sleep(args.interval)
             elapsed = time.monotonic() - t0
         out = []
@@ -222,21 +224,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"queues": out}))
         return EXIT_OK
-    rows = []
-    for row in out:
-        cells = []
-        for _title, key in _STAT_COLUMNS:
-            value = row[key]
-            if key == "oldest_age":
-                cells.append(age(value))
-            elif key == "paused":
-                cells.append("yes" if value else "no")
-            elif key in ("rate_in", "rate_out"):
-                cells.append("-" if value is None else f"{value:.1f}")
-            else:
-                cells.append(str(value))
-        rows.append(cells)
-    print(table([t for t, _k in _STAT_COLUMNS], rows, [k == "name" for _t, k in _STAT_COLUMNS]))
+    def rate(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    print_rows(out, _STAT_COLUMNS, ("name",),
+               {"oldest_age": age, "paused": yes_no, "rate_in": rate, "rate_out": rate})
     return EXIT_OK
 
 

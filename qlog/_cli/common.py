@@ -9,7 +9,7 @@ import argparse
 import math
 import os
 import sys
-from typing import Any, Callable, List, Optional, Sequence, TextIO
+from typing import Any, Callable, List, Mapping, Optional, Sequence, TextIO
 
 from .._local.backend import FORMAT_FILE
 from .._queue import Broker, Queue
@@ -170,6 +170,26 @@ def table(header: Sequence[str], rows: List[List[str]], left: Sequence[bool]) ->
         return "  ".join(out).rstrip()
 
     return "\n".join([line(header)] + [line(r) for r in rows])
+
+
+def yes_no(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def print_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[Sequence[str]],
+               left: Sequence[str], shown: Mapping[str, Callable[[Any], str]]) -> None:
+    """Print ``rows`` (dicts) as a table of ``columns`` ``(title, key)``:
+    each cell through ``shown[key]`` where given, else ``-`` for None and
+    ``str`` otherwise; the keys in ``left`` aligned left."""
+    cells: List[List[str]] = []
+    for row in rows:
+        line = []
+        for _title, key in columns:
+            value = row[key]
+            fmt = shown.get(key)
+            line.append(fmt(value) if fmt is not None else "-" if value is None else str(value))
+        cells.append(line)
+    print(table([t for t, _k in columns], cells, [k in left for _t, k in columns]))
 
 
 def missing_subcommand(parser: argparse.ArgumentParser) -> int:

@@ -32,7 +32,8 @@ from .common import (
     open_existing,
     plural,
     queue_name,
-    table,
+    print_rows,
+    yes_no,
 )
 
 # -- the settings table ------------------------------------------------------------
@@ -235,20 +236,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"queues": out}))
         return EXIT_OK
-    rows = []
-    for row in out:
-        cells = []
-        for _title, key in _LIST_COLUMNS:
-            value = row[key]
-            if key == "paused":
-                cells.append("yes" if value else "no")
-            elif value is None:
-                cells.append("-")
-            else:
-                cells.append(str(value))
-        rows.append(cells)
-    left = [k in ("name", "paused", "dead_letter_queue") for _t, k in _LIST_COLUMNS]
-    print(table([t for t, _k in _LIST_COLUMNS], rows, left))
+    print_rows(out, _LIST_COLUMNS, ("name", "paused", "dead_letter_queue"), {"paused": yes_no})
     return EXIT_OK
 
 
