@@ -27,12 +27,19 @@ static void seg_unmap(seginfo *s)
     }
 }
 
-static void seg_free(seginfo *s)
+/* Unmap s and close its file: a reader holds open only the segments it
+ * maps (the one last read and the active one), however long the log. */
+static void seg_release(seginfo *s)
 {
     seg_unmap(s);
     if (s->fd >= 0)
         qlog_sys.close(s->fd);
     s->fd = -1;
+}
+
+static void seg_free(seginfo *s)
+{
+    seg_release(s);
     free(s->iseq);
     free(s->ioff);
     free(s->dmg);
@@ -522,12 +529,17 @@ static int64_t read_impl(qlog_log *log, uint64_t from_seq, size_t max_records, s
         }
         if (active)
             break;
+        /* A sealed segment read to its end is let go before the next one
+         * is opened: one call may cross many segments. */
+        if (!done)
+            seg_release(s);
     }
-    /* Keep memory flat: only the segment last read and the active one stay
-     * mapped. */
+    /* Keep memory and descriptors flat: only the segment last read and the
+     * active one stay mapped and open. */
     for (size_t k = 0; k < log->nsegs; k++)
-        if (k != last_used && log->segs[k].base != snap.active_base && log->segs[k].map)
-            seg_unmap(&log->segs[k]);
+        if (k != last_used && log->segs[k].base != snap.active_base &&
+            (log->segs[k].map || log->segs[k].fd >= 0))
+            seg_release(&log->segs[k]);
     pthread_mutex_unlock(&log->rmu);
     return (int64_t)n;
 out:

@@ -4,11 +4,14 @@ use, so a process's resident memory does not grow with the size of the log."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 from _crashkit import child_env
+
+import qlog
 
 MiB = 1 << 20
 
@@ -70,3 +73,33 @@ def test_resident_memory_does_not_grow_with_the_log(tmp_path):
     grew_reading = rss["read 512 MiB"] - rss["read 128 MiB"]
     assert grew_writing < 64 * MiB, f"writing 384 MiB more grew RSS by {grew_writing / MiB:.0f} MiB: {rss}"
     assert grew_reading < 64 * MiB, f"reading 384 MiB more grew RSS by {grew_reading / MiB:.0f} MiB: {rss}"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_reader_holds_few_descriptors_however_many_segments(tmp_path, engine):
+    """Reading a log of 600 segments from end to end, in one call and in many,
+    leaves open only the segment last read and the active one (Python's mmap
+    holds a duplicate descriptor of its file, so four at most); a reader that
+    kept every segment it had read open ran out of them under ulimit -n 1024."""
+    path = str(tmp_path / "log")
+    with qlog.Log(path, durability="none", segment_bytes=4096) as log:
+        for i in range(600):
+            log.append_batch([b"%04d" % i + b"x" * 3000])
+        assert len([f for f in os.listdir(path) if f.endswith(".seg")]) >= 600
+    with qlog.Log(path, durability="none", segment_bytes=4096) as log:
+        before = _open_fds()
+        got = log.read(0, max_records=10_000)
+        assert [p[:4] for _, p in got] == [b"%04d" % i for i in range(600)]
+        assert _open_fds() - before <= 4
+        seq, seen = 0, 0
+        while True:
+            recs = log.read(seq, max_records=7)
+            if not recs:
+                break
+            seen += len(recs)
+            seq = recs[-1][0] + 1
+            assert _open_fds() - before <= 4
+        assert seen == 600

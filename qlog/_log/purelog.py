@@ -52,7 +52,7 @@ import time
 from array import array
 from bisect import bisect_right
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from . import pure as F
 from .. import errors
@@ -295,6 +295,8 @@ class Log(LogLifecycle):
         self._w_fd = -1
         self._w_base = -1
         self._segs: Dict[int, _Seg] = {}
+        self._held: Set[int] = set()  # bases of the segments open and mapped
+        self._read_abase = 0  # the active segment as the last read saw it
         self._seg_gen = -1
         self._bases: List[int] = []
         self._dirfd = self._lockfd = self._ctlfd = -1
@@ -979,6 +981,7 @@ class Log(LogLifecycle):
         for b in list(self._segs):
             if b not in keep:
                 self._segs.pop(b).close()
+                self._held.discard(b)
         for b in bases:
             if b not in self._segs:
                 self._segs[b] = _Seg(b, self._seg_path(b))
@@ -995,6 +998,7 @@ class Log(LogLifecycle):
                 return False
             except OSError as e:
                 raise self._oserr(e, f"read of {self.path!r} failed") from None
+            self._held.add(s.base)
         if sealed and not s.sealed:
             s.sealed = True
             s.size = os.fstat(s.fd).st_size
@@ -1143,6 +1147,7 @@ class Log(LogLifecycle):
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         with self._call(), self._rmu:
             out = self._read(from_seq, max_records, max_bytes)
+            self._release(out[-1][0] if out else None)
             if self._touched >= _DROP_EVERY:
                 self._drop_resident()
         if not out:
@@ -1157,8 +1162,25 @@ class Log(LogLifecycle):
         return unpack(b"".join(p for _, p in out), array("Q", [q for q, _ in out]).tobytes(),
                       offs.tobytes(), len(out))
 
+    def _release(self, last_seq: Optional[int]) -> None:
+        """Keep memory and descriptors flat: only the segment holding the
+        last record read and the active one stay open and mapped."""
+        if len(self._held) <= 1:
+            return
+        keep = {self._read_abase}
+        if last_seq is not None:
+            k = bisect_right(self._bases, last_seq) - 1
+            if k >= 0:
+                keep.add(self._bases[k])
+        for b in list(self._held - keep):
+            self._held.discard(b)
+            s = self._segs.get(b)
+            if s is not None:
+                s.close()
+
     def _read(self, from_seq: int, max_records: int, max_bytes: int) -> List[Tuple[int, bytes]]:
         abase, _salt, wend, nxt, gen = self._snapshot()
+        self._read_abase = abase
         if from_seq >= nxt:
             return []
         self._refresh(gen)
@@ -1206,6 +1228,9 @@ class Log(LogLifecycle):
                 off += size
             if len(out) >= max_records:
                 return out
+            if s.base != abase:  # read to its end: let it go before the next one
+                self._held.discard(s.base)
+                s.close()
         return out
 
     def _wait_for(self, cond: Callable[[], bool], timeout: Optional[float]) -> bool:
