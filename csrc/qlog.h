@@ -87,6 +87,9 @@ typedef struct qlog_vfs {
                                            makes nothing durable) */
     int     (*fs_type)(const char *path, int64_t *type);  /* statfs(2)'s
                                            f_type of path's filesystem */
+    int     (*link)(const char *from, const char *to);  /* not used by the
+                                           engine itself: qlog's small files
+                                           created first-writer-wins */
 } qlog_vfs;
 
 void qlog_vfs_get(qlog_vfs *out);            /* the table in use */

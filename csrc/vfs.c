@@ -125,16 +125,18 @@ static int sys_fs_type(const char *path, int64_t *type)
     return 0;
 }
 
+static int sys_link(const char *from, const char *to) { return link(from, to); }
+
 static const qlog_vfs default_table = {
     sys_open, sys_close, sys_pread, sys_pwrite, sys_fdatasync, sys_fsync,
     sys_rename, sys_unlink, sys_ftruncate, sys_fallocate, sys_mkdir,
-    sys_mmap, sys_munmap, sys_boot_id, sys_writeback, sys_fs_type,
+    sys_mmap, sys_munmap, sys_boot_id, sys_writeback, sys_fs_type, sys_link,
 };
 
 qlog_vfs qlog_sys = {
     sys_open, sys_close, sys_pread, sys_pwrite, sys_fdatasync, sys_fsync,
     sys_rename, sys_unlink, sys_ftruncate, sys_fallocate, sys_mkdir,
-    sys_mmap, sys_munmap, sys_boot_id, sys_writeback, sys_fs_type,
+    sys_mmap, sys_munmap, sys_boot_id, sys_writeback, sys_fs_type, sys_link,
 };
 
 void qlog_vfs_get(qlog_vfs *out) { *out = qlog_sys; }
@@ -160,5 +162,6 @@ void qlog_vfs_set(const qlog_vfs *t)
     if (!n.boot_id) n.boot_id = default_table.boot_id;
     if (!n.writeback) n.writeback = default_table.writeback;
     if (!n.fs_type) n.fs_type = default_table.fs_type;
+    if (!n.link) n.link = default_table.link;
     qlog_sys = n;
 }

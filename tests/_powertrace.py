@@ -253,7 +253,19 @@ class TraceRecorder:
             self.changed()
             return r
 
-        return {"fdatasync": fdatasync, "fsync": fsync, "rename": rename, "unlink": unlink}
+        def link(a, b) -> int:
+            r = real.link(a, b)
+            self.changed()
+            return r
+
+        def open_(path, flags, mode) -> int:
+            fd = real.open(path, flags, mode)
+            if flags & os.O_CREAT:
+                self.changed()
+            return fd
+
+        return {"fdatasync": fdatasync, "fsync": fsync, "rename": rename, "unlink": unlink,
+                "link": link, "open": open_}
 
     def os_proxy(self) -> "OsProxy":
         return OsProxy(self)

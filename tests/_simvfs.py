@@ -48,7 +48,7 @@ real = ffi.new("qlog_vfs *")
 lib.qlog_vfs_get_default(real)
 
 HOOKS = ("open", "close", "pread", "pwrite", "fdatasync", "fsync", "rename", "unlink",
-         "ftruncate", "fallocate", "boot_id", "writeback", "fs_type")
+         "ftruncate", "fallocate", "boot_id", "writeback", "fs_type", "link")
 PAGE = 4096
 SECTOR = 512     # what a disk writes whole or not at all
 

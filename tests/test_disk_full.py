@@ -38,6 +38,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 from typing import Callable, Dict, List, Optional
@@ -583,3 +584,46 @@ def test_a_real_full_filesystem(small_fs, spawn_python, run_python):
     r = run_python(_CONSUMER, [data, here], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     check_exactly(delivered + json.loads(r.stdout), sent)
+
+
+# ---- the small files beside the logs --------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["pwrite", "fdatasync", "fsync-dir"])
+@pytest.mark.parametrize("file", ["format", "queue.json", "settings.json"])
+def test_eio_writing_a_small_file_names_it_and_leaves_the_old_one(faults, data, call, file):
+    """The data format mark, a queue's identity and its stored settings are
+    written through the engine's syscall table (as checkpoints and logs are):
+    an injected EIO raises StorageError naming the file, and no temporary
+    file or half-written file stays."""
+    if file == "format":
+        target, where = os.path.join(data, qlog._local.backend.FORMAT_FILE), data
+    else:
+        with qlog.open(data) as b:
+            b.queue("q", delivery_delay=5)
+        target, where = os.path.join(data, "queues", "new" if file == "queue.json" else "q", file), None
+    where = where or os.path.dirname(target)
+    before = open(target, "rb").read() if os.path.exists(target) else None
+    if call == "fsync-dir":
+        faults.fsync["=" + where] = errno.EIO
+    else:
+        getattr(faults, call)[target + "."] = errno.EIO   # its temporary file
+    with pytest.raises(qlog.StorageError, match=re.escape(target) + ".*Input/output error"):
+        if file == "format":
+            qlog.open(data).close()
+        else:
+            with qlog.open(data) as b:
+                if file == "queue.json":
+                    b.create_queue("new")
+                else:
+                    b.configure("q", delivery_delay=7)
+    assert sum(faults.injected.values()) >= 1
+    faults.fsync.clear()
+    faults.pwrite.clear()
+    faults.fdatasync.clear()
+    if os.path.isdir(os.path.dirname(target)):
+        assert not [f for f in os.listdir(os.path.dirname(target)) if f.endswith(".tmp")]
+    if call != "fsync-dir":  # a failed directory fsync comes after the rename
+        now = open(target, "rb").read() if os.path.exists(target) else None
+        assert now == before
+    CASES["eio"] += 1

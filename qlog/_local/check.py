@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import errors
+from .._log.files import fsync_dir, replace_durably
 from .._log.pure import (
     FLAG_BATCH_CONT, FLAG_BATCH_MORE, Damage, Record, crc32c, decode_index, encode_record,
     encode_segment_header, iter_segment, segment_files, unmask_crc,
@@ -33,9 +34,8 @@ from .._log.pure import (
 from .state import QueueState, check_record, decode as decode_journal_record, write_checkpoint
 
 __all__ = ["Problem", "LogCheck", "QueueCheck", "check_dir", "check_queue", "repair_queue",
-           "rebuild_state", "QueueBusyError", "FORMAT_FILE", "lost_text"]
+           "rebuild_state", "QueueBusyError", "lost_text"]
 
-FORMAT_FILE = "qlog-format"
 LOGS = ("messages", "state")
 _META = struct.Struct("<8sIIQ36sI")
 _META_MAGIC = b"QLOGMETA"
@@ -377,14 +377,6 @@ class _Locks:
         self.fds = []
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_segment_records(path: str, base: int, records: Sequence[Record], mode: int) -> None:
     """Replace the segment file ``path`` atomically by one with segment base
     ``base`` holding ``records`` as they were (sequence numbers, timestamps,
@@ -395,18 +387,7 @@ def write_segment_records(path: str, base: int, records: Sequence[Record], mode:
     for r in records:
         out += encode_record(r.payload, r.seq, r.timestamp, salt,
                              more=bool(r.flags & FLAG_BATCH_MORE), cont=bool(r.flags & FLAG_BATCH_CONT))
-    tmp = path + ".repair.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(out)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    replace_durably(path, out, mode, tmp=path + ".repair.tmp", exact_mode=True)
 
 
 def _quarantine(path: str, stamp: str) -> str:
@@ -414,7 +395,7 @@ def _quarantine(path: str, stamp: str) -> str:
     link: the original name stays until replaced)."""
     dest = f"{path}.quarantined-{stamp}"
     os.link(path, dest)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
     return dest
 
 

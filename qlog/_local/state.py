@@ -87,6 +87,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import crc32c as _crc32c
 
 from .. import errors
+from .._log.files import replace_durably, storage_error
 
 logger = logging.getLogger("qlog")
 
@@ -604,67 +605,6 @@ _APPLY = {
 }
 
 
-def _syscall_table():  # type: ignore[no-untyped-def]
-    """The engine's syscall table in use (so that checkpoints meet the same
-    faults as the logs), or None without the compiled engine."""
-    try:
-        from .._log._qlog_c import ffi, lib
-    except ImportError:
-        return None, None
-    t = ffi.new("qlog_vfs *")
-    lib.qlog_vfs_get(t)
-    return ffi, t
-
-
-def _oserror(ffi) -> OSError:  # type: ignore[no-untyped-def]
-    e = ffi.errno if ffi is not None else 0
-    return OSError(e or errno.EIO, os.strerror(e or errno.EIO))
-
-
-def _write_durably(path: str, data: bytes, mode: int) -> None:
-    """Create ``path`` (permission bits ``mode``) holding ``data``,
-    fdatasync'd, through the engine's syscall table (plain system calls
-    without the compiled engine)."""
-    ffi, t = _syscall_table()
-    if t is None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        return
-    fd = t.open(os.fsencode(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    if fd < 0:
-        raise _oserror(ffi)
-    try:
-        buf = ffi.from_buffer(data)
-        off = 0
-        while off < len(data):
-            w = t.pwrite(fd, buf + off, len(data) - off, off)
-            if w <= 0:  # a short write that wrote nothing: the disk is full
-                raise _oserror(ffi) if w < 0 else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            off += w
-        if t.fdatasync(fd) != 0:
-            raise _oserror(ffi)
-    finally:
-        t.close(fd)
-
-
-def _fsync_dir(d: str) -> None:
-    ffi, t = _syscall_table()
-    dfd = os.open(d, os.O_RDONLY)
-    try:
-        if t is None:
-            os.fsync(dfd)
-        elif t.fsync(dfd) != 0:
-            raise _oserror(ffi)
-    finally:
-        os.close(dfd)
-
-
 def write_checkpoint(path: str, data: bytes, mode: int = 0o600) -> None:
     """Atomically replace the checkpoint at ``path``: temporary file,
     fdatasync, rename, directory fsync.  A power cut leaves the old one or
@@ -674,30 +614,14 @@ def write_checkpoint(path: str, data: bytes, mode: int = 0o600) -> None:
     other error: :class:`~qlog.StorageError`) removes the temporary file and
     leaves the previous checkpoint in place; the caller must then keep
     every journal record after the previous one."""
-    d = os.path.dirname(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        try:
-            _write_durably(tmp, data, mode)
-            os.rename(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(d)
+        replace_durably(path, data, mode, tmp=f"{path}.{os.getpid()}.tmp")
     except OSError as e:
-        code = e.errno or errno.EIO
-        if code == errno.ENOSPC:
-            raise errors.DiskFullError(
-                code, f"cannot write checkpoint {path} of {len(data)} bytes: no space left "
-                "on device; the previous checkpoint is kept"
-            ) from None
-        raise errors.StorageError(
-            code, f"cannot write checkpoint {path}: {os.strerror(code)}; it may not be durable, "
-            "so the journal records it covers are kept"
-        ) from None
+        if (e.errno or errno.EIO) == errno.ENOSPC:
+            raise storage_error(e, f"cannot write checkpoint {path} of {len(data)} bytes",
+                                "the previous checkpoint is kept") from None
+        raise storage_error(e, f"cannot write checkpoint {path}",
+                            "it may not be durable, so the journal records it covers are kept") from None
 
 
 def read_checkpoint(path: str) -> Optional[QueueState]:

@@ -42,6 +42,7 @@ extern "Python" {
     int     qlog_py_boot_id(char *out, size_t n);
     int     qlog_py_writeback(int fd, int64_t off, int64_t len);
     int     qlog_py_fs_type(const char *path, int64_t *type);
+    int     qlog_py_link(const char *from, const char *to);
 }
 """
 

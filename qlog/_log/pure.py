@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 import crc32c as _crc32c
 
 from ..errors import FormatError, RecordTooLargeError
+from .files import replace_durably
 
 __all__ = [
     "SegmentHeader", "Record", "Damage", "IndexFile",
@@ -372,15 +373,15 @@ def read_log(directory: Union[str, "os.PathLike[str]"], *,
 
 def write_segment(directory: Union[str, "os.PathLike[str]"], base: int,
                   records: Iterable[Union[BytesLike, Sequence[BytesLike]]],
-                  salt: Optional[int] = None) -> str:
+                  salt: Optional[int] = None, mode: int = 0o600) -> str:
     """Write a sealed segment file ``%020d.seg`` holding ``records``; returns its path.
 
     Each item of ``records`` is a payload (a batch of one) or a list/tuple
     of payloads (one batch: all but its last record carry BATCH_MORE).
     Sequence numbers run densely from ``base``; ``salt`` is random when not
-    given.  The file is written under a temporary name, fsynced and renamed
-    into place, then the directory is fsynced; an existing segment is never
-    overwritten (``FileExistsError``)."""
+    given; ``mode``: its permission bits (less the umask).  The file is
+    written durably (:func:`~qlog._log.files.replace_durably`); an existing
+    segment is never overwritten (``FileExistsError``)."""
     if salt is None:
         salt = int.from_bytes(os.urandom(8), "little") | 1
     out = bytearray(encode_segment_header(base, salt, time.time_ns()))
@@ -397,19 +398,8 @@ def write_segment(directory: Union[str, "os.PathLike[str]"], base: int,
             out += encode_record(payload, seq, ts, salt, more=i + 1 < len(batch), cont=i > 0)
             seq += 1
     path = os.path.join(os.fspath(directory), f"{base:020d}.seg")
-    if os.path.exists(path):
+    if not replace_durably(path, out, mode, exclusive=True):
         raise FileExistsError(f"segment {path!r} already exists")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(out)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-    dfd = os.open(os.fspath(directory), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)  # the new name is durable
-    finally:
-        os.close(dfd)
     return path
 
 
