@@ -107,7 +107,7 @@ int fmt_meta_decode(const uint8_t *p, uint64_t avail, uint64_t *reserved_upto, c
         return QLOG_EFORMAT;
     if (qlog_crc_unmask(ld32(p + META_OFF_CRC)) != qlog_crc32c(0, p, META_OFF_CRC))
         return QLOG_EFORMAT;
-    if (ld32(p + META_OFF_VERSION) != QLOG_FORMAT_VERSION)
+    if (ld32(p + META_OFF_VERSION) != QLOG_FORMAT_VERSION || ld32(p + META_OFF_SIZE) != QLOG_META_SIZE)
         return QLOG_EFORMAT;
     *reserved_upto = ld64(p + META_OFF_RESERVE);
     memcpy(boot_id, p + META_OFF_BOOT, QLOG_BOOT_ID_SIZE);

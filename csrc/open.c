@@ -488,7 +488,7 @@ int qlog_open(const char *dir, int durability, uint64_t segment_bytes, int mode,
         return QLOG_EINVAL;   /* owner rw, no execute, setuid, setgid or sticky bits */
     if (durability < QLOG_DURABILITY_NONE || durability > QLOG_DURABILITY_SYNC)
         return QLOG_EINVAL;
-    if (segment_bytes < 4096 || segment_bytes > ((uint64_t)1 << 40))
+    if (segment_bytes < QLOG_MIN_SEGMENT_BYTES || segment_bytes > QLOG_MAX_SEGMENT_BYTES)
         return QLOG_EINVAL;
     if (strlen(dir) == 0 || strlen(dir) > 4000)
         return QLOG_EINVAL;   /* paths are built in 4200-byte buffers */

@@ -61,6 +61,8 @@
 #define QLOG_SEQ_RESERVE     1048576   /* sequence numbers reserved per durable
                                           high-water-mark update */
 #define QLOG_DEFAULT_SEGMENT_BYTES 67108864
+#define QLOG_MIN_SEGMENT_BYTES 4096
+#define QLOG_MAX_SEGMENT_BYTES 1099511627776   /* 1 TiB */
 
 /* ---- the syscall table ----------------------------------------------- *
  * Every file operation the engine makes goes through this table, so tests

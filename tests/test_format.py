@@ -149,6 +149,57 @@ def test_constants_table_agrees_with_the_c_header_and_the_pure_module() -> None:
         assert pure_value == value, f"qlog._pure disagrees with FORMAT.md's {name!r}"
 
 
+def test_python_copies_of_engine_constants_equal_the_c_values() -> None:
+    """The limits, defaults and markers the Python side keeps for the pure
+    engine (which runs without the compiled module) equal the C engine's."""
+    from qlog._log import modes, purelog, types
+
+    assert (types.MIN_SEGMENT, types.MAX_SEGMENT, types.DEFAULT_SEGMENT_BYTES) == (
+        lib.QLOG_MIN_SEGMENT_BYTES, lib.QLOG_MAX_SEGMENT_BYTES, lib.QLOG_DEFAULT_SEGMENT_BYTES)
+    assert types.MAX_RECORD == lib.QLOG_MAX_RECORD == _pure.MAX_RECORD
+    assert types.DURABILITY_MODES == {"none": lib.QLOG_DURABILITY_NONE,
+                                      "interval": lib.QLOG_DURABILITY_INTERVAL,
+                                      "sync": lib.QLOG_DURABILITY_SYNC}
+    assert modes.DEFAULT_FILE_MODE == lib.QLOG_DEFAULT_FILE_MODE
+    internal = (ROOT / "csrc" / "log_internal.h").read_text()
+
+    def define(name: str) -> str:
+        m = re.search(rf"^#define\s+{name}\s+(.+?)\s*(?:/\*.*)?$", internal, re.M)
+        assert m, f"log_internal.h defines no {name}"
+        return m.group(1)
+
+    magic = define("QLOG_CTL_MAGIC")
+    assert ast.literal_eval("b" + magic) == types.CTL_MAGIC_C
+    for name, value in (("QLOG_DROP_EVERY", purelog._DROP_EVERY), ("QLOG_ALLOC_CHUNK", purelog._ALLOC_CHUNK)):
+        m = re.fullmatch(r"\((\d+)u << (\d+)\)", define(name))
+        assert m, f"{name} is not written as (Nu << M)"
+        assert int(m.group(1)) << int(m.group(2)) == value, f"purelog's copy of {name} differs"
+
+
+def test_meta_rule_is_one_for_every_reader(tmp_path) -> None:
+    """A ``meta`` whose size field is wrong (CRC valid) holds no mark for the
+    format module, for ``qlog verify``'s check, and for both engines."""
+    from qlog._local.check import check_meta
+    from qlog._log import clog, purelog
+
+    good = _pure.encode_meta(5_000_000, "")
+    assert _pure.decode_meta(good) == (5_000_000, "") and check_meta(good) is None
+    bad = bytearray(good)
+    struct.pack_into("<I", bad, 12, 63)
+    struct.pack_into("<I", bad, 60, _pure.mask_crc(_pure.crc32c(bytes(bad[:60]))))
+    with pytest.raises(qlog.FormatError, match="size 63"):
+        _pure.decode_meta(bytes(bad))
+    assert "size 63" in (check_meta(bytes(bad)) or "")
+    for cls, bytes_ in ((clog.Log, good), (clog.Log, bytes(bad)), (purelog.Log, good), (purelog.Log, bytes(bad))):
+        d = tmp_path / f"{cls.__module__}-{bytes_ is good}"
+        with cls(str(d), durability="sync") as log:
+            log.append(b"x")
+        (d / "meta").write_bytes(bytes_)
+        with cls(str(d), durability="sync") as log:  # a mark no boot id names applies in this boot
+            nxt = log.next_seq
+        assert (nxt == 5_000_000) == (bytes_ is good), (cls.__module__, nxt)
+
+
 def test_magics_agree_with_format_h() -> None:
     for name, doc_text, pure in (
         ("QLOG_SEG_MAGIC", r"`QLOGSEG\0`", _pure.SEG_MAGIC),

@@ -27,9 +27,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import errors
 from .._log.files import fsync_dir, replace_durably
+from .._log.modes import DEFAULT_FILE_MODE
 from .._log.pure import (
-    FLAG_BATCH_CONT, FLAG_BATCH_MORE, Damage, Record, crc32c, decode_index, encode_record,
-    encode_segment_header, iter_segment, segment_files, unmask_crc,
+    FLAG_BATCH_CONT, FLAG_BATCH_MORE, Damage, Record, decode_index, decode_meta, encode_record,
+    encode_segment_header, iter_segment, segment_files,
 )
 from .state import QueueState, check_record, decode as decode_journal_record, write_checkpoint
 
@@ -37,8 +38,6 @@ __all__ = ["Problem", "LogCheck", "QueueCheck", "check_dir", "check_queue", "rep
            "rebuild_state", "QueueBusyError", "lost_text"]
 
 LOGS = ("messages", "state")
-_META = struct.Struct("<8sIIQ36sI")
-_META_MAGIC = b"QLOGMETA"
 
 
 class QueueBusyError(errors.QlogError):
@@ -144,15 +143,10 @@ def _read(path: str) -> bytes:
 
 def check_meta(data: bytes) -> Optional[str]:
     """What is wrong with a ``meta`` file's bytes (FORMAT.md), or None."""
-    if len(data) != _META.size:
-        return f"meta is {len(data)} bytes long, expected {_META.size}"
-    magic, version, size, _upto, _boot, crc = _META.unpack(data)
-    if magic != _META_MAGIC:
-        return f"meta magic is {magic!r}, expected {_META_MAGIC!r}"
-    if unmask_crc(crc) != crc32c(data[:60]):
-        return "meta fails its CRC"
-    if version != 1 or size != _META.size:
-        return f"meta has version {version} and size {size}, expected 1 and {_META.size}"
+    try:
+        decode_meta(data)
+    except errors.FormatError as e:
+        return str(e)
     return None
 
 
@@ -508,7 +502,7 @@ def repair_queue(root: str, name: str, *, dry_run: bool = False,
                          + f" and {len(journal)} intact journal records: {len(st.pending)} messages not done, "
                          f"cursor {st.cursor}; messages whose fate the damage hid are delivered again")
             if not dry_run:
-                mode = 0o600
+                mode = DEFAULT_FILE_MODE
                 if os.path.exists(ck):
                     mode = os.stat(ck).st_mode & 0o7777
                     _quarantine(ck, stamp)

@@ -88,6 +88,7 @@ import crc32c as _crc32c
 
 from .. import errors
 from .._log.files import replace_durably, storage_error
+from .._log.modes import DEFAULT_FILE_MODE
 
 logger = logging.getLogger("qlog")
 
@@ -605,7 +606,7 @@ _APPLY = {
 }
 
 
-def write_checkpoint(path: str, data: bytes, mode: int = 0o600) -> None:
+def write_checkpoint(path: str, data: bytes, mode: int = DEFAULT_FILE_MODE) -> None:
     """Atomically replace the checkpoint at ``path``: temporary file,
     fdatasync, rename, directory fsync.  A power cut leaves the old one or
     the new one, never a torn one.  ``mode``: the file's permission bits.

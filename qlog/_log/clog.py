@@ -19,7 +19,8 @@ from .. import errors
 from .modes import DEFAULT_FILE_MODE
 from ._glue import pack as _pack, unpack as _unpack
 from ._qlog_c import ffi, lib
-from .types import Damage, LogLifecycle, LogStats, VerifyReport, check_log_args
+from .types import (CTL_MAGIC_PURE, DEFAULT_SEGMENT_BYTES, Damage, LogLifecycle, LogStats, VerifyReport,
+                    check_log_args)
 
 __all__ = ["Log", "LogStats", "Damage", "MAX_RECORD", "DURABILITY_MODES"]
 
@@ -94,7 +95,7 @@ def _held_by_pure_engine(path: str) -> bool:
     pure-Python engine (qlog/_log/purelog.py), which keeps its own layout there."""
     try:
         with open(os.path.join(path, "ctl"), "rb") as f:
-            return f.read(8) == b"QLOGPURE"
+            return f.read(8) == CTL_MAGIC_PURE
     except OSError:
         return False
 
@@ -127,7 +128,7 @@ class Log(LogLifecycle):
         path: Union[str, os.PathLike],
         *,
         durability: str = "sync",
-        segment_bytes: int = 64 << 20,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         flush_interval: float = 0.1,
         mode: int = DEFAULT_FILE_MODE,
     ) -> None:

@@ -23,13 +23,14 @@ import crc32c as _crc32c
 
 from ..errors import FormatError, RecordTooLargeError
 from .files import replace_durably
+from .modes import DEFAULT_FILE_MODE
 
 __all__ = [
     "SegmentHeader", "Record", "Damage", "IndexFile",
     "mask_crc", "unmask_crc", "crc32c", "record_size",
     "encode_segment_header", "decode_segment_header", "encode_record",
     "iter_segment", "segment_files", "read_log", "write_segment",
-    "encode_index", "decode_index",
+    "encode_index", "decode_index", "encode_meta", "decode_meta",
 ]
 
 BytesLike = Union[bytes, bytearray, memoryview]
@@ -65,12 +66,15 @@ _REC_HEADER = struct.Struct("<IIQqIBBH")
 # magic 8 | version u32 | count u32 | base u64 | salt u64 | segment length u64 | stride u32 | crc u32
 _IDX_HEADER = struct.Struct("<8sIIQQQII")
 _IDX_ENTRY = struct.Struct("<QQ")
+# magic 8 | version u32 | size u32 | reserved up to u64 | boot id 36 | crc u32 (of bytes [0, 60))
+_META = struct.Struct("<8sIIQ36sI")
 _REC_OFF_SALT = 24
 _U32 = 0xFFFFFFFF
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
 
 assert _SEG_HEADER.size == SEG_HEADER_SIZE and _REC_HEADER.size == REC_HEADER_SIZE
 assert _IDX_HEADER.size == IDX_HEADER_SIZE and _IDX_ENTRY.size == IDX_ENTRY_SIZE
+assert _META.size == META_SIZE
 
 
 class SegmentHeader(NamedTuple):
@@ -373,7 +377,7 @@ def read_log(directory: Union[str, "os.PathLike[str]"], *,
 
 def write_segment(directory: Union[str, "os.PathLike[str]"], base: int,
                   records: Iterable[Union[BytesLike, Sequence[BytesLike]]],
-                  salt: Optional[int] = None, mode: int = 0o600) -> str:
+                  salt: Optional[int] = None, mode: int = DEFAULT_FILE_MODE) -> str:
     """Write a sealed segment file ``%020d.seg`` holding ``records``; returns its path.
 
     Each item of ``records`` is a payload (a batch of one) or a list/tuple
@@ -401,6 +405,33 @@ def write_segment(directory: Union[str, "os.PathLike[str]"], base: int,
     if not replace_durably(path, out, mode, exclusive=True):
         raise FileExistsError(f"segment {path!r} already exists")
     return path
+
+
+# ---- the sequence number mark (meta) --------------------------------------
+
+
+def encode_meta(reserved_upto: int, boot_id: str) -> bytes:
+    """The 64 bytes of a log's ``meta`` file: numbers below ``reserved_upto``
+    may have been handed out in boot ``boot_id`` ("" names no boot)."""
+    head = _META.pack(META_MAGIC, FORMAT_VERSION, META_SIZE, reserved_upto,
+                      boot_id.encode("ascii")[:36], 0)[:META_SIZE - 4]
+    return head + struct.pack("<I", mask_crc(crc32c(head)))
+
+
+def decode_meta(data: bytes) -> Tuple[int, str]:
+    """``(reserved_upto, boot_id)`` of a ``meta`` file's bytes; raises
+    FormatError saying what is wrong with them."""
+    if len(data) != META_SIZE:
+        raise FormatError(f"meta is {len(data)} bytes long, expected {META_SIZE}")
+    magic, version, size, reserved, boot, crc = _META.unpack(data)
+    if magic != META_MAGIC:
+        raise FormatError(f"meta magic is {magic!r}, expected {META_MAGIC!r}")
+    if unmask_crc(crc) != crc32c(data[:META_SIZE - 4]):
+        raise FormatError("meta fails its CRC")
+    if version != FORMAT_VERSION or size != META_SIZE:
+        raise FormatError(f"meta has version {version} and size {size}, expected "
+                          f"{FORMAT_VERSION} and {META_SIZE}")
+    return reserved, boot.rstrip(b"\0").decode("ascii", "replace")
 
 
 # ---- the sparse index (.idx) ----------------------------------------------

@@ -57,8 +57,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 from . import pure as F
 from .. import errors
 from .modes import DEFAULT_FILE_MODE, dir_mode
-from .types import (DURABILITY_MODES, MAX_RECORD, Damage, LogLifecycle, LogStats, VerifyReport,
-                     check_log_args)
+from .types import (CTL_MAGIC_C, CTL_MAGIC_PURE, DEFAULT_SEGMENT_BYTES, DURABILITY_MODES, MAX_RECORD,
+                     Damage, LogLifecycle, LogStats, VerifyReport, check_log_args)
 
 __all__ = ["Log", "LogStats", "Damage", "VerifyReport", "MAX_RECORD", "DURABILITY_MODES",
            "CTL_MAGIC_PURE", "CTL_MAGIC_C"]
@@ -74,10 +74,6 @@ _HDR = F.SEG_HEADER_SIZE
 _RH = F.REC_HEADER_SIZE
 _U32 = 0xFFFFFFFF
 
-CTL_MAGIC_PURE = b"QLOGPURE"
-"""``ctl`` of a log open in processes using this engine."""
-CTL_MAGIC_C = b"QLOGCTL\0"
-"""``ctl`` of a log open in processes using the C engine."""
 _CTL_SIZE = 4096
 _CTL_VERSION = 1
 _CTL_HEAD = struct.Struct("<8sII40s")  # magic, version, size, boot id
@@ -107,7 +103,6 @@ _SKIP_PENDING = 224 # (*) recovery skipped to _NEXT_SEQ and no record shows it y
 
 _Q = struct.Struct("<Q")
 _QQ = struct.Struct("<QQ")
-_META = struct.Struct("<8sIIQ36sI")
 _REC = struct.Struct("<IIQqIBBH")
 _REC_LEN = struct.Struct("<I")
 
@@ -272,7 +267,7 @@ class Log(LogLifecycle):
         path: Union[str, os.PathLike],
         *,
         durability: str = "sync",
-        segment_bytes: int = 64 << 20,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         flush_interval: float = 0.1,
         mode: int = DEFAULT_FILE_MODE,
     ) -> None:
@@ -415,14 +410,10 @@ class Log(LogLifecycle):
                 b = f.read(F.META_SIZE)
         except OSError:
             return None
-        if len(b) != F.META_SIZE:
+        try:
+            return F.decode_meta(b)
+        except errors.FormatError:
             return None
-        magic, version, _size, reserved, boot, crc = _META.unpack(b)
-        if magic != F.META_MAGIC or version != F.FORMAT_VERSION:
-            return None
-        if F.unmask_crc(crc) != F.crc32c(b[:60]):
-            return None
-        return reserved, boot.rstrip(b"\0").decode("ascii", "replace")
 
     def _meta_write(self, reserved_upto: int, boot: Optional[str] = None) -> None:
         """``meta.tmp`` written and fdatasynced, renamed over ``meta``, the
@@ -430,9 +421,7 @@ class Log(LogLifecycle):
         ``boot=""`` writes a mark that names no boot: every open applies it,
         in this boot too."""
         boot_id = self._boot if boot is None else boot
-        head = _META.pack(F.META_MAGIC, F.FORMAT_VERSION, F.META_SIZE, reserved_upto,
-                          boot_id.encode("ascii")[:36], 0)[:60]
-        b = head + struct.pack("<I", F.mask_crc(F.crc32c(head)))
+        b = F.encode_meta(reserved_upto, boot_id)
         tmp = os.path.join(self.path, "meta.tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.mode)
         try:

@@ -16,6 +16,13 @@ MAX_RECORD: int = 1073741824
 DURABILITY_MODES = {"none": 0, "interval": 1, "sync": 2}
 MIN_SEGMENT = 4096
 MAX_SEGMENT = 1 << 40
+DEFAULT_SEGMENT_BYTES = 64 << 20
+"""Every copy of a C constant here equals it (tests/test_format.py)."""
+
+CTL_MAGIC_PURE = b"QLOGPURE"
+"""``ctl`` of a log open in processes using the pure-Python engine."""
+CTL_MAGIC_C = b"QLOGCTL\0"
+"""``ctl`` of a log open in processes using the C engine (QLOG_CTL_MAGIC)."""
 
 
 def check_log_args(path: Union[str, "os.PathLike[str]"], durability: str, segment_bytes: int,
