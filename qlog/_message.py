@@ -203,10 +203,6 @@ class Message(MessageBase):
             sp = self._split = split(self._payload)
         return sp
 
-    def _raw_body(self) -> bytes:
-        """The body as stored, not decoded."""
-        return self._payload[self._parts()[5]:]
-
     def _decode_body(self) -> Any:
         ct, _f, _d, _s, _m, off = self._parts()
         return decode_body(self._payload[off:], ct, self._q.settings.allow_pickle)
@@ -223,6 +219,13 @@ class Message(MessageBase):
         meta = self._parts()[4]
         us = meta["sent_us"] if meta is not None else self._parts()[3]
         return datetime.fromtimestamp(us / 1e6, tz=timezone.utc)
+
+    @property
+    def raw_body(self) -> bytes:
+        """The body's bytes as stored, never decoded (nor unpickled): UTF-8
+        JSON text for ``json``, UTF-8 for ``text``, the bytes themselves for
+        ``bytes``, the pickle for ``pickle``."""
+        return self._payload[self._parts()[5]:]
 
     @property
     def content_type(self) -> str:

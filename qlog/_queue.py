@@ -695,6 +695,13 @@ class Broker:
 
     # -- push consumers --------------------------------------------------
 
+    @property
+    def consumers(self) -> Tuple[str, ...]:
+        """The queues that have a push consumer registered in this broker,
+        in the order they were registered (what :meth:`run` would start)."""
+        with self._lock:
+            return tuple(self._consumers)
+
     def consumer(self, queue: str, **settings: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as ``queue``'s push consumer.
 
@@ -908,7 +915,7 @@ class Broker:
                     raise errors.QueueNotFoundError(
                         f"queue {dest!r} (where message {m.id} failed) does not exist in "
                         f"{self.path}: pass create=True; {sum(moved.values())} message(s) were moved")
-                groups.setdefault(dest, []).append((m._parts()[0], m._raw_body()))
+                groups.setdefault(dest, []).append((m._parts()[0], m.raw_body))
             for dest, items in groups.items():
                 self.queue(dest)._send_raw(items)
                 moved[dest] = moved.get(dest, 0) + len(items)

@@ -377,7 +377,7 @@ def test_redrive_moves_each_dead_letter_back_to_the_queue_it_failed_in(data, tmp
         assert [m.body for m in b.queue(Q).pull(1000).messages] == [{"n": i} for i in range(150)]
         [m] = b.queue("other").pull(10).messages
         assert m.content_type == "pickle"
-        assert m._raw_body() == pickle.dumps(_Trap(str(marker)), protocol=pickle.HIGHEST_PROTOCOL)
+        assert m.raw_body == pickle.dumps(_Trap(str(marker)), protocol=pickle.HIGHEST_PROTOCOL)
     assert not marker.exists()
 
 

@@ -328,7 +328,14 @@ def test_consumer_settings_are_checked_when_decorating(broker):
         broker.consumer(Q, dead_letter_queue=Q)
     with pytest.raises(qlog.InvalidQueueNameError):
         broker.consumer("../etc")
-    assert broker._consumers == {}
+    assert broker.consumers == ()
+
+
+def test_broker_consumers_lists_the_registered_queues_in_order(broker):
+    assert broker.consumers == ()
+    broker.consumer("b")(lambda batch: None)
+    broker.consumer("a", max_retries=0)(lambda batch: None)
+    assert broker.consumers == ("b", "a")
 
 
 def test_decorator_returns_the_function_unchanged(broker):

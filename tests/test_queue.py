@@ -9,9 +9,11 @@ without real waiting.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import pathlib
+import pickle
 import threading
 from datetime import datetime, timedelta, timezone
 from typing import Callable, List
@@ -101,6 +103,10 @@ def test_body_round_trips_for_its_content_type(broker, body, content_type):
     batch = q.pull()
     assert bodies_of(batch) == [body, body]
     assert [m.content_type for m in batch] == [content_type, content_type]
+    expected = {"json": lambda b: json.dumps(b, separators=(",", ":"), ensure_ascii=False).encode(),
+                "text": str.encode, "bytes": bytes,
+                "pickle": lambda b: pickle.dumps(b, protocol=pickle.HIGHEST_PROTOCOL)}[content_type]
+    assert [m.raw_body for m in batch] == [expected(body)] * 2
 
 
 def test_bytearray_and_memoryview_bodies_arrive_as_bytes(q):

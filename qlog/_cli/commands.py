@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from .._message import CT_BYTES, CT_JSON, CT_PICKLE, CT_TEXT, Message
+from .._message import CONTENT_TYPES, CT_BYTES, CT_JSON, CT_PICKLE, CT_TEXT, Message
 from .._settings import MAX_DELAY, MAX_PULL_BATCH
 from ..errors import QlogError, QueueNotFoundError
 from .common import (
@@ -242,11 +242,9 @@ def _iso(dt: Any) -> str:
 
 
 def _stored(m: Message) -> Tuple[int, bytes]:
-    """A message's content type code and body bytes as stored, never
-    decoded.  The public :class:`qlog.Message` has no such accessor (its
-    ``body`` decodes, and would unpickle), so this is the one place the
-    commands read a message's private parts."""
-    return m._parts()[0], m._raw_body()
+    """A message's content type code (-1: unknown) and body bytes as
+    stored, never decoded (``body`` decodes, and would unpickle)."""
+    return CONTENT_TYPES.get(m.content_type, -1), m.raw_body
 
 
 def _shown_body(m: Message) -> str:
@@ -262,7 +260,7 @@ def _shown_body(m: Message) -> str:
     elif ct == CT_BYTES:
         text = repr(raw)
     else:
-        return f"<content type {ct}, {plural(len(raw), 'byte')}>"
+        return f"<content type {m.content_type}, {plural(len(raw), 'byte')}>"
     if len(text) > BODY_WIDTH:
         text = text[:BODY_WIDTH - 3] + "..."
     return text

@@ -84,9 +84,8 @@ def load_target(target: str) -> Broker:
             f"worker target {target!r} is a {type(obj).__name__}, not a qlog.Broker: point it at "
             "what qlog.open() returned"
         )
-    # Broker has no public list of its consumers: read it here so that a
-    # broker without any is bad usage (exit 2) before anything runs.
-    if not obj._consumers:
+    # A broker without consumers is bad usage (exit 2), found before anything runs.
+    if not obj.consumers:
         raise UsageError(
             f"the broker {target!r} has no consumers: decorate a function with @broker.consumer(queue)"
         )
