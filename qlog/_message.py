@@ -205,7 +205,7 @@ class Message(MessageBase):
 
     def _decode_body(self) -> Any:
         ct, _f, _d, _s, _m, off = self._parts()
-        return decode_body(self._payload[off:], ct, self._q.settings.allow_pickle)
+        return decode_body(self._payload[off:], ct, self._q._allow_pickle)
 
     @property
     def id(self) -> str:

@@ -147,6 +147,9 @@ class Queue:
             raise errors.CorruptStateError(str(e)) from None
         s = replace(QueueSettings(), **{**base, **stored, **self._handle})
         self._settings = s
+        # A handle's own key (never stored): decoding a body reads it
+        # without the per-call check of `settings`.
+        self._allow_pickle = s.allow_pickle
         dlq = s.dead_letter_queue
         self._policy = LeasePolicy(
             max_attempts=s.max_retries + 1,
