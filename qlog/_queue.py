@@ -359,8 +359,10 @@ class Queue:
             raise errors.BatchTooLargeError(
                 f"batch_size must be an integer from 1 to {MAX_PULL_BATCH}, got {batch_size!r}"
             )
-        vt = s.visibility_timeout if visibility_timeout is None else visibility_timeout
-        validate({"visibility_timeout": vt}, "passed to pull()")
+        vt = s.visibility_timeout
+        if visibility_timeout is not None:  # the queue's own was checked when it was set
+            validate({"visibility_timeout": visibility_timeout}, "passed to pull()")
+            vt = visibility_timeout
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 43_200:
             raise errors.SettingsError(f"wait must be from 0 to 43200 seconds, got {wait!r}")
         return MessageBatch(self, self._pull_wait(n, int(vt * 1_000_000), wait))
