@@ -21,6 +21,12 @@
 #include <stdint.h>
 #include <string.h>
 
+/* BUILD_ID: the build id setup.py passes (qlog/_log/_buildid.py); a build
+ * without it gets "", which qlog refuses at import like any other id. */
+#ifndef QLOG_BUILD_ID
+#define QLOG_BUILD_ID ""
+#endif
+
 static PyObject *pack(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -438,6 +444,10 @@ PyMODINIT_FUNC PyInit__glue(void)
     Py_INCREF(&MessageBaseType);
     if (PyModule_AddObject(m, "MessageBase", (PyObject *)&MessageBaseType) < 0) {
         Py_DECREF(&MessageBaseType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddStringConstant(m, "BUILD_ID", QLOG_BUILD_ID) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,9 +1,11 @@
 """The release artifacts: an sdist that builds a wheel which installs and
-runs the C engine, and an install that compiles nothing (QLOG_NO_COMPILE=1)
-and runs the pure engine."""
+runs the C engine (and checks its compiled modules against the build id stamp
+it carries), and an install that compiles nothing (QLOG_NO_COMPILE=1) and runs
+the pure engine."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -49,6 +51,15 @@ def installed_engine(target: pathlib.Path, tmp: pathlib.Path) -> str:
     return r.stdout.split()[0]
 
 
+def checkout_build_id() -> str:
+    """``source_id()`` of the checkout (its qlog/_log/_buildid.py, loaded by path)."""
+    spec = importlib.util.spec_from_file_location("_checkout_buildid", ROOT / "qlog" / "_log" / "_buildid.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.source_id()
+
+
 def version() -> str:
     ns: dict = {}
     exec((ROOT / "qlog" / "_version.py").read_text(), ns)
@@ -73,6 +84,18 @@ def test_sdist_builds_a_wheel_that_runs_the_c_engine(tmp_path):
     (wheel,) = out.glob("qlog-*.whl")
     install(wheel, tmp_path / "site", tmp_path)
     assert installed_engine(tmp_path / "site", tmp_path) == "c"
+    # The wheel holds the build id stamp (the installed copy has no csrc/ to
+    # compute one from): the checkout's id; a wrong one refuses the modules.
+    assert not any(n.endswith("_buildid.txt") for n in names), "the sdist carries a build stamp"
+    stamp = tmp_path / "site" / "qlog" / "_log" / "_buildid.txt"
+    assert stamp.read_text().strip() == checkout_build_id()
+    stamp.write_text("0123456789abcdef\n")
+    e = {k: v for k, v in os.environ.items() if k != "QLOG_PURE"}
+    e["PYTHONPATH"] = str(tmp_path / "site")
+    r = subprocess.run([sys.executable, "-c", "import qlog"], cwd=tmp_path, env=e, capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode != 0 and "BuildMismatchError" in r.stderr, r.stderr[-3000:]
+    assert "0123456789abcdef" in r.stderr and checkout_build_id() in r.stderr and str(stamp) in r.stderr
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 ``ENGINE`` is ``"c"`` when the compiled modules (``qlog._log._qlog_c``,
 ``qlog._log._glue``) import, and ``"pure"`` when they do not or when the
-environment has ``QLOG_PURE=1``.  The queue layer takes ``Log`` and its
+environment has ``QLOG_PURE=1``; compiled modules built from other sources
+than this qlog's (their build id, ``_buildid.py``, differs) are an
+ImportError, not the pure engine.  The queue layer takes ``Log`` and its
 batch helpers (``pack``, ``unpack``, ``scan_messages``, ``ids``,
 ``MessageBase``, ``append1``) from here.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 import os
 import sys
 from typing import Any
+
+from . import _buildid
 
 __all__ = ["ENGINE", "Log", "pack", "unpack", "scan_messages", "ids", "MessageBase", "append1"]
 
@@ -37,6 +41,27 @@ def _find_compiled() -> None:
             return
 
 
+def _check_build() -> None:
+    """Raise ``_buildid.BuildMismatchError`` unless both compiled modules
+    carry this qlog's build id (a module built before build ids has none)."""
+    from . import _glue, _qlog_c
+
+    lib = _qlog_c.lib
+    c_id = _qlog_c.ffi.string(lib.qlog_build_id()).decode() if hasattr(lib, "qlog_build_id") else None
+    _buildid.check({
+        "qlog._log._qlog_c": (c_id, _qlog_c.__file__),
+        "qlog._log._glue": (getattr(_glue, "BUILD_ID", None), _glue.__file__),
+    })
+
+
+# Compiled modules that import are checked against the build id (_buildid.py):
+# ones of another build raise BuildMismatchError out of `import qlog`, never
+# the pure engine in their place.  Compiled modules that are absent (a
+# QLOG_NO_COMPILE=1 install, a checkout not built yet) leave the pure engine,
+# as before, with nothing to check.  QLOG_PURE=1 imports no compiled module
+# here, so none is checked (the local backend's optional uses of the C engine
+# under it, its NFS pre-check and checkpoint syscall table, import them
+# unchecked).
 ENGINE = "pure" if _want_pure() else "c"
 if ENGINE == "c":
     try:
@@ -45,8 +70,11 @@ if ENGINE == "c":
         except ImportError:  # pragma: no cover - depends on how Python was started
             _find_compiled()
         from ._glue import MessageBase, ids, pack, scan_messages, unpack
+        _check_build()
         from .clog import Log
         from ._qlog_c import lib as _lib
+    except _buildid.BuildMismatchError:
+        raise
     except ImportError:
         ENGINE = "pure"
     else:

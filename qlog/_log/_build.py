@@ -46,11 +46,23 @@ extern "Python" {
 }
 """
 
+# The build id setup.py passes as QLOG_BUILD_ID (qlog/_log/_buildid.py); a
+# build without it (``python _build.py``) gets "", which qlog refuses at import.
+BUILD_ID_CDEF = """
+const char *qlog_build_id(void);
+"""
+BUILD_ID_C = """
+#ifndef QLOG_BUILD_ID
+#define QLOG_BUILD_ID ""
+#endif
+const char *qlog_build_id(void) { return QLOG_BUILD_ID; }
+"""
+
 ffibuilder = FFI()
-ffibuilder.cdef(_cdef_from_header() + PY_SYSCALLS)
+ffibuilder.cdef(_cdef_from_header() + PY_SYSCALLS + BUILD_ID_CDEF)
 ffibuilder.set_source(
     "qlog._log._qlog_c",
-    '#include "qlog.h"\n',
+    '#include "qlog.h"\n' + BUILD_ID_C,
     sources=[os.path.relpath(os.path.join(CSRC, s)) for s in SOURCES],
     include_dirs=[os.path.relpath(CSRC)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-fvisibility=hidden"],
