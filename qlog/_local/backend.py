@@ -990,10 +990,10 @@ class _FileLock:
 
 
 def _refuse_nfs(path: str) -> None:
-    """The C engine's NFS check, made before anything is created (the
-    pure-Python engine has its own, when it opens a log)."""
-    try:
+    """The NFS check of the engine in use, made before anything is created
+    (each engine checks again when it opens a log)."""
+    if ENGINE == "c":
         from .._log.clog import refuse_nfs
-    except ImportError:  # no compiled engine
-        return
+    else:
+        from .._log.purelog import refuse_nfs
     refuse_nfs(path)

@@ -59,9 +59,8 @@ def _check_build() -> None:
 # the pure engine in their place.  Compiled modules that are absent (a
 # QLOG_NO_COMPILE=1 install, a checkout not built yet) leave the pure engine,
 # as before, with nothing to check.  QLOG_PURE=1 imports no compiled module
-# here, so none is checked (the local backend's optional uses of the C engine
-# under it, its NFS pre-check and checkpoint syscall table, import them
-# unchecked).
+# here, so none is checked (the durable writes of files.py then make plain
+# system calls, and the local backend's NFS pre-check is the pure engine's).
 ENGINE = "pure" if _want_pure() else "c"
 if ENGINE == "c":
     try:

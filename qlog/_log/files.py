@@ -2,8 +2,8 @@
 its logs (checkpoints, queue identities, settings, markers, repaired
 segments).
 
-Every call goes through the engine's syscall table when the compiled engine
-is importable (the same table the logs use, so that fault injection and the
+Every call goes through the engine's syscall table when the C engine is in
+use (the same table the logs use, so that fault injection and the
 power-cut traces reach these files too), and through plain system calls
 without it."""
 
@@ -18,11 +18,13 @@ from .. import errors
 
 def _syscall_table() -> Tuple[Any, Any]:
     """``(ffi, table)``: the engine's syscall table in use, read afresh (tests
-    install others), or ``(None, None)`` without the compiled engine."""
-    try:
-        from ._qlog_c import ffi, lib
-    except ImportError:
+    install others), or ``(None, None)`` on the pure engine (which loads no
+    compiled module: only the C engine's are checked against the build id)."""
+    from . import ENGINE
+
+    if ENGINE != "c":
         return None, None
+    from ._qlog_c import ffi, lib
     t = ffi.new("qlog_vfs *")
     lib.qlog_vfs_get(t)
     return ffi, t

@@ -131,6 +131,20 @@ def _on_nfs(path: str) -> bool:
     return fstype.startswith("nfs")
 
 
+def refuse_nfs(path: str) -> None:
+    """``clog.refuse_nfs`` of this engine: raise
+    :class:`~qlog.UnsupportedFilesystemError` if ``path`` (or, while it does
+    not exist, its nearest existing parent) is on NFS."""
+    p = os.path.abspath(path)
+    while not os.path.isdir(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    if _on_nfs(p):
+        raise errors.UnsupportedFilesystemError(
+            f"{path} is on NFS, which qlog does not support (its file locks and shared "
+            "mappings are not safe there): use a local filesystem"
+        )
+
+
 def _check(buf: Any, off: int, end: int, salt32: int, last: Optional[int]) -> Optional[Tuple[int, int, int, int]]:
     """``(size, seq, flags, length)`` when a valid record of the segment whose
     salt32 is given starts at ``off`` and ends by ``end``; else None.
