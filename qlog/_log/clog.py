@@ -13,7 +13,7 @@ import math
 import os
 import threading
 from array import array
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NoReturn, Optional, Sequence, Union
 
 from .. import errors
 from .modes import DEFAULT_FILE_MODE
@@ -68,7 +68,7 @@ def _strerror(err: int) -> str:
     return os.strerror(err)
 
 
-def _raise(code: int, what: str, h=None) -> None:
+def _raise(code: int, what: str, h: Any = None) -> NoReturn:
     msg = ffi.string(lib.qlog_strerror(code)).decode()
     if code == lib.QLOG_ENOSPC:
         raise errors.DiskFullError(_errno.ENOSPC, f"{what}: {msg}; nothing was written")
@@ -125,7 +125,7 @@ class Log(LogLifecycle):
 
     def __init__(
         self,
-        path: Union[str, os.PathLike],
+        path: Union[str, "os.PathLike[str]"],
         *,
         durability: str = "sync",
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
@@ -155,9 +155,9 @@ class Log(LogLifecycle):
         self._h = ffi.gc(out[0], lib.qlog_free)
         self._read_lock = threading.Lock()
         self._rcap = 0
-        self._rbuf = None
-        self._rseqs = None
-        self._roffs = None
+        self._rbuf: Any = None
+        self._rseqs: Any = None
+        self._roffs: Any = None
         self._rmax = 0
         self._needed = ffi.new("uint64_t *")
         st = self.stats()
@@ -192,7 +192,7 @@ class Log(LogLifecycle):
         if h is None:
             raise errors.LogClosedError(f"log {self.path!r} is closed")
         if type(payload) is bytes:
-            seq = lib.qlog_append1(h, payload, len(payload))
+            seq: int = lib.qlog_append1(h, payload, len(payload))
             if seq < 0:
                 self._append_error(seq, len(payload))
         else:
@@ -230,12 +230,12 @@ class Log(LogLifecycle):
             raise errors.RecordTooLargeError(
                 f"record of {big} bytes is larger than the limit of {MAX_RECORD} bytes"
             ) from None
-        seq = lib.qlog_append(h, buf, ffi.from_buffer("uint32_t[]", lens), n)
+        seq: int = lib.qlog_append(h, buf, ffi.from_buffer("uint32_t[]", lens), n)
         if seq < 0:
             self._append_error(seq, len(prefix) + max(memoryview(p).nbytes for p in payloads))
         return seq
 
-    def _append_error(self, rc: int, size: int) -> None:
+    def _append_error(self, rc: int, size: int) -> NoReturn:
         if rc == lib.QLOG_EINVAL and size > MAX_RECORD:
             raise errors.RecordTooLargeError(
                 f"record of {size} bytes is larger than the limit of {MAX_RECORD} bytes"
@@ -348,7 +348,8 @@ class Log(LogLifecycle):
     def notify_gen(self) -> int:
         """The change counter that every append (by any process) and every
         :meth:`poke` bumps; pass it to :meth:`wait_change`."""
-        return lib.qlog_notify_gen(self._handle())
+        gen: int = lib.qlog_notify_gen(self._handle())
+        return gen
 
     def poke(self) -> None:
         """Bump the change counter and wake every :meth:`wait_change` caller,
@@ -375,7 +376,7 @@ class Log(LogLifecycle):
         Oldest first, so a crash part-way leaves a shorter log, never a
         hole.  Returns how many segments were deleted."""
         h = self._handle()
-        rc = lib.qlog_truncate_before(h, seq)
+        rc: int = lib.qlog_truncate_before(h, seq)
         if rc < 0:
             _raise(rc, f"truncate_before({seq}) on {self.path!r} failed", h)
         return rc
@@ -390,7 +391,7 @@ class Log(LogLifecycle):
     def next_seq(self) -> int:
         """The number the next append gets (read without a lock or a system
         call; other processes may append at any time)."""
-        n = lib.qlog_next_seq(self._handle())
+        n: int = lib.qlog_next_seq(self._handle())
         if n < 0:
             _raise(n, f"next_seq of {self.path!r}")
         return n
@@ -442,7 +443,7 @@ class Log(LogLifecycle):
     def _check(self) -> None:
         self._handle()
 
-    def _handle(self):  # type: ignore[no-untyped-def]
+    def _handle(self) -> Any:
         h = self._h
         if h is None:
             raise errors.LogClosedError(f"log {self.path!r} is closed")
