@@ -173,7 +173,7 @@ def _resync(buf: Any, off: int, end: int, salt32: int, last: Optional[int]) -> i
     pat = struct.pack("<I", salt32)
     pos = ((off + 8) & ~7) + 24
     while True:
-        hit = buf.find(pat, pos, end)
+        hit: int = buf.find(pat, pos, end)
         if hit < 0 or hit - 24 + _RH > end:
             return end
         cand = hit - 24
@@ -188,7 +188,7 @@ def _infer_salt(buf: Any, end: int, base: int, end_seq: Optional[int] = None) ->
     segment's base; None for the last segment): bytes of another segment
     copied over this one must not lend it their salt.  0 if none."""
     for off in range(_HDR, end - _RH + 1, 8):
-        s32 = _REC_LEN.unpack_from(buf, off + 24)[0]
+        s32: int = _REC_LEN.unpack_from(buf, off + 24)[0]
         if s32:
             hit = _check(buf, off, end, s32, base - 1 if base else None)
             if hit and (end_seq is None or hit[1] < end_seq):
@@ -234,7 +234,7 @@ class _Seg:
         self.ioff: List[int] = []
         self.scanned_to = _HDR
         self.scan_last: Optional[int] = None
-        self.damage: set = set()
+        self.damage: Set[int] = set()
         self.idx_saved = False
 
     def close(self) -> None:
@@ -278,7 +278,7 @@ class Log(LogLifecycle):
 
     def __init__(
         self,
-        path: Union[str, os.PathLike],
+        path: Union[str, "os.PathLike[str]"],
         *,
         durability: str = "sync",
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
@@ -339,7 +339,8 @@ class Log(LogLifecycle):
     # -- ctl -------------------------------------------------------------
 
     def _get(self, off: int) -> int:
-        return _Q.unpack_from(self._ctl, off)[0]
+        v: int = _Q.unpack_from(self._ctl, off)[0]
+        return v
 
     def _set(self, off: int, v: int) -> None:
         _Q.pack_into(self._ctl, off, v)
