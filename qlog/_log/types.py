@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Optional, Self, Union
 
 from .modes import check_mode
 
@@ -55,7 +55,7 @@ class LogLifecycle:
     def close(self) -> None:  # pragma: no cover - each engine defines it
         raise NotImplementedError
 
-    def __enter__(self):  # type: ignore[no-untyped-def]
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
