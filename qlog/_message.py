@@ -20,7 +20,7 @@ import pickle
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import errors
 from ._backend import RECORD_HEADER as HEADER, RECORD_VERSION as VERSION
@@ -38,7 +38,7 @@ _CT_NAMES = {v: k for k, v in CONTENT_TYPES.items()}
 _encoder = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, check_circular=True, separators=(",", ":")
 )
-_json_encode = _encoder.encode
+_json_encode: Callable[[Any], str] = _encoder.encode
 _decode = json.JSONDecoder()
 json_decode: Callable[[str], Any] = json.loads
 
@@ -48,7 +48,6 @@ try:
     # message.  One encoder per thread (its circular-reference markers must
     # not be shared); json.dumps/loads semantics otherwise.
     import threading as _threading
-    from json import encoder as _je
 
     import _json as _cjson
 
@@ -56,7 +55,7 @@ try:
 
     def _make_encoder() -> Callable[..., Any]:
         return _cjson.make_encoder(
-            {}, _encoder.default, _je.c_encode_basestring, None, ":", ",", False, False, False
+            {}, _encoder.default, _cjson.encode_basestring, None, ":", ",", False, False, False
         )
 
     def _fast_encode(body: Any) -> str:
@@ -66,7 +65,8 @@ try:
             enc = _tls.enc = _make_encoder()
         return "".join(enc(body, 0))
 
-    _scan = _cjson.make_scanner(_decode)
+    # (typeshed wants a make_scanner as the context: it reads a JSONDecoder's attributes)
+    _scan = _cjson.make_scanner(_decode)  # type: ignore[arg-type]
 
     def _fast_decode(text: str) -> Any:
         try:
@@ -146,13 +146,17 @@ def decode_body(data: bytes, ct: int, allow_pickle: bool) -> Any:
     raise errors.ContentTypeError(f"message has unknown content type code {ct}")
 
 
-def split(payload: bytes) -> Tuple[int, int, int, int, Optional[dict], int]:
+Parts = Tuple[int, int, int, int, Optional[Dict[str, Any]], int]
+"""What :func:`split` returns."""
+
+
+def split(payload: bytes) -> Parts:
     """(content type, flags, delay ms, sent µs, dead-letter metadata, body offset)."""
     ver, ct, flags, delay, sent = HEADER.unpack_from(payload)
     if ver != VERSION:
         raise errors.FormatError(f"message format version {ver} is not supported (only {VERSION})")
     off = HEADER.size
-    meta = None
+    meta: Optional[Dict[str, Any]] = None
     if flags & FLAG_DEAD_LETTER:
         (n,) = struct.unpack_from("<I", payload, off)
         meta = json.loads(payload[off + 4:off + 4 + n])
@@ -197,7 +201,7 @@ class Message(MessageBase):
 
     __slots__ = ()
 
-    def _parts(self) -> tuple:
+    def _parts(self) -> Parts:
         sp = self._split
         if sp is None:
             sp = self._split = split(self._payload)
@@ -211,7 +215,8 @@ class Message(MessageBase):
     def id(self) -> str:
         meta = self._parts()[4]
         if meta is not None:
-            return meta["id"]
+            mid: str = meta["id"]
+            return mid
         return f"{self._q._idpre}{self._seq:016x}"
 
     @property
@@ -325,7 +330,7 @@ class MessageBatch:
     def __len__(self) -> int:
         return len(self.messages)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Message]:
         return iter(self.messages)
 
     def __bool__(self) -> bool:

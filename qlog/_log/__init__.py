@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import _buildid
 
@@ -39,6 +39,10 @@ def _find_compiled() -> None:
         ):
             __path__.append(cand)
             return
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .purelog import Log as _PureLog
 
 
 def _check_build() -> None:
@@ -68,7 +72,12 @@ if ENGINE == "c":
             from . import _glue, _qlog_c  # noqa: F401  (the compiled modules)
         except ImportError:  # pragma: no cover - depends on how Python was started
             _find_compiled()
-        from ._glue import MessageBase, ids, pack, scan_messages, unpack
+        if TYPE_CHECKING:  # pragma: no cover
+            # The compiled _glue is untyped: its names get the types of their
+            # pure-Python equivalents (the same contract, csrc/pyglue.c).
+            from .pureglue import MessageBase, ids, pack, scan_messages, unpack
+        else:
+            from ._glue import MessageBase, ids, pack, scan_messages, unpack
         _check_build()
         from .clog import Log
         from ._qlog_c import lib as _lib
@@ -82,10 +91,12 @@ if ENGINE == "c":
         (a sequence number, or an error code below 0 for ``Log._append_error``)."""
 
 if ENGINE == "pure":
+    # For mypy, Log stays the C engine's class (a name holds one class): this
+    # one has the same API.
     from .pureglue import MessageBase, ids, pack, scan_messages, unpack  # noqa: F811
-    from .purelog import Log  # noqa: F811
+    from .purelog import Log  # type: ignore[assignment]  # noqa: F811
 
-    def append1(h: Any, payload: bytes, size: int) -> int:  # noqa: F811
+    def append1(h: _PureLog, payload: bytes, size: int) -> int:  # noqa: F811
         """``append1(handle, payload, size)``: ``h.append(payload)`` (it raises
         on failure, so the result is never below 0)."""
         return h.append(payload)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import struct
 from array import array
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .._message import Parts
 
 __all__ = ["pack", "unpack", "scan_messages", "ids", "MessageBase"]
 
@@ -62,15 +65,22 @@ class MessageBase:
 
     __slots__ = ("_q", "_seq", "attempts", "_outcome", "_payload", "_body", "_split", "__weakref__")
 
+    _body: Any
+    """The decoded body (unset until :attr:`body` is first read)."""
+
+    if TYPE_CHECKING:  # pragma: no cover
+        def _decode_body(self) -> Any:
+            """The body decoded for its content type (``qlog.Message`` defines it)."""
+
     def __init__(self, q: Any, seq: int, attempts: int, payload: bytes, peeked: bool = False) -> None:
         if type(payload) is not bytes:
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
-        self._q = q
+        self._q: Any = q
         self._seq = seq
         self.attempts = attempts
         self._outcome = 3 if peeked else 0
         self._payload = payload
-        self._split = None
+        self._split: Optional[Parts] = None
 
     @property
     def body(self) -> Any:
@@ -83,19 +93,20 @@ class MessageBase:
         if len(p) >= 16 and p[0] == 1 and p[1] == _CT_BYTES and p[2] == 0 and p[3] == 0:
             b = p[16:]
         else:
-            b = self._decode_body()  # type: ignore[attr-defined]
+            b = self._decode_body()
         self._body = b
         return b
 
 
-def _make(cls: type, q: Any, seq: int, payload: bytes) -> Any:
+def _make(cls: type[MessageBase], q: Any, seq: int, payload: bytes) -> MessageBase:
     m = cls.__new__(cls)
     MessageBase.__init__(m, q, seq, 1, payload)
     return m
 
 
 def scan_messages(data: Any, seqs: Any, offs: Any, n: int, now: int, ret: int,
-                  cls: Optional[type] = None, q: Any = None) -> Tuple[list, ...]:
+                  cls: Optional[type[MessageBase]] = None, q: Any = None,
+                  ) -> Tuple[List[int], List[int], List[Any], List[int], List[int], List[int], List[int]]:
     """Sort a read of a message log by each message's header: ``(new, new_sent,
     new_payloads, deferred, deferred_due, deferred_sent, expired)``; with
     ``(cls, q)`` new_payloads holds new messages of ``cls`` instead."""
