@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import errors
 from ._message import _ACK, _RETRY, Message, MessageBatch
@@ -150,7 +150,7 @@ class _Running:
         self.failures = 0
         self.done = False  # the fetcher has left
         self.slot = asyncio.Event()  # async consumers: a batch finished
-        self.tasks: set = set()  # async consumers: handlers running
+        self.tasks: Set[asyncio.Task[None]] = set()  # async consumers: handlers running
 
     # -- batching ----------------------------------------------------------
 
@@ -497,7 +497,7 @@ def run(broker: "Broker", shutdown_timeout: float, handle_signals: Optional[bool
     main = threading.current_thread() is threading.main_thread()
     if handle_signals is None:
         handle_signals = main
-    old: Dict[int, Any] = {}
+    old: Dict[signal.Signals, Any] = {}
     if handle_signals:
         if not main:
             raise errors.QlogError("signal handlers can only be installed from the main thread")
