@@ -36,7 +36,7 @@ from .errors import (
     UnsupportedFilesystemError,
 )
 
-from ._version import __version__  # noqa: F401  (qlog.__version__)
+from ._version import __version__ as __version__  # (qlog.__version__: an explicit re-export)
 
 __all__ = [
     "open",

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .._message import CONTENT_TYPES, CT_BYTES, CT_JSON, CT_PICKLE, CT_TEXT, Message
 from .._settings import MAX_DELAY, MAX_PULL_BATCH
@@ -36,6 +36,11 @@ from .common import (
     table,
     yes_no,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from datetime import datetime
+
+    from .._queue import QueueStats
 
 BODY_WIDTH = 60  # characters of a body shown in peek's table
 
@@ -192,7 +197,7 @@ _STAT_COLUMNS = (
 )
 
 
-def _done(stats: Any) -> int:
+def _done(stats: QueueStats) -> int:
     """Messages that have left the queue, one way or another."""
     return stats.acked + stats.dead_lettered + stats.deleted + stats.expired + stats.purged
 
@@ -237,7 +242,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 _ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
-def _iso(dt: Any) -> str:
+def _iso(dt: datetime) -> str:
     return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

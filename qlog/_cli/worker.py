@@ -155,7 +155,7 @@ class _Supervisor:
             "--shutdown-timeout", repr(args.shutdown_timeout), "--log-level", args.log_level,
         ]
         self.log = logging.getLogger("qlog.supervisor")
-        self.children: Dict[int, subprocess.Popen] = {}  # slot -> process
+        self.children: Dict[int, subprocess.Popen[bytes]] = {}  # slot -> process
         self.restart_at: Dict[int, float] = {}  # slot -> monotonic time
         self.stopping = False
         self.stop_signal = 0
@@ -171,7 +171,7 @@ class _Supervisor:
         if self.stopping:  # a signal came while it was starting
             self._signal(p, self.stop_signal)
 
-    def _signal(self, p: subprocess.Popen, signum: int) -> None:
+    def _signal(self, p: subprocess.Popen[bytes], signum: int) -> None:
         if p.returncode is None:
             try:
                 os.kill(p.pid, signum)
