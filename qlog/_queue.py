@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import errors
+from ._backend import RECORD_HEADER as HEADER, RECORD_VERSION as VERSION
 from ._backend import LeasePolicy, QueueBackend, Store
 from ._log import ids as _ids
 from ._log.modes import DEFAULT_FILE_MODE, check_mode
@@ -36,8 +37,6 @@ from ._message import (
     CT_BYTES,
     CT_JSON,
     CT_PICKLE,
-    HEADER,
-    VERSION,
     Message,
     MessageBatch,
     MessageSendRequest,
@@ -444,7 +443,7 @@ class Queue:
         ack_keys = [self._lease_key(x) for x in acks]
         retry_keys: List[Tuple[int, int, int]] = []
         for r in retries:
-            lid, delay = (r, None) if isinstance(r, str) else tuple(r)  # type: ignore[misc]
+            lid, delay = (r, None) if isinstance(r, str) else r
             seq, att = self._lease_key(lid)
             retry_keys.append((seq, att, self._retry_delay_us(delay)))
         acked_seqs = {s for s, _ in ack_keys}

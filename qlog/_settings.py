@@ -145,7 +145,7 @@ def load_toml(directory: str) -> Dict[str, Dict[str, Any]]:
     except FileNotFoundError:
         return {}
     try:
-        import tomllib  # type: ignore[import-not-found]
+        import tomllib
     except ImportError:  # Python < 3.11
         raise errors.SettingsError(
             f"{path} needs Python 3.11 or newer (tomllib) to be read"
