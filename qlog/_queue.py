@@ -188,8 +188,8 @@ class Queue:
         if ct == CT_BYTES and type(body) is bytes:
             data = body
         else:
-            if ct is None:
-                content_type_code(content_type)  # raises
+            if ct is None:  # not a str naming a content type: raises, unless a str subclass
+                ct = content_type_code(content_type)
             if ct == CT_PICKLE and not self.settings.allow_pickle:
                 self._refuse_pickle()
             data = encode_body(body, ct)

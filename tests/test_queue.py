@@ -133,6 +133,22 @@ def test_body_of_the_wrong_type_raises_body_type_error_and_writes_nothing(q, bod
     assert_nothing_written(q, before)
 
 
+def test_content_type_may_be_a_str_subclass(q):
+    """send() takes what send_batch() takes (it used to pickle the body, then
+    fail packing the header with struct.error)."""
+
+    class Name(str):
+        pass
+
+    q.send({"a": 1}, content_type=Name("json"))
+    q.send_batch([{"b": 2}], content_type=Name("json"))
+    batch = q.pull()
+    assert bodies_of(batch) == [{"a": 1}, {"b": 2}]
+    assert [m.content_type for m in batch] == ["json", "json"]
+    with pytest.raises(qlog.PickleNotAllowedError):
+        q.send("x", content_type=Name("pickle"))
+
+
 @pytest.mark.parametrize("content_type", ["xml", "JSON", "", b"json", 1])
 def test_unknown_content_type_raises_content_type_error(q, content_type):
     before = snapshot(q)
