@@ -82,7 +82,7 @@ import struct
 from array import array
 from collections import deque
 from itertools import repeat
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import crc32c as _crc32c
 
@@ -139,14 +139,14 @@ class QueueState:
     def __init__(self) -> None:
         self.applied = 0  # next journal sequence number to apply
         self.cursor = 0
-        self.pending: Dict[int, list] = {}
-        self.dying: Dict[int, list] = {}  # claimed for the dead-letter queue (K), not yet moved
+        self.pending: Dict[int, List[Any]] = {}  # [attempts, leased (a bool), due, sent]
+        self.dying: Dict[int, List[Any]] = {}  # claimed for the dead-letter queue (K), not yet moved
         # Candidates to become visible: a heap of (due, seq) for waiting
         # entries and odd leases, and one deque of (deadline, seq) per lease
         # length, whose deadlines only grow.  Stale items (the entry moved
         # on) are skipped when popped.
         self.heap: List[Tuple[int, int]] = []
-        self.leases: List[deque] = []
+        self.leases: List[Deque[Tuple[int, List[int]]]] = []
         self.lease_items = 0  # seqs held by the lease groups, stale ones too
         self.acked = 0
         self.dead_lettered = 0
@@ -386,7 +386,7 @@ class QueueState:
 
     # -- queries ---------------------------------------------------------
 
-    def due_candidates(self, now: int, limit: int, seen: Optional[set] = None) -> List[int]:
+    def due_candidates(self, now: int, limit: int, seen: Optional[Set[int]] = None) -> List[int]:
         """Pop up to ``limit`` messages whose due time has passed (a lease
         that expired, a delay that ran out), oldest due first; none of
         ``seen`` (which gets the ones returned)."""
@@ -584,18 +584,19 @@ def check_record(payload: bytes) -> Tuple[bytes, Tuple[int, ...], List[memoryvie
     return tag, sc, ar
 
 
-def _pull(st: QueueState, sc, ar) -> None:
+def _pull(st: QueueState, sc: Tuple[int, ...], ar: List[memoryview]) -> None:
     if len(ar) > 10 or (len(ar) == 10 and len(ar[9]) % 2):
         raise ValueError(f"a pull record of {len(ar)} arrays (9, or 10 with scanned lo, hi pairs)")
-    st.apply_pull(sc[0], sc[1], sc[2], sc[3], *ar[:9], now=sc[4] if len(sc) > 4 else None,
-                  scanned=ar[9] if len(ar) > 9 else ())
+    # ar[:9] are new .. dead; mypy cannot count them (a short record raises TypeError: apply() skips it)
+    st.apply_pull(sc[0], sc[1], sc[2], sc[3], *ar[:9],  # type: ignore[misc, arg-type]
+                  now=sc[4] if len(sc) > 4 else None, scanned=ar[9] if len(ar) > 9 else ())
 
 
 def _in_ranges(ranges: Sequence[Tuple[int, int]], s: int) -> bool:
     return any(lo <= s < hi for lo, hi in ranges)
 
 
-_APPLY = {
+_APPLY: Dict[bytes, Callable[[QueueState, Tuple[int, ...], List[memoryview]], None]] = {
     b"P": _pull,
     b"A": lambda st, sc, ar: st.apply_ack(ar[0]),
     b"R": lambda st, sc, ar: st.apply_retry(ar[0], ar[1], ar[2]),
