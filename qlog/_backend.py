@@ -36,7 +36,10 @@ from __future__ import annotations
 import abc
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._log import MessageBase
 
 RECORD_HEADER = struct.Struct("<BBHIq")
 """A message record's header (docs/FORMAT.md, "Message records"): version,
@@ -258,7 +261,7 @@ class Store(abc.ABC):
         """Delete the queue and every message in it, durably."""
 
     @abc.abstractmethod
-    def open_queue(self, name: str, owner: Any, message_class: Callable[..., Any],
+    def open_queue(self, name: str, owner: Any, message_class: type[MessageBase],
                    durability: str, segment_bytes: int) -> QueueBackend:
         """A backend for the existing queue ``name``.  The messages it hands
         out are ``message_class(owner, number, attempts, record[, peeked])``."""

@@ -34,7 +34,7 @@ import secrets
 import shutil
 import threading
 import time
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Set, Tuple
 
 from .. import errors
 from .._backend import RECORD_HEADER, Counts, LeasePolicy, QueueBackend, Store
@@ -42,6 +42,9 @@ from .._log import ENGINE, Log as _DefaultLog, append1 as _default_append1, scan
 from .._log.files import fsync_dir, write_durable
 from .._log.modes import makedirs
 from .state import ATT, DUE, LEASED, SENT, QueueState, encode, read_checkpoint, write_checkpoint
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .._log import MessageBase
 
 logger = logging.getLogger("qlog")
 
@@ -147,7 +150,7 @@ class LocalStore(Store):
         fsync_dir(os.path.dirname(d))
         shutil.rmtree(gone, ignore_errors=True)
 
-    def open_queue(self, name: str, owner: Any, message_class: Callable[..., Any],
+    def open_queue(self, name: str, owner: Any, message_class: type[MessageBase],
                    durability: str, segment_bytes: int) -> "LocalQueue":
         return LocalQueue(self, name, owner, message_class, durability, segment_bytes)
 
@@ -158,7 +161,7 @@ class LocalStore(Store):
 class LocalQueue(QueueBackend):
     """One queue of a :class:`LocalStore` (see the module docstring)."""
 
-    def __init__(self, store: LocalStore, name: str, owner: Any, message_class: Callable[..., Any],
+    def __init__(self, store: LocalStore, name: str, owner: Any, message_class: type[MessageBase],
                  durability: str, segment_bytes: int) -> None:
         self.name = name
         self._owner = owner
@@ -290,7 +293,7 @@ class LocalQueue(QueueBackend):
         pending = st.pending
         ret_us = policy.retention_us
         max_att = policy.max_attempts
-        seen: set = set()
+        seen: Set[int] = set()
         while len(plan.re) < n:
             more = st.due_candidates(now, n - len(plan.re), seen)
             if not more:
@@ -352,7 +355,7 @@ class LocalQueue(QueueBackend):
         return out
 
     def _scan_into(self, pos: int, hi: Optional[int], need: int, scanned: int,
-                   sort_read: Callable[..., Any], acc: List[list]) -> Tuple[int, int, int]:
+                   sort_read: Callable[..., Any], acc: List[List[Any]]) -> Tuple[int, int, int]:
         """Read the message log from ``pos`` (below ``hi`` when given), sorting
         what it holds into ``acc`` (new seqs, their sent times, their
         messages, deferred seqs, due and sent times, expired seqs: each an
@@ -498,9 +501,10 @@ class LocalQueue(QueueBackend):
         keep = [i for i, s in enumerate(seqs) if s in dying and dying[s][ATT] == atts[i]]
         seqs = [seqs[i] for i in keep]
         atts = [atts[i] for i in keep]
-        payloads = self._payloads(seqs) if payloads is None else [payloads[i] for i in keep]  # type: ignore[assignment]
+        found: Sequence[Optional[bytes]] = (
+            self._payloads(seqs) if payloads is None else [payloads[i] for i in keep])
         out = [policy.dead_letter_record(p, s, a, now)
-               for s, a, p in zip(seqs, atts, payloads) if p is not None]  # type: ignore[union-attr]
+               for s, a, p in zip(seqs, atts, found) if p is not None]
         if out:
             dlq = policy.dead_letter_to()
             dlq.append(out)
@@ -663,7 +667,7 @@ class LocalQueue(QueueBackend):
         given) sent ``ret_us`` or more before ``now``, up to the first that
         was not; returns where that run ends (no message lies between)."""
         while hi is None or pos < hi:
-            recs = self._msgs.read(pos, max_records=1000)
+            recs: List[Tuple[int, bytes]] = self._msgs.read(pos, max_records=1000)
             if not recs:
                 return pos if hi is None else hi
             for sq, p in recs:
@@ -868,7 +872,7 @@ class LocalQueue(QueueBackend):
                 self._lockfd = -1
                 last = self._gen[0]
                 self._gen.release()
-                self._gen = [last]  # type: ignore[assignment]  (closed: no more changes)
+                self._gen = [last]  # type: ignore[assignment]  # closed: no more changes
                 self._gen_map.close()
 
 
@@ -906,7 +910,8 @@ class _PullPlan:
         ret = -1 if ret_us is None else ret_us
         cls, owner = q._cls, q._owner
 
-        def sort_read(data, seqs, offs, k, below=None):  # type: ignore[no-untyped-def]
+        def sort_read(data: Any, seqs: Any, offs: Any, k: int, below: Optional[int] = None,
+                      ) -> Optional[Tuple[Tuple[List[Any], ...], int, int]]:
             if below is not None:  # only the records numbered below `below`
                 k = bisect.bisect_left(memoryview(seqs).cast("B").cast("Q"), below, 0, k)
                 if k == 0:
@@ -941,7 +946,9 @@ class _PullPlan:
                       arrays + [self.uk_read] if self.uk_read else arrays)
 
     def apply(self, st: QueueState, deadline: int, now: int) -> None:
-        st.apply_pull(deadline, self.frm, self.cur, self.to_dlq, *self._arrays(), now, self.uk_read)
+        st.apply_pull(deadline, self.frm, self.cur, self.to_dlq, self.new, self.new_sent, self.re,
+                      self.re_att, self.dfr, self.dfr_due, self.dfr_sent, self.exp, self.dead, now,
+                      self.uk_read)
 
 
 def _seq_run(data: Any, seqs: Any, offs: Any, n: int) -> Tuple[int, int, int, List[Tuple[int, int]]]:
@@ -955,11 +962,11 @@ def _seq_run(data: Any, seqs: Any, offs: Any, n: int) -> Tuple[int, int, int, Li
     return first, last, n, holes
 
 
-def _holds_lease(e: Optional[list], attempts: int) -> bool:
+def _holds_lease(e: Optional[List[Any]], attempts: int) -> bool:
     return e is not None and e[ATT] == attempts and e[LEASED]
 
 
-def _holds(e: Optional[list], attempts: int, deadline: int) -> bool:
+def _holds(e: Optional[List[Any]], attempts: int, deadline: int) -> bool:
     return e is not None and e[ATT] == attempts and e[LEASED] and e[DUE] == deadline
 
 
