@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pathlib
 import re
+import subprocess
+import sys
 
 import qlog
 
@@ -43,3 +45,13 @@ def test_public_surface_is_exactly_all() -> None:
 def test_every_error_is_a_qlog_error() -> None:
     for name in qlog.errors.__all__:
         assert issubclass(getattr(qlog.errors, name), qlog.QlogError)
+
+
+def test_mypy_strict_finds_no_errors() -> None:
+    """``mypy --strict`` passes on the package (configured in pyproject.toml's
+    [tool.mypy]; mypy comes with the test extra)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "qlog"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, f"mypy --strict qlog failed:\n{run.stdout}{run.stderr}"
