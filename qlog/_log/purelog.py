@@ -278,7 +278,7 @@ class Log(LogLifecycle):
 
     def __init__(
         self,
-        path: Union[str, "os.PathLike[str]"],
+        path: Union[str, os.PathLike[str]],
         *,
         durability: str = "sync",
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
