@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 from .. import errors
 
@@ -55,7 +55,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_all(ffi: Any, t: Any, fd: int, data: bytes) -> None:
+def _write_all(ffi: Any, t: Any, fd: int, data: Union[bytes, bytearray]) -> None:
     if t is None:
         view = memoryview(data)
         while view:
@@ -72,7 +72,7 @@ def _write_all(ffi: Any, t: Any, fd: int, data: bytes) -> None:
         off += w
 
 
-def replace_durably(path: str, data: bytes, mode: int, *, exclusive: bool = False,
+def replace_durably(path: str, data: Union[bytes, bytearray], mode: int, *, exclusive: bool = False,
                     tmp: Optional[str] = None, exact_mode: bool = False) -> bool:
     """Make ``path`` hold ``data`` durably and atomically: a temporary file
     beside it (``tmp``, or a name of this process's) is written and synced,
