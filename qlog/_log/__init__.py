@@ -69,7 +69,7 @@ ENGINE = "pure" if _want_pure() else "c"
 if ENGINE == "c":
     try:
         try:
-            from . import _glue, _qlog_c  # noqa: F401  (the compiled modules)
+            from . import _glue as _glue, _qlog_c as _qlog_c  # (the compiled modules)
         except ImportError:  # pragma: no cover - depends on how Python was started
             _find_compiled()
         if TYPE_CHECKING:  # pragma: no cover
