@@ -77,10 +77,11 @@ def _report(line: bytes) -> None:
 
 def appender(path: str, durability: str, segment_bytes: int, child_id: int, seed: int,
              max_batch: int = 8, max_filler: int = 1500, limit: int = 1 << 30,
-             single_share: float = 0.5, small_first: int = 0) -> None:
+             single_share: float = 0.5, small_first: int = 0, pause: float = 0.0) -> None:
     """Child main: append forever (up to ``limit`` calls), mixing ``append`` and
     ``append_batch``, reporting each returned call; then wait for stdin to close.
-    The first ``small_first`` calls append one smallest payload each."""
+    The first ``small_first`` calls append one smallest payload each; ``pause``
+    seconds pass after each call (a steady writer rather than a flood)."""
     rng = random.Random(seed)
     log = qlog.Log(path, durability=durability, segment_bytes=segment_bytes)
     _report(b"open\n")
@@ -99,6 +100,8 @@ def appender(path: str, durability: str, segment_bytes: int, child_id: int, seed
                                     for i in range(k)])
         _report(b"%d %d %d\n" % (seq, k, base))
         n += k
+        if pause:
+            time.sleep(pause)
     sys.stdin.read()
 
 
