@@ -91,52 +91,83 @@ typedef struct recovered {
 } recovered;
 
 /*
- * Recover the active (last) segment: find the end of the last complete
- * batch, drop what follows (a torn tail), and allocate the space again.
- * Records damaged in the middle, with valid records after them, are kept
- * as they are (readers skip and count them): only the tail is dropped.
+ * Recovery of the active segment, in steps (recover_active runs them):
+ *   recover_map      open the file and map it read-only
+ *   recover_header   decode its header, or infer the salt when it is damaged
+ *   recover_scan     find the end of the last complete batch (a scan_result)
+ *   recover_cut      cut the torn tail and allocate the space again
+ *   recover_rewrite  after a failed fsync, write the kept bytes again
+ *   recover_finish   write a bad header again, fdatasync
+ * A step that fails with QLOG_EIO leaves errno set and does not record it:
+ * recover_active unmaps and closes the file first, then records it.
  */
-static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrite,
-                          recovered *out)
+
+/* The active segment while recover_active works on it. */
+typedef struct active_seg {
+    int fd;                     /* -1 until opened */
+    uint8_t *map;               /* read-only map of the whole file; NULL when empty or unmapped */
+    uint64_t fsize;             /* the file's size when opened (and the map's length) */
+} active_seg;
+
+/* What recover_scan found. */
+typedef struct scan_result {
+    uint64_t valid_end;         /* end of the last complete batch */
+    uint64_t committed_last;    /* the number of its last record, when have_committed */
+    int have_committed;
+    uint64_t tail_recs;         /* complete records of an unfinished batch past valid_end */
+    uint64_t orphan_bytes;      /* parts of batches broken by damage, zeroed after a reboot */
+    uint64_t orphan_recs;
+} scan_result;
+
+static int recover_map(qlog_log *log, uint64_t base, active_seg *a)
 {
     char path[4200];
     log_path(log, base, ".seg", path, sizeof path);
-    int fd = qlog_sys.open(path, O_RDWR | O_NOFOLLOW, 0);
-    if (fd < 0)
-        return log_fail(log, QLOG_EIO);
+    a->fd = qlog_sys.open(path, O_RDWR | O_NOFOLLOW, 0);
+    if (a->fd < 0)
+        return QLOG_EIO;
     struct stat st;
-    if (fstat(fd, &st) != 0) {
-        qlog_sys.close(fd);
-        return log_fail(log, QLOG_EIO);
+    if (fstat(a->fd, &st) != 0)
+        return QLOG_EIO;
+    a->fsize = (uint64_t)st.st_size;
+    if (a->fsize > 0) {
+        uint8_t *map = qlog_sys.mmap(NULL, a->fsize, PROT_READ, MAP_SHARED, a->fd, 0);
+        if (map == MAP_FAILED)
+            return QLOG_EIO;
+        a->map = map;
     }
-    uint64_t fsize = (uint64_t)st.st_size;
-    uint8_t *map = NULL;
-    if (fsize > 0) {
-        map = qlog_sys.mmap(NULL, fsize, PROT_READ, MAP_SHARED, fd, 0);
-        if (map == MAP_FAILED) {
-            qlog_sys.close(fd);
-            return log_fail(log, QLOG_EIO);
-        }
-    }
-    seg_header h;
-    int header_bad = 0;
-    if (!map || fmt_seg_header_decode(map, fsize, &h) != QLOG_OK || h.base != base) {
+    return QLOG_OK;
+}
+
+/* The header of segment `base` (map: the whole file, or NULL when it is
+ * empty), or one inferred from its records (*header_bad set).
+ * QLOG_EFORMAT when neither the header nor any record names the salt. */
+static int recover_header(qlog_log *log, uint64_t base, const uint8_t *map, uint64_t fsize,
+                          seg_header *h, int *header_bad)
+{
+    *header_bad = 0;
+    if (!map || fmt_seg_header_decode(map, fsize, h) != QLOG_OK || h->base != base) {
         /* A damaged header costs no record: the records name the salt
-         * (covered by their CRCs).  The header is written again below. */
+         * (covered by their CRCs).  The header is written again by
+         * recover_finish. */
         uint64_t salt = 0;
-        if (!map || !infer_salt(map, fsize, base, UINT64_MAX, &salt)) {
-            if (map)
-                qlog_sys.munmap(map, fsize);
-            qlog_sys.close(fd);
+        if (!map || !infer_salt(map, fsize, base, UINT64_MAX, &salt))
             return QLOG_EFORMAT;
-        }
-        h.base = base;
-        h.salt = salt;
-        h.created = now_ns();
-        header_bad = 1;
+        h->base = base;
+        h->salt = salt;
+        h->created = now_ns();
+        *header_bad = 1;
         __atomic_add_fetch(&log->n_corrupt, 1, __ATOMIC_RELAXED);
     }
-    uint32_t salt32 = (uint32_t)h.salt;
+    return QLOG_OK;
+}
+
+/* Scan the records of the active segment (map: fsize bytes, fd open for
+ * writing) for the end of the last complete batch.  After a reboot the
+ * parts of batches that damage broke are zeroed in the file (pwrite). */
+static int recover_scan(qlog_log *log, int fd, uint8_t *map, uint64_t fsize, uint32_t salt32,
+                        int rebooted, scan_result *res)
+{
     uint64_t off = QLOG_SEG_HEADER_SIZE, valid_end = off, batch_recs = 0;
     uint64_t last = 0, committed_last = 0, batch_start = off;
     int have_last = 0, have_committed = 0, in_batch = 0, orphans_follow = 0;
@@ -159,11 +190,8 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
             } else if (orphans_follow && rebooted) {
                 /* The rest of a batch whose start was lost with the
                  * damage before it. */
-                if (zero_range(fd, off, sz) != 0) {
-                    qlog_sys.munmap(map, fsize);
-                    qlog_sys.close(fd);
-                    return log_fail(log, QLOG_EIO);
-                }
+                if (zero_range(fd, off, sz) != 0)
+                    return QLOG_EIO;
                 orphan_bytes += sz;
                 orphan_recs++;
                 off += sz;
@@ -193,11 +221,8 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
          * dropped.  Without a reboot only bit rot damages data in the
          * middle, and then only the damaged record is skipped. */
         if (in_batch && rebooted) {
-            if (zero_range(fd, batch_start, off - batch_start) != 0) {
-                qlog_sys.munmap(map, fsize);
-                qlog_sys.close(fd);
-                return log_fail(log, QLOG_EIO);
-            }
+            if (zero_range(fd, batch_start, off - batch_start) != 0)
+                return QLOG_EIO;
             orphan_bytes += off - batch_start;
             orphan_recs += batch_recs;
         }
@@ -207,19 +232,26 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
         __atomic_add_fetch(&log->n_corrupt, 1, __ATOMIC_RELAXED);
         off = nx;
     }
-    uint64_t dropped_end = last_nonzero(map, valid_end, fsize);
-    uint64_t dropped = dropped_end - valid_end;
-    log->rec_bytes_dropped += dropped + orphan_bytes;
-    log->rec_records_dropped += batch_recs + orphan_recs;
-    qlog_sys.munmap(map, fsize);
+    res->valid_end = valid_end;
+    res->committed_last = committed_last;
+    res->have_committed = have_committed;
+    res->tail_recs = batch_recs;
+    res->orphan_bytes = orphan_bytes;
+    res->orphan_recs = orphan_recs;
+    return QLOG_OK;
+}
 
+/* Cut the file (fsize bytes) at valid_end when `dropped` bytes of a torn
+ * tail follow it, then allocate the space again: *cap_out is the segment's
+ * capacity, *alloc_out the bytes allocated. */
+static int recover_cut(qlog_log *log, int fd, uint64_t fsize, uint64_t valid_end, uint64_t dropped,
+                       uint64_t *cap_out, uint64_t *alloc_out)
+{
     /* Drop the torn tail: the file is cut at the last complete batch; the
      * space is then allocated again and reads back as zeros. */
     if (dropped) {
-        if (qlog_sys.ftruncate(fd, (int64_t)valid_end) != 0) {
-            qlog_sys.close(fd);
-            return log_fail(log, QLOG_EIO);
-        }
+        if (qlog_sys.ftruncate(fd, (int64_t)valid_end) != 0)
+            return QLOG_EIO;
         fsize = valid_end;
     }
     uint64_t cap = log->segment_bytes > fsize ? log->segment_bytes : fsize;
@@ -231,52 +263,105 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
         alloc = fsize;   /* appends will find no room and report ENOSPC */
     } else if (r != 0) {
         errno = r;
-        qlog_sys.close(fd);
-        return log_fail(log, QLOG_EIO);
+        return QLOG_EIO;
     }
-    if (rewrite) {
-        /* See roll(): after a failed fsync the page cache may hold bytes the
-         * disk lost while marked clean; write them again so the fdatasync
-         * below really makes them durable. */
-        uint8_t *m = qlog_sys.mmap(NULL, valid_end, PROT_READ, MAP_SHARED, fd, 0);
-        uint8_t *bounce = malloc(1u << 20);
-        int ok = m != MAP_FAILED && bounce;
-        for (uint64_t off = QLOG_SEG_HEADER_SIZE; ok && off < valid_end;) {
-            uint64_t k = valid_end - off < (1u << 20) ? valid_end - off : (1u << 20);
-            memcpy(bounce, m + off, k);
-            ok = qlog_sys.pwrite(fd, bounce, k, (int64_t)off) == (int64_t)k;
-            off += k;
-        }
-        free(bounce);
-        if (m != MAP_FAILED)
-            qlog_sys.munmap(m, valid_end);
-        if (!ok) {
-            qlog_sys.close(fd);
-            return log_fail(log, QLOG_EIO);
-        }
+    *cap_out = cap;
+    *alloc_out = alloc;
+    return QLOG_OK;
+}
+
+/* Write the records of [QLOG_SEG_HEADER_SIZE, valid_end) again, from what
+ * the page cache holds. */
+static int recover_rewrite(int fd, uint64_t valid_end)
+{
+    /* See roll(): after a failed fsync the page cache may hold bytes the
+     * disk lost while marked clean; write them again so the fdatasync
+     * of recover_finish really makes them durable. */
+    uint8_t *m = qlog_sys.mmap(NULL, valid_end, PROT_READ, MAP_SHARED, fd, 0);
+    uint8_t *bounce = malloc(1u << 20);
+    int ok = m != MAP_FAILED && bounce;
+    for (uint64_t off = QLOG_SEG_HEADER_SIZE; ok && off < valid_end;) {
+        uint64_t k = valid_end - off < (1u << 20) ? valid_end - off : (1u << 20);
+        memcpy(bounce, m + off, k);
+        ok = qlog_sys.pwrite(fd, bounce, k, (int64_t)off) == (int64_t)k;
+        off += k;
     }
+    free(bounce);
+    if (m != MAP_FAILED)
+        qlog_sys.munmap(m, valid_end);
+    return ok ? QLOG_OK : QLOG_EIO;
+}
+
+/* Write the header again when it was bad, and make the recovered file
+ * durable. */
+static int recover_finish(int fd, const seg_header *h, int header_bad)
+{
     if (header_bad) {
         uint8_t hdr[QLOG_SEG_HEADER_SIZE];
-        fmt_seg_header_encode(hdr, base, h.salt, h.created);
-        if (qlog_sys.pwrite(fd, hdr, sizeof hdr, 0) != (int64_t)sizeof hdr) {
-            qlog_sys.close(fd);
-            return log_fail(log, QLOG_EIO);
-        }
+        fmt_seg_header_encode(hdr, h->base, h->salt, h->created);
+        if (qlog_sys.pwrite(fd, hdr, sizeof hdr, 0) != (int64_t)sizeof hdr)
+            return QLOG_EIO;
     }
     /* The cut (and a rewritten header) is durable: a power cut cannot bring
      * the torn bytes back in front of records appended after this open. */
-    if (qlog_sys.fdatasync(fd) != 0) {
-        qlog_sys.close(fd);
-        return log_fail(log, QLOG_EIO);
+    if (qlog_sys.fdatasync(fd) != 0)
+        return QLOG_EIO;
+    return QLOG_OK;
+}
+
+/*
+ * Recover the active (last) segment: find the end of the last complete
+ * batch, drop what follows (a torn tail), and allocate the space again.
+ * Records damaged in the middle, with valid records after them, are kept
+ * as they are (readers skip and count them): only the tail is dropped.
+ */
+static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrite,
+                          recovered *out)
+{
+    active_seg a = {-1, NULL, 0};
+    seg_header h;
+    int header_bad = 0;
+    scan_result s;
+    uint64_t dropped, cap = 0, alloc = 0;
+    int r = recover_map(log, base, &a);
+    if (r)
+        goto done;
+    r = recover_header(log, base, a.map, a.fsize, &h, &header_bad);
+    if (r)
+        goto done;
+    r = recover_scan(log, a.fd, a.map, a.fsize, (uint32_t)h.salt, rebooted, &s);
+    if (r)
+        goto done;
+    dropped = last_nonzero(a.map, s.valid_end, a.fsize) - s.valid_end;
+    log->rec_bytes_dropped += dropped + s.orphan_bytes;
+    log->rec_records_dropped += s.tail_recs + s.orphan_recs;
+    qlog_sys.munmap(a.map, a.fsize);
+    a.map = NULL;
+
+    r = recover_cut(log, a.fd, a.fsize, s.valid_end, dropped, &cap, &alloc);
+    if (r)
+        goto done;
+    if (rewrite) {
+        r = recover_rewrite(a.fd, s.valid_end);
+        if (r)
+            goto done;
     }
-    qlog_sys.close(fd);
+    r = recover_finish(a.fd, &h, header_bad);
+    if (r)
+        goto done;
     out->base = base;
     out->salt = h.salt;
     out->cap = cap;
-    out->valid_end = valid_end;
-    out->next_seq = have_committed ? committed_last + 1 : base;
+    out->valid_end = s.valid_end;
+    out->next_seq = s.have_committed ? s.committed_last + 1 : base;
     log->ctl->alloc_end = alloc;
-    return QLOG_OK;
+
+done:
+    if (a.map)
+        qlog_sys.munmap(a.map, a.fsize);
+    if (a.fd >= 0)
+        qlog_sys.close(a.fd);
+    return log_fail(log, r);   /* records errno when r is QLOG_EIO */
 }
 
 /* 1 when the file at path has no nonzero byte past where the header
