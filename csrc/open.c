@@ -409,9 +409,19 @@ static void remove_tmp_files(qlog_log *log)
 
 static int ctl_valid(const qlog_log *log);
 
-/* Rebuild the control block from the files.  Called with the `lock` file
- * held exclusively and no other process having the log open. */
-static int rebuild(qlog_log *log)
+/*
+ * Rebuilding the control block, in steps (rebuild runs them):
+ *   rebuild_reset_ctl      zero it, keeping the rewrite flag of this boot
+ *   rebuild_floor          the numbers `meta` says may have been handed out
+ *   rebuild_choose_active  recover the last segment that has a header
+ *   rebuild_fresh_segment  create one when none is left
+ *   rebuild_write_meta     the durable high-water mark
+ *   rebuild_publish        fill in the control block and mark it initialized
+ */
+
+/* Zero the control block.  Returns 1 when an fsync failed in this boot
+ * (the flag is then kept in the block); 0 otherwise. */
+static int rebuild_reset_ctl(qlog_log *log)
 {
     qlog_ctl *c = log->ctl;
     /* An fsync that failed in this boot is not forgotten by reopening: the
@@ -430,8 +440,13 @@ static int rebuild(qlog_log *log)
         memcpy(c->boot_id, log->boot_id, sizeof c->boot_id);
         STORE(&c->rewrite_on_roll, 1);
     }
-    remove_tmp_files(log);
+    return rewrite;
+}
 
+/* The lowest number the next record may get, from `meta`: its mark when
+ * it applies (*applies: a reboot, or one cannot be ruled out), else 0. */
+static uint64_t rebuild_floor(qlog_log *log, int *applies)
+{
     uint64_t reserved = 0;
     char mboot[QLOG_BOOT_ID_SIZE + 1] = "";
     int have_meta = meta_read(log, &reserved, mboot) == QLOG_OK;
@@ -441,96 +456,122 @@ static int rebuild(qlog_log *log)
     /* No boot id (no procfs) cannot prove there was no reboot: skip ahead. */
     int floor_applies = !have_meta || !mboot[0] || !log->boot_id[0] ||
                         strcmp(mboot, log->boot_id) != 0;
-    uint64_t floor = have_meta && floor_applies ? reserved : 0;
+    *applies = floor_applies;
+    return have_meta && floor_applies ? reserved : 0;
+}
 
+/* Remove the empty last segment `base` (and make that durable). */
+static int drop_empty_segment(qlog_log *log, uint64_t base)
+{
+    char path[4200];
+    log_path(log, base, ".seg", path, sizeof path);
+    if (qlog_sys.unlink(path) != 0)
+        return log_fail(log, QLOG_EIO);
+    return fsync_dir(log);
+}
+
+/* Set the last segment `base`, which has no valid header, aside: renamed
+ * to .damaged, or removed when it holds no data. */
+static int set_aside_segment(qlog_log *log, uint64_t base)
+{
+    char path[4200], aside[4300];
+    log_path(log, base, ".seg", path, sizeof path);
+    snprintf(aside, sizeof aside, "%s.damaged", path);
+    if (seg_holds_no_data(path)) {
+        /* Created, never written (the header did not make it): there
+         * is nothing to keep. */
+        if (qlog_sys.unlink(path) != 0)
+            return log_fail(log, QLOG_EIO);
+    } else if (qlog_sys.rename(path, aside) != 0) {
+        return log_fail(log, QLOG_EIO);
+    }
+    return QLOG_OK;
+}
+
+/* Find the active segment: the last one, recovered (*rec, *have = 1).
+ * An empty last segment is removed and one without a valid header set
+ * aside (*floor then rises to its base), and the one before is tried;
+ * *have = 0 when no segment is left. */
+static int rebuild_choose_active(qlog_log *log, int floor_applies, int rewrite, uint64_t *floor,
+                                 recovered *rec, int *have)
+{
     uint64_t *bases = NULL;
     size_t n = 0;
     int r = list_segments(log->dir, &bases, &n);
     if (r)
         return log_fail(log, r == QLOG_ENOMEM ? r : QLOG_EIO);
 
-    recovered rec = {0, 0, 0, 0, 0};
-    int have = 0;
-    while (n > 0 && !have) {
-        r = recover_active(log, bases[n - 1], floor_applies, rewrite, &rec);
-        if (r == QLOG_OK && n >= 2 && rec.valid_end == QLOG_SEG_HEADER_SIZE &&
-            rec.next_seq == bases[n - 1]) {
+    *have = 0;
+    while (n > 0 && !*have) {
+        r = recover_active(log, bases[n - 1], floor_applies, rewrite, rec);
+        if (r == QLOG_OK && n >= 2 && rec->valid_end == QLOG_SEG_HEADER_SIZE &&
+            rec->next_seq == bases[n - 1]) {
             /* An empty last segment: a roll made it and may have died
              * before sealing the one before.  Remove it; the one before
              * becomes the active segment again (sealed anew at its roll). */
-            char path[4200];
-            log_path(log, bases[n - 1], ".seg", path, sizeof path);
-            if (qlog_sys.unlink(path) != 0) {
-                free(bases);
-                return log_fail(log, QLOG_EIO);
-            }
-            r = fsync_dir(log);
-            if (r) {
-                free(bases);
-                return r;
-            }
+            r = drop_empty_segment(log, bases[n - 1]);
+            if (r)
+                goto done;
             n--;
             continue;
         }
         if (r == QLOG_OK) {
-            have = 1;
+            *have = 1;
             break;
         }
-        if (r != QLOG_EFORMAT) {
-            free(bases);
-            return r;
-        }
+        if (r != QLOG_EFORMAT)
+            goto done;
         /* The last segment has no valid header: it was being created when
          * the machine stopped (its name made it to disk, its header did
          * not), or its header rotted.  Set it aside and use the one before. */
-        char path[4200], aside[4300];
-        log_path(log, bases[n - 1], ".seg", path, sizeof path);
-        snprintf(aside, sizeof aside, "%s.damaged", path);
-        if (seg_holds_no_data(path)) {
-            /* Created, never written (the header did not make it): there
-             * is nothing to keep. */
-            if (qlog_sys.unlink(path) != 0) {
-                free(bases);
-                return log_fail(log, QLOG_EIO);
-            }
-        } else if (qlog_sys.rename(path, aside) != 0) {
-            free(bases);
-            return log_fail(log, QLOG_EIO);
-        }
-        if (floor < bases[n - 1])
-            floor = bases[n - 1];
+        r = set_aside_segment(log, bases[n - 1]);
+        if (r)
+            goto done;
+        if (*floor < bases[n - 1])
+            *floor = bases[n - 1];
         n--;
     }
+    r = QLOG_OK;
+done:
     free(bases);
+    return r;
+}
 
-    uint64_t next = have ? rec.next_seq : 0;
-    if (next < floor)
-        next = floor;
-    if (!have) {
-        int fd;
-        uint64_t salt, alloc;
-        uint64_t cap = log->segment_bytes;
-        r = seg_create(log, next, cap, &fd, &salt, &alloc);
-        if (r)
-            return r;
-        qlog_sys.close(fd);
-        rec.base = next;
-        rec.salt = salt;
-        rec.cap = cap;
-        rec.valid_end = QLOG_SEG_HEADER_SIZE;
-        c->alloc_end = alloc;
-    }
+/* No segment left: create the active one at `next`, empty. */
+static int rebuild_fresh_segment(qlog_log *log, uint64_t next, recovered *rec)
+{
+    int fd;
+    uint64_t salt, alloc;
+    uint64_t cap = log->segment_bytes;
+    int r = seg_create(log, next, cap, &fd, &salt, &alloc);
+    if (r)
+        return r;
+    qlog_sys.close(fd);
+    rec->base = next;
+    rec->salt = salt;
+    rec->cap = cap;
+    rec->valid_end = QLOG_SEG_HEADER_SIZE;
+    log->ctl->alloc_end = alloc;
+    return QLOG_OK;
+}
+
+/* The durable high-water mark for the next record, `next`. */
+static int rebuild_write_meta(qlog_log *log, uint64_t next, int skipped)
+{
     /* Skipped past the last record kept (a reboot, see floor): only `meta`
      * knows it, and a mark with this boot's id would stop applying at the
      * next open in this boot, which would then number from the last record
      * and hand out again numbers seen before the power cut.  So the mark
      * names no boot (it applies at every open) and ends at `next`, until
      * the first append puts a record there (see append_locked). */
-    int skipped = have && next > rec.next_seq;
-    r = skipped ? meta_write_boot(log, next, "") : meta_write(log, next + QLOG_SEQ_RESERVE);
-    if (r)
-        return r;
+    return skipped ? meta_write_boot(log, next, "") : meta_write(log, next + QLOG_SEQ_RESERVE);
+}
 
+/* Fill in the control block for the active segment *rec and the next
+ * number `next`; `initialized` is stored last. */
+static int rebuild_publish(qlog_log *log, const recovered *rec, uint64_t next, int skipped)
+{
+    qlog_ctl *c = log->ctl;
     memcpy(c->magic, QLOG_CTL_MAGIC, 8);
     c->version = QLOG_CTL_VERSION;
     c->struct_size = sizeof *c;
@@ -538,17 +579,17 @@ static int rebuild(qlog_log *log)
     if (init_mutex(&c->wlock) || init_mutex(&c->slock))
         return QLOG_EIO;
     c->next_seq = next;
-    c->pending_end = rec.valid_end;
+    c->pending_end = rec->valid_end;
     c->pending_next = next;
-    c->pending_base = rec.base;
-    c->pending_salt = rec.salt;
-    c->pending_cap = rec.cap;
+    c->pending_base = rec->base;
+    c->pending_salt = rec->salt;
+    c->pending_cap = rec->cap;
     c->reserved_upto = skipped ? next : next + QLOG_SEQ_RESERVE;
     c->skip_pending = (uint32_t)skipped;
-    c->active_base = rec.base;
-    c->active_salt = rec.salt;
-    c->active_cap = rec.cap;
-    c->write_end = rec.valid_end;
+    c->active_base = rec->base;
+    c->active_salt = rec->salt;
+    c->active_cap = rec->cap;
+    c->write_end = rec->valid_end;
     c->written_seq = next;
     c->synced_seq = next;   /* recovery synced what it kept */
     c->seg_gen = 1;
@@ -556,6 +597,37 @@ static int rebuild(qlog_log *log)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     STORE(&c->initialized, 1);
     return QLOG_OK;
+}
+
+/* Rebuild the control block from the files.  Called with the `lock` file
+ * held exclusively and no other process having the log open. */
+static int rebuild(qlog_log *log)
+{
+    int rewrite = rebuild_reset_ctl(log);
+    remove_tmp_files(log);
+
+    int floor_applies;
+    uint64_t floor = rebuild_floor(log, &floor_applies);
+
+    recovered rec = {0, 0, 0, 0, 0};
+    int have = 0;
+    int r = rebuild_choose_active(log, floor_applies, rewrite, &floor, &rec, &have);
+    if (r)
+        return r;
+
+    uint64_t next = have ? rec.next_seq : 0;
+    if (next < floor)
+        next = floor;
+    if (!have) {
+        r = rebuild_fresh_segment(log, next, &rec);
+        if (r)
+            return r;
+    }
+    int skipped = have && next > rec.next_seq;
+    r = rebuild_write_meta(log, next, skipped);
+    if (r)
+        return r;
+    return rebuild_publish(log, &rec, next, skipped);
 }
 
 static int ctl_valid(const qlog_log *log)
