@@ -185,9 +185,21 @@ static int roll(qlog_log *log, uint64_t need)
     return writer_map(log);
 }
 
-/* Append under wlock; returns the status, *first_seq and *end_seq set. */
-static int append_locked(qlog_log *log, const char *buf, const uint32_t *lens, size_t n,
-                         uint64_t need, uint64_t *first_seq)
+/*
+ * An append under wlock, in steps (append_locked runs them):
+ *   make_room         roll when needed, map the active segment
+ *   reserve_blocks    allocate the file's space ahead of the batch
+ *   reserve_numbers   raise the durable high-water mark (file `meta`)
+ *   frame_dest        where to frame: straight into the mapping, or into
+ *                     scratch for a big batch
+ *   frame_records     frame the batch there
+ *   write_framed      pwrite a batch framed in scratch (undone on failure)
+ *   publish_batch     readers see the whole batch or none of it
+ */
+
+/* Roll when a roll is due or the batch of `need` bytes does not fit the
+ * active segment, then map the active segment.  Under wlock. */
+static int make_room(qlog_log *log, uint64_t need)
 {
     qlog_ctl *c = log->ctl;
     int r;
@@ -201,49 +213,160 @@ static int append_locked(qlog_log *log, const char *buf, const uint32_t *lens, s
         if (r)
             return r;
     }
-    r = writer_map(log);
+    return writer_map(log);
+}
+
+/* Allocate the active file up to at least `end` (past alloc_end).  Under
+ * wlock. */
+static int reserve_blocks(qlog_log *log, uint64_t end)
+{
+    qlog_ctl *c = log->ctl;
+    /* Reserve the blocks before storing through the mapping: a full
+     * disk is reported here, with nothing written, instead of killing
+     * the process with SIGBUS. */
+    uint64_t want = (end + QLOG_ALLOC_CHUNK - 1) / QLOG_ALLOC_CHUNK * QLOG_ALLOC_CHUNK;
+    if (want > c->active_cap)
+        want = c->active_cap;
+    uint64_t got = want;
+    int e = qlog_sys.fallocate(log->w_fd, 0, (int64_t)want);
+    if (e == ENOSPC && want > end) {
+        got = end;
+        e = qlog_sys.fallocate(log->w_fd, 0, (int64_t)end);
+    }
+    if (e != 0) {
+        errno = e;
+        log_fail(log, QLOG_EIO);
+        return e == ENOSPC ? QLOG_ENOSPC : QLOG_EIO;
+    }
+    /* Start writing back the chunk just filled, without waiting: the
+     * disk works while appends go on, and the fdatasync that seals the
+     * segment (or a group commit) finds little left to write. */
+    if (c->alloc_end > QLOG_ALLOC_CHUNK)
+        qlog_sys.writeback(log->w_fd, (int64_t)(c->alloc_end - QLOG_ALLOC_CHUNK),
+                           QLOG_ALLOC_CHUNK);
+    c->alloc_end = got;
+    return QLOG_OK;
+}
+
+/* Write the mark that reserves the numbers [seq, seq + n) and more (past
+ * reserved_upto).  Under wlock. */
+static int reserve_numbers(qlog_log *log, uint64_t seq, size_t n)
+{
+    qlog_ctl *c = log->ctl;
+    /* Right after recovery skipped numbers, no record shows the skip
+     * yet: this batch's numbers are reserved by a mark that applies in
+     * every boot (see rebuild); the next append, with this batch in the
+     * segment, writes the usual mark. */
+    int skip = c->skip_pending != 0;
+    uint64_t upto = skip ? seq + n : seq + n + QLOG_SEQ_RESERVE;
+    int r = skip ? meta_write_boot(log, upto, "") : meta_write(log, upto);
+    if (r)
+        return r;
+    c->reserved_upto = upto;
+    c->skip_pending = 0;
+    return QLOG_OK;
+}
+
+/* Where a batch of `need` bytes is framed: scratch (*big = 1, written
+ * with one pwrite) or the mapping at write_end (*big = 0).  Under wlock. */
+static uint8_t *frame_dest(qlog_log *log, uint64_t need, int *big)
+{
+    qlog_ctl *c = log->ctl;
+    int b = need >= QLOG_PWRITE_MIN;
+    if (b && log->scratch_cap < need) {
+        uint8_t *nb = realloc(log->scratch, need);
+        if (nb) {
+            log->scratch = nb;
+            log->scratch_cap = need;
+        } else {
+            b = 0;   /* no memory for the copy: frame through the mapping */
+        }
+    }
+    if (!b) {
+        log->w_touched += need;
+        if (log->w_touched >= QLOG_DROP_EVERY) {
+            drop_resident(log->w_map, 0, c->write_end);
+            log->w_touched = 0;
+        }
+    }
+    *big = b;
+    return b ? log->scratch : log->w_map + c->write_end;
+}
+
+/* Frame the n records of buf (lengths lens) at dst, numbered from seq. */
+static void frame_records(uint8_t *dst, const char *buf, const uint32_t *lens, size_t n,
+                          uint64_t seq, int64_t ts, uint32_t salt32)
+{
+    const char *p = buf;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t flags = (uint8_t)((i + 1 < n ? QLOG_REC_FLAG_BATCH_MORE : 0) |
+                                  (i > 0 ? QLOG_REC_FLAG_BATCH_CONT : 0));
+        fmt_rec_encode(dst, p, lens[i], seq + i, ts, salt32, flags);
+        dst += rec_size(lens[i]);
+        p += lens[i];
+    }
+}
+
+/* pwrite the batch of `need` bytes framed in scratch at write_end; the
+ * batch's first number is seq.  Under wlock. */
+static int write_framed(qlog_log *log, uint64_t need, uint64_t seq)
+{
+    qlog_ctl *c = log->ctl;
+    int64_t w = qlog_sys.pwrite(log->w_fd, log->scratch, need, (int64_t)c->write_end);
+    if (w != (int64_t)need) {
+        /* A failed or short write is undone before the error is
+         * raised: the range goes back to zeros (its space is allocated,
+         * so stores through the mapping cannot fail), and nothing of
+         * the batch remains.  Only ENOSPC leaves the log usable. */
+        int e = w < 0 ? errno : EIO;
+        memset(log->w_map + c->write_end, 0, need);
+        c->pending_end = c->write_end;
+        c->pending_next = seq;
+        errno = e;
+        log_fail(log, QLOG_EIO);
+        if (e == ENOSPC)
+            return QLOG_ENOSPC;
+        poison(log);
+        return QLOG_EIO;
+    }
+    if (log->scratch_cap > QLOG_SCRATCH_KEEP) {
+        free(log->scratch);   /* one huge batch does not pin its size */
+        log->scratch = NULL;
+        log->scratch_cap = 0;
+    }
+    return QLOG_OK;
+}
+
+/* Publish the batch ending at `end`, before `next`.  Under wlock. */
+static void publish_batch(qlog_ctl *c, uint64_t end, uint64_t next)
+{
+    /* Publish: readers see the whole batch or none of it. */
+    STORE(&c->seqlock, c->seqlock + 1);
+    STORE(&c->write_end, end);
+    STORE(&c->written_seq, next);
+    c->next_seq = next;
+    STORE(&c->seqlock, c->seqlock + 1);
+}
+
+/* Append under wlock; returns the status, *first_seq and *end_seq set. */
+static int append_locked(qlog_log *log, const char *buf, const uint32_t *lens, size_t n,
+                         uint64_t need, uint64_t *first_seq)
+{
+    qlog_ctl *c = log->ctl;
+    int r = make_room(log, need);
     if (r)
         return r;
     uint64_t end = c->write_end + need;
     if (end > c->alloc_end) {
-        /* Reserve the blocks before storing through the mapping: a full
-         * disk is reported here, with nothing written, instead of killing
-         * the process with SIGBUS. */
-        uint64_t want = (end + QLOG_ALLOC_CHUNK - 1) / QLOG_ALLOC_CHUNK * QLOG_ALLOC_CHUNK;
-        if (want > c->active_cap)
-            want = c->active_cap;
-        uint64_t got = want;
-        int e = qlog_sys.fallocate(log->w_fd, 0, (int64_t)want);
-        if (e == ENOSPC && want > end) {
-            got = end;
-            e = qlog_sys.fallocate(log->w_fd, 0, (int64_t)end);
-        }
-        if (e != 0) {
-            errno = e;
-            log_fail(log, QLOG_EIO);
-            return e == ENOSPC ? QLOG_ENOSPC : QLOG_EIO;
-        }
-        /* Start writing back the chunk just filled, without waiting: the
-         * disk works while appends go on, and the fdatasync that seals the
-         * segment (or a group commit) finds little left to write. */
-        if (c->alloc_end > QLOG_ALLOC_CHUNK)
-            qlog_sys.writeback(log->w_fd, (int64_t)(c->alloc_end - QLOG_ALLOC_CHUNK),
-                               QLOG_ALLOC_CHUNK);
-        c->alloc_end = got;
+        r = reserve_blocks(log, end);
+        if (r)
+            return r;
     }
     uint64_t seq = c->next_seq;
     if (seq + n > c->reserved_upto) {
-        /* Right after recovery skipped numbers, no record shows the skip
-         * yet: this batch's numbers are reserved by a mark that applies in
-         * every boot (see rebuild); the next append, with this batch in the
-         * segment, writes the usual mark. */
-        int skip = c->skip_pending != 0;
-        uint64_t upto = skip ? seq + n : seq + n + QLOG_SEQ_RESERVE;
-        r = skip ? meta_write_boot(log, upto, "") : meta_write(log, upto);
+        r = reserve_numbers(log, seq, n);
         if (r)
             return r;
-        c->reserved_upto = upto;
-        c->skip_pending = 0;
     }
 
     /* Frame.  pending_* first, so that a writer killed in the middle is
@@ -253,63 +376,16 @@ static int append_locked(qlog_log *log, const char *buf, const uint32_t *lens, s
     __atomic_thread_fence(__ATOMIC_RELEASE);
     uint32_t salt32 = (uint32_t)c->active_salt;
     int64_t ts = now_ns();
-    int big = need >= QLOG_PWRITE_MIN;
-    if (big && log->scratch_cap < need) {
-        uint8_t *nb = realloc(log->scratch, need);
-        if (nb) {
-            log->scratch = nb;
-            log->scratch_cap = need;
-        } else {
-            big = 0;   /* no memory for the copy: frame through the mapping */
-        }
-    }
-    if (!big) {
-        log->w_touched += need;
-        if (log->w_touched >= QLOG_DROP_EVERY) {
-            drop_resident(log->w_map, 0, c->write_end);
-            log->w_touched = 0;
-        }
-    }
-    uint8_t *dst = big ? log->scratch : log->w_map + c->write_end;
-    const char *p = buf;
-    for (size_t i = 0; i < n; i++) {
-        uint8_t flags = (uint8_t)((i + 1 < n ? QLOG_REC_FLAG_BATCH_MORE : 0) |
-                                  (i > 0 ? QLOG_REC_FLAG_BATCH_CONT : 0));
-        fmt_rec_encode(dst, p, lens[i], seq + i, ts, salt32, flags);
-        dst += rec_size(lens[i]);
-        p += lens[i];
-    }
+    int big;
+    uint8_t *dst = frame_dest(log, need, &big);
+    frame_records(dst, buf, lens, n, seq, ts, salt32);
     if (big) {
-        int64_t w = qlog_sys.pwrite(log->w_fd, log->scratch, need, (int64_t)c->write_end);
-        if (w != (int64_t)need) {
-            /* A failed or short write is undone before the error is
-             * raised: the range goes back to zeros (its space is allocated,
-             * so stores through the mapping cannot fail), and nothing of
-             * the batch remains.  Only ENOSPC leaves the log usable. */
-            int e = w < 0 ? errno : EIO;
-            memset(log->w_map + c->write_end, 0, need);
-            c->pending_end = c->write_end;
-            c->pending_next = seq;
-            errno = e;
-            log_fail(log, QLOG_EIO);
-            if (e == ENOSPC)
-                return QLOG_ENOSPC;
-            poison(log);
-            return QLOG_EIO;
-        }
-        if (log->scratch_cap > QLOG_SCRATCH_KEEP) {
-            free(log->scratch);   /* one huge batch does not pin its size */
-            log->scratch = NULL;
-            log->scratch_cap = 0;
-        }
+        r = write_framed(log, need, seq);
+        if (r)
+            return r;
     }
 
-    /* Publish: readers see the whole batch or none of it. */
-    STORE(&c->seqlock, c->seqlock + 1);
-    STORE(&c->write_end, end);
-    STORE(&c->written_seq, seq + n);
-    c->next_seq = seq + n;
-    STORE(&c->seqlock, c->seqlock + 1);
+    publish_batch(c, end, seq + n);
     *first_seq = seq;
     return QLOG_OK;
 }

@@ -91,52 +91,83 @@ typedef struct recovered {
 } recovered;
 
 /*
- * Recover the active (last) segment: find the end of the last complete
- * batch, drop what follows (a torn tail), and allocate the space again.
- * Records damaged in the middle, with valid records after them, are kept
- * as they are (readers skip and count them): only the tail is dropped.
+ * Recovery of the active segment, in steps (recover_active runs them):
+ *   recover_map      open the file and map it read-only
+ *   recover_header   decode its header, or infer the salt when it is damaged
+ *   recover_scan     find the end of the last complete batch (a scan_result)
+ *   recover_cut      cut the torn tail and allocate the space again
+ *   recover_rewrite  after a failed fsync, write the kept bytes again
+ *   recover_finish   write a bad header again, fdatasync
+ * A step that fails with QLOG_EIO leaves errno set and does not record it:
+ * recover_active unmaps and closes the file first, then records it.
  */
-static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrite,
-                          recovered *out)
+
+/* The active segment while recover_active works on it. */
+typedef struct active_seg {
+    int fd;                     /* -1 until opened */
+    uint8_t *map;               /* read-only map of the whole file; NULL when empty or unmapped */
+    uint64_t fsize;             /* the file's size when opened (and the map's length) */
+} active_seg;
+
+/* What recover_scan found. */
+typedef struct scan_result {
+    uint64_t valid_end;         /* end of the last complete batch */
+    uint64_t committed_last;    /* the number of its last record, when have_committed */
+    int have_committed;
+    uint64_t tail_recs;         /* complete records of an unfinished batch past valid_end */
+    uint64_t orphan_bytes;      /* parts of batches broken by damage, zeroed after a reboot */
+    uint64_t orphan_recs;
+} scan_result;
+
+static int recover_map(qlog_log *log, uint64_t base, active_seg *a)
 {
     char path[4200];
     log_path(log, base, ".seg", path, sizeof path);
-    int fd = qlog_sys.open(path, O_RDWR | O_NOFOLLOW, 0);
-    if (fd < 0)
-        return log_fail(log, QLOG_EIO);
+    a->fd = qlog_sys.open(path, O_RDWR | O_NOFOLLOW, 0);
+    if (a->fd < 0)
+        return QLOG_EIO;
     struct stat st;
-    if (fstat(fd, &st) != 0) {
-        qlog_sys.close(fd);
-        return log_fail(log, QLOG_EIO);
+    if (fstat(a->fd, &st) != 0)
+        return QLOG_EIO;
+    a->fsize = (uint64_t)st.st_size;
+    if (a->fsize > 0) {
+        uint8_t *map = qlog_sys.mmap(NULL, a->fsize, PROT_READ, MAP_SHARED, a->fd, 0);
+        if (map == MAP_FAILED)
+            return QLOG_EIO;
+        a->map = map;
     }
-    uint64_t fsize = (uint64_t)st.st_size;
-    uint8_t *map = NULL;
-    if (fsize > 0) {
-        map = qlog_sys.mmap(NULL, fsize, PROT_READ, MAP_SHARED, fd, 0);
-        if (map == MAP_FAILED) {
-            qlog_sys.close(fd);
-            return log_fail(log, QLOG_EIO);
-        }
-    }
-    seg_header h;
-    int header_bad = 0;
-    if (!map || fmt_seg_header_decode(map, fsize, &h) != QLOG_OK || h.base != base) {
+    return QLOG_OK;
+}
+
+/* The header of segment `base` (map: the whole file, or NULL when it is
+ * empty), or one inferred from its records (*header_bad set).
+ * QLOG_EFORMAT when neither the header nor any record names the salt. */
+static int recover_header(qlog_log *log, uint64_t base, const uint8_t *map, uint64_t fsize,
+                          seg_header *h, int *header_bad)
+{
+    *header_bad = 0;
+    if (!map || fmt_seg_header_decode(map, fsize, h) != QLOG_OK || h->base != base) {
         /* A damaged header costs no record: the records name the salt
-         * (covered by their CRCs).  The header is written again below. */
+         * (covered by their CRCs).  The header is written again by
+         * recover_finish. */
         uint64_t salt = 0;
-        if (!map || !infer_salt(map, fsize, base, UINT64_MAX, &salt)) {
-            if (map)
-                qlog_sys.munmap(map, fsize);
-            qlog_sys.close(fd);
+        if (!map || !infer_salt(map, fsize, base, UINT64_MAX, &salt))
             return QLOG_EFORMAT;
-        }
-        h.base = base;
-        h.salt = salt;
-        h.created = now_ns();
-        header_bad = 1;
+        h->base = base;
+        h->salt = salt;
+        h->created = now_ns();
+        *header_bad = 1;
         __atomic_add_fetch(&log->n_corrupt, 1, __ATOMIC_RELAXED);
     }
-    uint32_t salt32 = (uint32_t)h.salt;
+    return QLOG_OK;
+}
+
+/* Scan the records of the active segment (map: fsize bytes, fd open for
+ * writing) for the end of the last complete batch.  After a reboot the
+ * parts of batches that damage broke are zeroed in the file (pwrite). */
+static int recover_scan(qlog_log *log, int fd, uint8_t *map, uint64_t fsize, uint32_t salt32,
+                        int rebooted, scan_result *res)
+{
     uint64_t off = QLOG_SEG_HEADER_SIZE, valid_end = off, batch_recs = 0;
     uint64_t last = 0, committed_last = 0, batch_start = off;
     int have_last = 0, have_committed = 0, in_batch = 0, orphans_follow = 0;
@@ -159,11 +190,8 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
             } else if (orphans_follow && rebooted) {
                 /* The rest of a batch whose start was lost with the
                  * damage before it. */
-                if (zero_range(fd, off, sz) != 0) {
-                    qlog_sys.munmap(map, fsize);
-                    qlog_sys.close(fd);
-                    return log_fail(log, QLOG_EIO);
-                }
+                if (zero_range(fd, off, sz) != 0)
+                    return QLOG_EIO;
                 orphan_bytes += sz;
                 orphan_recs++;
                 off += sz;
@@ -193,11 +221,8 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
          * dropped.  Without a reboot only bit rot damages data in the
          * middle, and then only the damaged record is skipped. */
         if (in_batch && rebooted) {
-            if (zero_range(fd, batch_start, off - batch_start) != 0) {
-                qlog_sys.munmap(map, fsize);
-                qlog_sys.close(fd);
-                return log_fail(log, QLOG_EIO);
-            }
+            if (zero_range(fd, batch_start, off - batch_start) != 0)
+                return QLOG_EIO;
             orphan_bytes += off - batch_start;
             orphan_recs += batch_recs;
         }
@@ -207,19 +232,26 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
         __atomic_add_fetch(&log->n_corrupt, 1, __ATOMIC_RELAXED);
         off = nx;
     }
-    uint64_t dropped_end = last_nonzero(map, valid_end, fsize);
-    uint64_t dropped = dropped_end - valid_end;
-    log->rec_bytes_dropped += dropped + orphan_bytes;
-    log->rec_records_dropped += batch_recs + orphan_recs;
-    qlog_sys.munmap(map, fsize);
+    res->valid_end = valid_end;
+    res->committed_last = committed_last;
+    res->have_committed = have_committed;
+    res->tail_recs = batch_recs;
+    res->orphan_bytes = orphan_bytes;
+    res->orphan_recs = orphan_recs;
+    return QLOG_OK;
+}
 
+/* Cut the file (fsize bytes) at valid_end when `dropped` bytes of a torn
+ * tail follow it, then allocate the space again: *cap_out is the segment's
+ * capacity, *alloc_out the bytes allocated. */
+static int recover_cut(qlog_log *log, int fd, uint64_t fsize, uint64_t valid_end, uint64_t dropped,
+                       uint64_t *cap_out, uint64_t *alloc_out)
+{
     /* Drop the torn tail: the file is cut at the last complete batch; the
      * space is then allocated again and reads back as zeros. */
     if (dropped) {
-        if (qlog_sys.ftruncate(fd, (int64_t)valid_end) != 0) {
-            qlog_sys.close(fd);
-            return log_fail(log, QLOG_EIO);
-        }
+        if (qlog_sys.ftruncate(fd, (int64_t)valid_end) != 0)
+            return QLOG_EIO;
         fsize = valid_end;
     }
     uint64_t cap = log->segment_bytes > fsize ? log->segment_bytes : fsize;
@@ -231,52 +263,105 @@ static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrit
         alloc = fsize;   /* appends will find no room and report ENOSPC */
     } else if (r != 0) {
         errno = r;
-        qlog_sys.close(fd);
-        return log_fail(log, QLOG_EIO);
+        return QLOG_EIO;
     }
-    if (rewrite) {
-        /* See roll(): after a failed fsync the page cache may hold bytes the
-         * disk lost while marked clean; write them again so the fdatasync
-         * below really makes them durable. */
-        uint8_t *m = qlog_sys.mmap(NULL, valid_end, PROT_READ, MAP_SHARED, fd, 0);
-        uint8_t *bounce = malloc(1u << 20);
-        int ok = m != MAP_FAILED && bounce;
-        for (uint64_t off = QLOG_SEG_HEADER_SIZE; ok && off < valid_end;) {
-            uint64_t k = valid_end - off < (1u << 20) ? valid_end - off : (1u << 20);
-            memcpy(bounce, m + off, k);
-            ok = qlog_sys.pwrite(fd, bounce, k, (int64_t)off) == (int64_t)k;
-            off += k;
-        }
-        free(bounce);
-        if (m != MAP_FAILED)
-            qlog_sys.munmap(m, valid_end);
-        if (!ok) {
-            qlog_sys.close(fd);
-            return log_fail(log, QLOG_EIO);
-        }
+    *cap_out = cap;
+    *alloc_out = alloc;
+    return QLOG_OK;
+}
+
+/* Write the records of [QLOG_SEG_HEADER_SIZE, valid_end) again, from what
+ * the page cache holds. */
+static int recover_rewrite(int fd, uint64_t valid_end)
+{
+    /* See roll(): after a failed fsync the page cache may hold bytes the
+     * disk lost while marked clean; write them again so the fdatasync
+     * of recover_finish really makes them durable. */
+    uint8_t *m = qlog_sys.mmap(NULL, valid_end, PROT_READ, MAP_SHARED, fd, 0);
+    uint8_t *bounce = malloc(1u << 20);
+    int ok = m != MAP_FAILED && bounce;
+    for (uint64_t off = QLOG_SEG_HEADER_SIZE; ok && off < valid_end;) {
+        uint64_t k = valid_end - off < (1u << 20) ? valid_end - off : (1u << 20);
+        memcpy(bounce, m + off, k);
+        ok = qlog_sys.pwrite(fd, bounce, k, (int64_t)off) == (int64_t)k;
+        off += k;
     }
+    free(bounce);
+    if (m != MAP_FAILED)
+        qlog_sys.munmap(m, valid_end);
+    return ok ? QLOG_OK : QLOG_EIO;
+}
+
+/* Write the header again when it was bad, and make the recovered file
+ * durable. */
+static int recover_finish(int fd, const seg_header *h, int header_bad)
+{
     if (header_bad) {
         uint8_t hdr[QLOG_SEG_HEADER_SIZE];
-        fmt_seg_header_encode(hdr, base, h.salt, h.created);
-        if (qlog_sys.pwrite(fd, hdr, sizeof hdr, 0) != (int64_t)sizeof hdr) {
-            qlog_sys.close(fd);
-            return log_fail(log, QLOG_EIO);
-        }
+        fmt_seg_header_encode(hdr, h->base, h->salt, h->created);
+        if (qlog_sys.pwrite(fd, hdr, sizeof hdr, 0) != (int64_t)sizeof hdr)
+            return QLOG_EIO;
     }
     /* The cut (and a rewritten header) is durable: a power cut cannot bring
      * the torn bytes back in front of records appended after this open. */
-    if (qlog_sys.fdatasync(fd) != 0) {
-        qlog_sys.close(fd);
-        return log_fail(log, QLOG_EIO);
+    if (qlog_sys.fdatasync(fd) != 0)
+        return QLOG_EIO;
+    return QLOG_OK;
+}
+
+/*
+ * Recover the active (last) segment: find the end of the last complete
+ * batch, drop what follows (a torn tail), and allocate the space again.
+ * Records damaged in the middle, with valid records after them, are kept
+ * as they are (readers skip and count them): only the tail is dropped.
+ */
+static int recover_active(qlog_log *log, uint64_t base, int rebooted, int rewrite,
+                          recovered *out)
+{
+    active_seg a = {-1, NULL, 0};
+    seg_header h;
+    int header_bad = 0;
+    scan_result s;
+    uint64_t dropped, cap = 0, alloc = 0;
+    int r = recover_map(log, base, &a);
+    if (r)
+        goto done;
+    r = recover_header(log, base, a.map, a.fsize, &h, &header_bad);
+    if (r)
+        goto done;
+    r = recover_scan(log, a.fd, a.map, a.fsize, (uint32_t)h.salt, rebooted, &s);
+    if (r)
+        goto done;
+    dropped = last_nonzero(a.map, s.valid_end, a.fsize) - s.valid_end;
+    log->rec_bytes_dropped += dropped + s.orphan_bytes;
+    log->rec_records_dropped += s.tail_recs + s.orphan_recs;
+    qlog_sys.munmap(a.map, a.fsize);
+    a.map = NULL;
+
+    r = recover_cut(log, a.fd, a.fsize, s.valid_end, dropped, &cap, &alloc);
+    if (r)
+        goto done;
+    if (rewrite) {
+        r = recover_rewrite(a.fd, s.valid_end);
+        if (r)
+            goto done;
     }
-    qlog_sys.close(fd);
+    r = recover_finish(a.fd, &h, header_bad);
+    if (r)
+        goto done;
     out->base = base;
     out->salt = h.salt;
     out->cap = cap;
-    out->valid_end = valid_end;
-    out->next_seq = have_committed ? committed_last + 1 : base;
+    out->valid_end = s.valid_end;
+    out->next_seq = s.have_committed ? s.committed_last + 1 : base;
     log->ctl->alloc_end = alloc;
-    return QLOG_OK;
+
+done:
+    if (a.map)
+        qlog_sys.munmap(a.map, a.fsize);
+    if (a.fd >= 0)
+        qlog_sys.close(a.fd);
+    return log_fail(log, r);   /* records errno when r is QLOG_EIO */
 }
 
 /* 1 when the file at path has no nonzero byte past where the header
@@ -324,9 +409,19 @@ static void remove_tmp_files(qlog_log *log)
 
 static int ctl_valid(const qlog_log *log);
 
-/* Rebuild the control block from the files.  Called with the `lock` file
- * held exclusively and no other process having the log open. */
-static int rebuild(qlog_log *log)
+/*
+ * Rebuilding the control block, in steps (rebuild runs them):
+ *   rebuild_reset_ctl      zero it, keeping the rewrite flag of this boot
+ *   rebuild_floor          the numbers `meta` says may have been handed out
+ *   rebuild_choose_active  recover the last segment that has a header
+ *   rebuild_fresh_segment  create one when none is left
+ *   rebuild_write_meta     the durable high-water mark
+ *   rebuild_publish        fill in the control block and mark it initialized
+ */
+
+/* Zero the control block.  Returns 1 when an fsync failed in this boot
+ * (the flag is then kept in the block); 0 otherwise. */
+static int rebuild_reset_ctl(qlog_log *log)
 {
     qlog_ctl *c = log->ctl;
     /* An fsync that failed in this boot is not forgotten by reopening: the
@@ -345,8 +440,13 @@ static int rebuild(qlog_log *log)
         memcpy(c->boot_id, log->boot_id, sizeof c->boot_id);
         STORE(&c->rewrite_on_roll, 1);
     }
-    remove_tmp_files(log);
+    return rewrite;
+}
 
+/* The lowest number the next record may get, from `meta`: its mark when
+ * it applies (*applies: a reboot, or one cannot be ruled out), else 0. */
+static uint64_t rebuild_floor(qlog_log *log, int *applies)
+{
     uint64_t reserved = 0;
     char mboot[QLOG_BOOT_ID_SIZE + 1] = "";
     int have_meta = meta_read(log, &reserved, mboot) == QLOG_OK;
@@ -356,96 +456,122 @@ static int rebuild(qlog_log *log)
     /* No boot id (no procfs) cannot prove there was no reboot: skip ahead. */
     int floor_applies = !have_meta || !mboot[0] || !log->boot_id[0] ||
                         strcmp(mboot, log->boot_id) != 0;
-    uint64_t floor = have_meta && floor_applies ? reserved : 0;
+    *applies = floor_applies;
+    return have_meta && floor_applies ? reserved : 0;
+}
 
+/* Remove the empty last segment `base` (and make that durable). */
+static int drop_empty_segment(qlog_log *log, uint64_t base)
+{
+    char path[4200];
+    log_path(log, base, ".seg", path, sizeof path);
+    if (qlog_sys.unlink(path) != 0)
+        return log_fail(log, QLOG_EIO);
+    return fsync_dir(log);
+}
+
+/* Set the last segment `base`, which has no valid header, aside: renamed
+ * to .damaged, or removed when it holds no data. */
+static int set_aside_segment(qlog_log *log, uint64_t base)
+{
+    char path[4200], aside[4300];
+    log_path(log, base, ".seg", path, sizeof path);
+    snprintf(aside, sizeof aside, "%s.damaged", path);
+    if (seg_holds_no_data(path)) {
+        /* Created, never written (the header did not make it): there
+         * is nothing to keep. */
+        if (qlog_sys.unlink(path) != 0)
+            return log_fail(log, QLOG_EIO);
+    } else if (qlog_sys.rename(path, aside) != 0) {
+        return log_fail(log, QLOG_EIO);
+    }
+    return QLOG_OK;
+}
+
+/* Find the active segment: the last one, recovered (*rec, *have = 1).
+ * An empty last segment is removed and one without a valid header set
+ * aside (*floor then rises to its base), and the one before is tried;
+ * *have = 0 when no segment is left. */
+static int rebuild_choose_active(qlog_log *log, int floor_applies, int rewrite, uint64_t *floor,
+                                 recovered *rec, int *have)
+{
     uint64_t *bases = NULL;
     size_t n = 0;
     int r = list_segments(log->dir, &bases, &n);
     if (r)
         return log_fail(log, r == QLOG_ENOMEM ? r : QLOG_EIO);
 
-    recovered rec = {0, 0, 0, 0, 0};
-    int have = 0;
-    while (n > 0 && !have) {
-        r = recover_active(log, bases[n - 1], floor_applies, rewrite, &rec);
-        if (r == QLOG_OK && n >= 2 && rec.valid_end == QLOG_SEG_HEADER_SIZE &&
-            rec.next_seq == bases[n - 1]) {
+    *have = 0;
+    while (n > 0 && !*have) {
+        r = recover_active(log, bases[n - 1], floor_applies, rewrite, rec);
+        if (r == QLOG_OK && n >= 2 && rec->valid_end == QLOG_SEG_HEADER_SIZE &&
+            rec->next_seq == bases[n - 1]) {
             /* An empty last segment: a roll made it and may have died
              * before sealing the one before.  Remove it; the one before
              * becomes the active segment again (sealed anew at its roll). */
-            char path[4200];
-            log_path(log, bases[n - 1], ".seg", path, sizeof path);
-            if (qlog_sys.unlink(path) != 0) {
-                free(bases);
-                return log_fail(log, QLOG_EIO);
-            }
-            r = fsync_dir(log);
-            if (r) {
-                free(bases);
-                return r;
-            }
+            r = drop_empty_segment(log, bases[n - 1]);
+            if (r)
+                goto done;
             n--;
             continue;
         }
         if (r == QLOG_OK) {
-            have = 1;
+            *have = 1;
             break;
         }
-        if (r != QLOG_EFORMAT) {
-            free(bases);
-            return r;
-        }
+        if (r != QLOG_EFORMAT)
+            goto done;
         /* The last segment has no valid header: it was being created when
          * the machine stopped (its name made it to disk, its header did
          * not), or its header rotted.  Set it aside and use the one before. */
-        char path[4200], aside[4300];
-        log_path(log, bases[n - 1], ".seg", path, sizeof path);
-        snprintf(aside, sizeof aside, "%s.damaged", path);
-        if (seg_holds_no_data(path)) {
-            /* Created, never written (the header did not make it): there
-             * is nothing to keep. */
-            if (qlog_sys.unlink(path) != 0) {
-                free(bases);
-                return log_fail(log, QLOG_EIO);
-            }
-        } else if (qlog_sys.rename(path, aside) != 0) {
-            free(bases);
-            return log_fail(log, QLOG_EIO);
-        }
-        if (floor < bases[n - 1])
-            floor = bases[n - 1];
+        r = set_aside_segment(log, bases[n - 1]);
+        if (r)
+            goto done;
+        if (*floor < bases[n - 1])
+            *floor = bases[n - 1];
         n--;
     }
+    r = QLOG_OK;
+done:
     free(bases);
+    return r;
+}
 
-    uint64_t next = have ? rec.next_seq : 0;
-    if (next < floor)
-        next = floor;
-    if (!have) {
-        int fd;
-        uint64_t salt, alloc;
-        uint64_t cap = log->segment_bytes;
-        r = seg_create(log, next, cap, &fd, &salt, &alloc);
-        if (r)
-            return r;
-        qlog_sys.close(fd);
-        rec.base = next;
-        rec.salt = salt;
-        rec.cap = cap;
-        rec.valid_end = QLOG_SEG_HEADER_SIZE;
-        c->alloc_end = alloc;
-    }
+/* No segment left: create the active one at `next`, empty. */
+static int rebuild_fresh_segment(qlog_log *log, uint64_t next, recovered *rec)
+{
+    int fd;
+    uint64_t salt, alloc;
+    uint64_t cap = log->segment_bytes;
+    int r = seg_create(log, next, cap, &fd, &salt, &alloc);
+    if (r)
+        return r;
+    qlog_sys.close(fd);
+    rec->base = next;
+    rec->salt = salt;
+    rec->cap = cap;
+    rec->valid_end = QLOG_SEG_HEADER_SIZE;
+    log->ctl->alloc_end = alloc;
+    return QLOG_OK;
+}
+
+/* The durable high-water mark for the next record, `next`. */
+static int rebuild_write_meta(qlog_log *log, uint64_t next, int skipped)
+{
     /* Skipped past the last record kept (a reboot, see floor): only `meta`
      * knows it, and a mark with this boot's id would stop applying at the
      * next open in this boot, which would then number from the last record
      * and hand out again numbers seen before the power cut.  So the mark
      * names no boot (it applies at every open) and ends at `next`, until
      * the first append puts a record there (see append_locked). */
-    int skipped = have && next > rec.next_seq;
-    r = skipped ? meta_write_boot(log, next, "") : meta_write(log, next + QLOG_SEQ_RESERVE);
-    if (r)
-        return r;
+    return skipped ? meta_write_boot(log, next, "") : meta_write(log, next + QLOG_SEQ_RESERVE);
+}
 
+/* Fill in the control block for the active segment *rec and the next
+ * number `next`; `initialized` is stored last. */
+static int rebuild_publish(qlog_log *log, const recovered *rec, uint64_t next, int skipped)
+{
+    qlog_ctl *c = log->ctl;
     memcpy(c->magic, QLOG_CTL_MAGIC, 8);
     c->version = QLOG_CTL_VERSION;
     c->struct_size = sizeof *c;
@@ -453,17 +579,17 @@ static int rebuild(qlog_log *log)
     if (init_mutex(&c->wlock) || init_mutex(&c->slock))
         return QLOG_EIO;
     c->next_seq = next;
-    c->pending_end = rec.valid_end;
+    c->pending_end = rec->valid_end;
     c->pending_next = next;
-    c->pending_base = rec.base;
-    c->pending_salt = rec.salt;
-    c->pending_cap = rec.cap;
+    c->pending_base = rec->base;
+    c->pending_salt = rec->salt;
+    c->pending_cap = rec->cap;
     c->reserved_upto = skipped ? next : next + QLOG_SEQ_RESERVE;
     c->skip_pending = (uint32_t)skipped;
-    c->active_base = rec.base;
-    c->active_salt = rec.salt;
-    c->active_cap = rec.cap;
-    c->write_end = rec.valid_end;
+    c->active_base = rec->base;
+    c->active_salt = rec->salt;
+    c->active_cap = rec->cap;
+    c->write_end = rec->valid_end;
     c->written_seq = next;
     c->synced_seq = next;   /* recovery synced what it kept */
     c->seg_gen = 1;
@@ -471,6 +597,37 @@ static int rebuild(qlog_log *log)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     STORE(&c->initialized, 1);
     return QLOG_OK;
+}
+
+/* Rebuild the control block from the files.  Called with the `lock` file
+ * held exclusively and no other process having the log open. */
+static int rebuild(qlog_log *log)
+{
+    int rewrite = rebuild_reset_ctl(log);
+    remove_tmp_files(log);
+
+    int floor_applies;
+    uint64_t floor = rebuild_floor(log, &floor_applies);
+
+    recovered rec = {0, 0, 0, 0, 0};
+    int have = 0;
+    int r = rebuild_choose_active(log, floor_applies, rewrite, &floor, &rec, &have);
+    if (r)
+        return r;
+
+    uint64_t next = have ? rec.next_seq : 0;
+    if (next < floor)
+        next = floor;
+    if (!have) {
+        r = rebuild_fresh_segment(log, next, &rec);
+        if (r)
+            return r;
+    }
+    int skipped = have && next > rec.next_seq;
+    r = rebuild_write_meta(log, next, skipped);
+    if (r)
+        return r;
+    return rebuild_publish(log, &rec, next, skipped);
 }
 
 static int ctl_valid(const qlog_log *log)

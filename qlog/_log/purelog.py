@@ -479,6 +479,10 @@ class Log(LogLifecycle):
             raise
         return fd, salt, alloc
 
+    # Recovery of the active segment, in the steps of the C engine's
+    # recover_active (csrc/open.c): _recover_header, _recover_scan,
+    # _recover_cut, _recover_rewrite, _recover_finish.
+
     def _recover_active(self, base: int, rebooted: bool, rewrite: bool) -> Optional[Tuple[int, int, int, int]]:
         """Recover the last segment (FORMAT.md "Reading a segment", "Batches").
 
@@ -490,95 +494,152 @@ class Log(LogLifecycle):
             fsize = os.fstat(fd).st_size
             buf = _mmap(fd, fsize) if fsize else b""
             try:
-                header_bad = False
-                try:
-                    h = F.decode_segment_header(buf)
-                    if h.base != base:
-                        raise errors.FormatError("base differs from the file name")
-                    salt, created = h.salt, h.created_ns
-                except errors.FormatError:
-                    s32 = _infer_salt(buf, fsize, base) if fsize else 0
-                    if not s32:
-                        return None
-                    salt, created, header_bad = s32, time.time_ns(), True
-                    self._n_corrupt += 1
-                salt32 = salt & _U32
-                off = valid_end = batch_start = _HDR
-                last: Optional[int] = None
-                committed: Optional[int] = None
-                batch_recs = orphan_bytes = orphan_recs = 0
-                in_batch = orphans_follow = False
-                while off + _RH <= fsize:
-                    hit = _check(buf, off, fsize, salt32, last)
-                    if hit:
-                        size, seq, flags, _ = hit
-                        last = seq
-                        if not flags & F.FLAG_BATCH_CONT:
-                            orphans_follow = False
-                            batch_start, batch_recs = off, 0
-                        elif orphans_follow and rebooted:
-                            # the rest of a batch whose start went with the damage before it
-                            os.pwrite(fd, bytes(size), off)
-                            orphan_bytes += size
-                            orphan_recs += 1
-                            off += size
-                            continue
-                        off += size
-                        batch_recs += 1
-                        in_batch = bool(flags & F.FLAG_BATCH_MORE)
-                        if not in_batch:
-                            valid_end, committed, batch_recs = off, seq, 0
-                        continue
-                    nx = _resync(buf, off, fsize, salt32, last)
-                    if nx >= fsize:
-                        break  # no valid record after it: the torn tail
-                    if in_batch and rebooted:
-                        # a power cut wrote back some pages of a batch and not others
-                        os.pwrite(fd, bytes(off - batch_start), batch_start)
-                        orphan_bytes += off - batch_start
-                        orphan_recs += batch_recs
-                    in_batch, batch_recs, orphans_follow = False, 0, True
-                    self._n_corrupt += 1
-                    off = nx
+                hdr = self._recover_header(buf, fsize, base)
+                if hdr is None:
+                    return None
+                salt, created, header_bad = hdr
+                valid_end, committed, tail_recs, orphan_bytes, orphan_recs = self._recover_scan(
+                    fd, buf, fsize, salt & _U32, rebooted)
                 dropped = _last_nonzero(buf, valid_end, fsize) - valid_end
             finally:
                 if isinstance(buf, mmap.mmap):
                     buf.close()
             self._rec_bytes += dropped + orphan_bytes
-            self._rec_records += batch_recs + orphan_recs
-            if dropped:
-                os.ftruncate(fd, valid_end)
-                fsize = valid_end
-            cap = max(self.segment_bytes, fsize)
-            alloc = max(min(valid_end + _ALLOC_CHUNK, cap), fsize)
-            try:
-                os.posix_fallocate(fd, 0, alloc)
-            except OSError as e:
-                if e.errno != _errno.ENOSPC:
-                    raise
-                alloc = fsize  # appends find no room and report ENOSPC
+            self._rec_records += tail_recs + orphan_recs
+            cap, alloc = self._recover_cut(fd, fsize, valid_end, dropped)
             if rewrite and valid_end > _HDR:
-                # an fsync failed in this boot: write the bytes again so the
-                # fdatasync below really makes them durable
-                for o in range(_HDR, valid_end, 1 << 20):
-                    k = min(1 << 20, valid_end - o)
-                    os.pwrite(fd, os.pread(fd, k, o), o)
-            if header_bad:
-                os.pwrite(fd, F.encode_segment_header(base, salt, created), 0)
-            os.fdatasync(fd)  # the cut is durable before anything is appended after it
+                self._recover_rewrite(fd, valid_end)
+            self._recover_finish(fd, base, salt, created, header_bad)
         finally:
             os.close(fd)
         self._set(_ALLOC_END, alloc)
         return salt, cap, valid_end, (committed + 1 if committed is not None else base)
+
+    def _recover_header(self, buf: Any, fsize: int, base: int) -> Optional[Tuple[int, int, bool]]:
+        """``(salt, created_ns, header_bad)`` of segment ``base``: from its
+        header, or inferred from its records when the header is damaged
+        (``header_bad``); None when no record names the salt either."""
+        try:
+            h = F.decode_segment_header(buf)
+            if h.base != base:
+                raise errors.FormatError("base differs from the file name")
+            return h.salt, h.created_ns, False
+        except errors.FormatError:
+            s32 = _infer_salt(buf, fsize, base) if fsize else 0
+            if not s32:
+                return None
+            self._n_corrupt += 1
+            return s32, time.time_ns(), True
+
+    def _recover_scan(self, fd: int, buf: Any, fsize: int, salt32: int,
+                      rebooted: bool) -> Tuple[int, Optional[int], int, int, int]:
+        """Scan the records for the end of the last complete batch; after a
+        reboot the parts of batches that damage broke are zeroed in the file.
+
+        Returns ``(valid_end, committed, tail_recs, orphan_bytes,
+        orphan_recs)``: the end of the last complete batch and the number of
+        its last record (None: no batch), the complete records of an
+        unfinished batch after it, and what was zeroed."""
+        off = valid_end = batch_start = _HDR
+        last: Optional[int] = None
+        committed: Optional[int] = None
+        batch_recs = orphan_bytes = orphan_recs = 0
+        in_batch = orphans_follow = False
+        while off + _RH <= fsize:
+            hit = _check(buf, off, fsize, salt32, last)
+            if hit:
+                size, seq, flags, _ = hit
+                last = seq
+                if not flags & F.FLAG_BATCH_CONT:
+                    orphans_follow = False
+                    batch_start, batch_recs = off, 0
+                elif orphans_follow and rebooted:
+                    # the rest of a batch whose start went with the damage before it
+                    os.pwrite(fd, bytes(size), off)
+                    orphan_bytes += size
+                    orphan_recs += 1
+                    off += size
+                    continue
+                off += size
+                batch_recs += 1
+                in_batch = bool(flags & F.FLAG_BATCH_MORE)
+                if not in_batch:
+                    valid_end, committed, batch_recs = off, seq, 0
+                continue
+            nx = _resync(buf, off, fsize, salt32, last)
+            if nx >= fsize:
+                break  # no valid record after it: the torn tail
+            if in_batch and rebooted:
+                # a power cut wrote back some pages of a batch and not others
+                os.pwrite(fd, bytes(off - batch_start), batch_start)
+                orphan_bytes += off - batch_start
+                orphan_recs += batch_recs
+            in_batch, batch_recs, orphans_follow = False, 0, True
+            self._n_corrupt += 1
+            off = nx
+        return valid_end, committed, batch_recs, orphan_bytes, orphan_recs
+
+    def _recover_cut(self, fd: int, fsize: int, valid_end: int, dropped: int) -> Tuple[int, int]:
+        """Cut the file at ``valid_end`` when ``dropped`` bytes of a torn tail
+        follow it, and allocate the space again.  Returns ``(cap, alloc)``."""
+        if dropped:
+            os.ftruncate(fd, valid_end)
+            fsize = valid_end
+        cap = max(self.segment_bytes, fsize)
+        alloc = max(min(valid_end + _ALLOC_CHUNK, cap), fsize)
+        try:
+            os.posix_fallocate(fd, 0, alloc)
+        except OSError as e:
+            if e.errno != _errno.ENOSPC:
+                raise
+            alloc = fsize  # appends find no room and report ENOSPC
+        return cap, alloc
+
+    def _recover_rewrite(self, fd: int, valid_end: int) -> None:
+        """Write the records before ``valid_end`` again, from the page cache."""
+        # an fsync failed in this boot: write the bytes again so the
+        # fdatasync of _recover_finish really makes them durable
+        for o in range(_HDR, valid_end, 1 << 20):
+            k = min(1 << 20, valid_end - o)
+            os.pwrite(fd, os.pread(fd, k, o), o)
+
+    def _recover_finish(self, fd: int, base: int, salt: int, created: int, header_bad: bool) -> None:
+        """Write a bad header again; fdatasync."""
+        if header_bad:
+            os.pwrite(fd, F.encode_segment_header(base, salt, created), 0)
+        os.fdatasync(fd)  # the cut is durable before anything is appended after it
 
     def _seg_holds_no_data(self, path: str) -> bool:
         with open(path, "rb") as f:
             data = f.read()
         return not data[_HDR:].rstrip(b"\0")
 
+    # Rebuilding ctl, in the steps of the C engine's rebuild (csrc/open.c):
+    # _rebuild_reset_ctl, _remove_tmp_files, _rebuild_floor,
+    # _rebuild_choose_active, _rebuild_fresh_segment, _rebuild_write_meta,
+    # _rebuild_publish.
+
     def _rebuild(self) -> None:
         """Rebuild ctl from the files; the lock file is held and no other
         process has the log open."""
+        rewrite = self._rebuild_reset_ctl()
+        self._remove_tmp_files()
+        floor_applies, floor = self._rebuild_floor()
+        rec, floor = self._rebuild_choose_active(floor_applies, rewrite, floor)
+        if rec is None:
+            nxt = floor
+            abase, salt, cap, valid_end = self._rebuild_fresh_segment(nxt)
+            skipped = False
+        else:
+            abase, salt, cap, valid_end, kept = rec
+            nxt = max(kept, floor)
+            skipped = nxt > kept
+        reserved = self._rebuild_write_meta(nxt, skipped)
+        self._rebuild_publish(abase, salt, cap, valid_end, nxt, reserved, skipped)
+
+    def _rebuild_reset_ctl(self) -> bool:
+        """Zero ctl.  True when an fsync failed in this boot (the flag is then
+        kept in ctl)."""
         c = self._ctl
         magic, version, _size, boot = _CTL_HEAD.unpack_from(c, 0)
         rewrite = (magic == CTL_MAGIC_PURE and version == _CTL_VERSION and bool(self._boot)
@@ -588,15 +649,46 @@ class Log(LogLifecycle):
         if rewrite:  # kept until recovery succeeds
             _CTL_HEAD.pack_into(c, 0, CTL_MAGIC_PURE, _CTL_VERSION, _CTL_SIZE, self._boot.encode())
             self._set(_REWRITE, 1)
+        return rewrite
+
+    def _remove_tmp_files(self) -> None:
+        """Remove leftovers of interrupted renames (meta.tmp, *.idx.tmp)."""
         for name in os.listdir(self.path):
             if name.endswith(".tmp"):
                 try:
                     os.unlink(os.path.join(self.path, name))
                 except OSError:
                     pass
+
+    def _rebuild_floor(self) -> Tuple[bool, int]:
+        """``(applies, floor)``: whether the mark in ``meta`` applies (a reboot,
+        or one cannot be ruled out), and the lowest number the next record
+        may get (the mark when it applies, else 0)."""
         meta = self._meta_read()
         floor_applies = meta is None or not meta[1] or not self._boot or meta[1] != self._boot
         floor = meta[0] if meta is not None and floor_applies else 0
+        return floor_applies, floor
+
+    def _drop_empty_segment(self, base: int) -> None:
+        """Remove the empty last segment ``base`` (and make that durable)."""
+        os.unlink(self._seg_path(base))
+        self._fsync_dir()
+
+    def _set_aside_segment(self, base: int) -> None:
+        """Rename segment ``base`` (no valid header) to .damaged, or remove it
+        when it holds no data."""
+        path = self._seg_path(base)
+        if self._seg_holds_no_data(path):
+            os.unlink(path)
+        else:
+            os.rename(path, path + ".damaged")
+
+    def _rebuild_choose_active(self, floor_applies: bool, rewrite: bool,
+                               floor: int) -> Tuple[Optional[Tuple[int, int, int, int, int]], int]:
+        """Recover the last segment.  Returns ``(rec, floor)``: ``rec`` is
+        ``(base, salt, cap, valid_end, next_seq)`` of the active segment, or
+        None when no segment is left; ``floor`` has risen past every segment
+        set aside."""
         bases = self._list()
         rec = None
         while bases and rec is None:
@@ -605,40 +697,43 @@ class Log(LogLifecycle):
             if rec is not None:
                 if len(bases) >= 2 and rec[2] == _HDR and rec[3] == base:
                     # an empty last segment left by a roll: the one before is active again
-                    os.unlink(self._seg_path(base))
-                    self._fsync_dir()
+                    self._drop_empty_segment(base)
                     bases.pop()
                     rec = None
                 continue
             # no valid header: being created at a power cut, or rotted
-            path = self._seg_path(base)
-            if self._seg_holds_no_data(path):
-                os.unlink(path)
-            else:
-                os.rename(path, path + ".damaged")
+            self._set_aside_segment(base)
             floor = max(floor, base)
             bases.pop()
-        if rec is not None:
-            abase = bases[-1]
-            salt, cap, valid_end, nxt = rec
-        else:
-            abase = valid_end = 0
-        kept = nxt if rec is not None else 0
-        nxt = max(kept, floor)
+        if rec is None:
+            return None, floor
+        return (bases[-1],) + rec, floor
+
+    def _rebuild_fresh_segment(self, nxt: int) -> Tuple[int, int, int, int]:
+        """No segment left: create the active one at ``nxt``.  Returns
+        ``(base, salt, cap, valid_end)``."""
+        cap = self.segment_bytes
+        fd, salt, alloc = self._seg_create(nxt, cap)
+        os.close(fd)
+        self._set(_ALLOC_END, alloc)
+        return nxt, salt, cap, _HDR
+
+    def _rebuild_write_meta(self, nxt: int, skipped: bool) -> int:
+        """Write the durable high-water mark for the next record ``nxt``;
+        returns it."""
         # Skipped past the last record kept (a reboot): only `meta` knows it.
         # A mark with this boot's id would stop applying at the next open in
         # this boot, which would then number from the last record and hand
         # out again numbers seen before the power cut; so the mark names no
         # boot and ends at `nxt` until an append puts a record there.
-        skipped = rec is not None and nxt > kept
-        if rec is None:
-            cap = self.segment_bytes
-            fd, salt, alloc = self._seg_create(nxt, cap)
-            os.close(fd)
-            abase, valid_end = nxt, _HDR
-            self._set(_ALLOC_END, alloc)
         reserved = nxt if skipped else nxt + F.SEQ_RESERVE
         self._meta_write(reserved, boot="" if skipped else None)
+        return reserved
+
+    def _rebuild_publish(self, abase: int, salt: int, cap: int, valid_end: int, nxt: int,
+                         reserved: int, skipped: bool) -> None:
+        """Fill in ctl; _READY is set last."""
+        c = self._ctl
         _CTL_HEAD.pack_into(c, 0, CTL_MAGIC_PURE, _CTL_VERSION, _CTL_SIZE, self._boot.encode())
         for off, v in ((_WRITE_END, valid_end), (_NEXT_SEQ, nxt), (_ACTIVE_BASE, abase),
                        (_ACTIVE_SALT, salt), (_ACTIVE_CAP, cap), (_PEND_END, valid_end),
@@ -793,6 +888,88 @@ class Log(LogLifecycle):
         self._set(_NEED_ROLL, 0)
         self._set(_REWRITE, 0)
 
+    # An append under the lock, in the steps of the C engine's append_locked
+    # (csrc/append.c): _make_room, _reserve_blocks, _reserve_numbers,
+    # _frame_records, _write_framed, _publish_batch.  Each runs once per
+    # batch; only _frame_records loops over the records.
+
+    def _make_room(self, need: int) -> int:
+        """Roll when a roll is due or ``need`` bytes do not fit the active
+        segment; returns the active segment's fd."""
+        g = self._get
+        if g(_NEED_ROLL) or g(_WRITE_END) + need > g(_ACTIVE_CAP):
+            self._roll(need)
+        return self._writer_fd()
+
+    def _reserve_blocks(self, fd: int, end: int) -> None:
+        """Allocate the active segment up to at least ``end`` (past _ALLOC_END)."""
+        # reserve the space first: a full disk is reported with nothing written
+        want = min(-(-end // _ALLOC_CHUNK) * _ALLOC_CHUNK, self._get(_ACTIVE_CAP))
+        try:
+            os.posix_fallocate(fd, 0, want)
+        except OSError as e:
+            if e.errno != _errno.ENOSPC or want <= end:
+                raise
+            os.posix_fallocate(fd, 0, end)
+            want = end
+        self._set(_ALLOC_END, want)
+
+    def _reserve_numbers(self, seq: int, n: int) -> None:
+        """Write the mark that reserves ``[seq, seq + n)`` and more (past _RESERVED)."""
+        # Right after recovery skipped numbers no record shows
+        # the skip: this batch's numbers get a mark that names
+        # no boot; the next append writes the usual one.
+        if self._get(_SKIP_PENDING):
+            self._meta_write(seq + n, boot="")
+            self._set(_RESERVED, seq + n)
+            self._set(_SKIP_PENDING, 0)
+        else:
+            self._meta_write(seq + n + F.SEQ_RESERVE)
+            self._set(_RESERVED, seq + n + F.SEQ_RESERVE)
+
+    def _frame_records(self, payloads: Sequence[Any], lens: List[int], prefix: bytes, n: int,
+                       seq: int, ts: int, salt32: int, need: int) -> bytearray:
+        """The ``n`` records framed, numbered from ``seq``: ``need`` bytes."""
+        out = bytearray(need)
+        pos = 0
+        for i, p in enumerate(payloads):
+            length = lens[i]
+            flags = (F.FLAG_BATCH_MORE if i + 1 < n else 0) | (F.FLAG_BATCH_CONT if i else 0)
+            _REC.pack_into(out, pos, 0, length, seq + i, ts, salt32, F.REC_TYPE_DATA, flags, 0)
+            body = pos + _RH
+            if prefix:
+                out[body:body + len(prefix)] = prefix
+                body += len(prefix)
+            out[body:body + length - len(prefix)] = p
+            size = (_RH + length + 7) & ~7
+            _REC_LEN.pack_into(out, pos, F.mask_crc(F.crc32c(memoryview(out)[pos + 4:pos + size])))
+            pos += size
+        return out
+
+    def _write_framed(self, fd: int, out: bytearray, start: int, seq: int, need: int) -> None:
+        """pwrite the framed batch at ``start``; a failed or short write is
+        undone (zeros written back) before the error is raised."""
+        try:
+            w = os.pwrite(fd, out, start)
+            if w != need:
+                raise OSError(_errno.EIO, "short write")
+        except OSError as e:
+            # nothing of the batch remains; only ENOSPC leaves the log usable
+            try:
+                os.pwrite(fd, bytes(need), start)
+            except OSError:
+                pass
+            self._set(_PEND_END, start)
+            self._set(_PEND_NEXT, seq)
+            if e.errno != _errno.ENOSPC:
+                self._poison()
+            raise self._oserr(e, f"append to {self.path!r} failed") from None
+
+    def _publish_batch(self, end: int, nxt: int) -> None:
+        # publish: readers see the whole batch or none of it
+        _QQ.pack_into(self._ctl, _WRITE_END, end, nxt)
+        self._set(_NOTIFY, (self._get(_NOTIFY) + 1) & _U32)
+
     def _append(self, payloads: Sequence[Any], prefix: bytes) -> int:
         lens = [memoryview(p).nbytes + len(prefix) for p in payloads]
         big = max(lens)
@@ -810,73 +987,23 @@ class Log(LogLifecycle):
                     raise self._poisoned_error()
                 g = self._get
                 try:
-                    if g(_NEED_ROLL) or g(_WRITE_END) + need > g(_ACTIVE_CAP):
-                        self._roll(need)
-                    fd = self._writer_fd()
+                    fd = self._make_room(need)
                     start = g(_WRITE_END)
                     end = start + need
-                    alloc = g(_ALLOC_END)
-                    if end > alloc:
-                        # reserve the space first: a full disk is reported with nothing written
-                        want = min(-(-end // _ALLOC_CHUNK) * _ALLOC_CHUNK, g(_ACTIVE_CAP))
-                        try:
-                            os.posix_fallocate(fd, 0, want)
-                        except OSError as e:
-                            if e.errno != _errno.ENOSPC or want <= end:
-                                raise
-                            os.posix_fallocate(fd, 0, end)
-                            want = end
-                        self._set(_ALLOC_END, want)
+                    if end > g(_ALLOC_END):
+                        self._reserve_blocks(fd, end)
                     seq = g(_NEXT_SEQ)
                     if seq + n > g(_RESERVED):
-                        # Right after recovery skipped numbers no record shows
-                        # the skip: this batch's numbers get a mark that names
-                        # no boot; the next append writes the usual one.
-                        if g(_SKIP_PENDING):
-                            self._meta_write(seq + n, boot="")
-                            self._set(_RESERVED, seq + n)
-                            self._set(_SKIP_PENDING, 0)
-                        else:
-                            self._meta_write(seq + n + F.SEQ_RESERVE)
-                            self._set(_RESERVED, seq + n + F.SEQ_RESERVE)
+                        self._reserve_numbers(seq, n)
                 except OSError as e:
                     raise self._oserr(e, f"append to {self.path!r} failed") from None
                 self._set(_PEND_END, end)
                 self._set(_PEND_NEXT, seq + n)
                 salt32 = g(_ACTIVE_SALT) & _U32
                 ts = time.time_ns()
-                out = bytearray(need)
-                pos = 0
-                for i, p in enumerate(payloads):
-                    length = lens[i]
-                    flags = (F.FLAG_BATCH_MORE if i + 1 < n else 0) | (F.FLAG_BATCH_CONT if i else 0)
-                    _REC.pack_into(out, pos, 0, length, seq + i, ts, salt32, F.REC_TYPE_DATA, flags, 0)
-                    body = pos + _RH
-                    if prefix:
-                        out[body:body + len(prefix)] = prefix
-                        body += len(prefix)
-                    out[body:body + length - len(prefix)] = p
-                    size = (_RH + length + 7) & ~7
-                    _REC_LEN.pack_into(out, pos, F.mask_crc(F.crc32c(memoryview(out)[pos + 4:pos + size])))
-                    pos += size
-                try:
-                    w = os.pwrite(fd, out, start)
-                    if w != need:
-                        raise OSError(_errno.EIO, "short write")
-                except OSError as e:
-                    # nothing of the batch remains; only ENOSPC leaves the log usable
-                    try:
-                        os.pwrite(fd, bytes(need), start)
-                    except OSError:
-                        pass
-                    self._set(_PEND_END, start)
-                    self._set(_PEND_NEXT, seq)
-                    if e.errno != _errno.ENOSPC:
-                        self._poison()
-                    raise self._oserr(e, f"append to {self.path!r} failed") from None
-                # publish: readers see the whole batch or none of it
-                _QQ.pack_into(self._ctl, _WRITE_END, end, seq + n)
-                self._set(_NOTIFY, (g(_NOTIFY) + 1) & _U32)
+                out = self._frame_records(payloads, lens, prefix, n, seq, ts, salt32, need)
+                self._write_framed(fd, out, start, seq, need)
+                self._publish_batch(end, seq + n)
             self._n_appends += 1
             if self.durability == "sync":
                 self._group_sync(seq + n)
