@@ -74,17 +74,14 @@ class PushBatch(MessageBatch):
 def settle(batch: PushBatch, exc: Optional[BaseException]) -> None:
     """Apply a finished handler's outcome to the messages still open: the
     batch-level call if one was made, else ack on return, retry on raise."""
-    rest = [m for m in batch.messages if not m._outcome]
-    if not rest:
-        return
-    q = batch._q
     intent = batch._intent
     if intent is None:
         intent = (_ACK, 0) if exc is None else (_RETRY, None)
+    # ack_all and retry_all pass over the messages already settled one by one.
     if intent[0] == _ACK:
-        MessageBatch(q, rest).ack_all()
+        MessageBatch(batch._q, batch.messages).ack_all()
     else:
-        MessageBatch(q, rest).retry_all(intent[1])
+        MessageBatch(batch._q, batch.messages).retry_all(intent[1])
 
 
 class Consumer:
