@@ -20,7 +20,7 @@ from .modes import DEFAULT_FILE_MODE
 from ._glue import pack as _pack, unpack as _unpack
 from ._qlog_c import ffi, lib
 from .types import (CTL_MAGIC_PURE, DEFAULT_SEGMENT_BYTES, Damage, LogLifecycle, LogStats, VerifyReport,
-                    check_log_args)
+                    check_log_args, refuse_nfs as _refuse_nfs)
 
 __all__ = ["Log", "LogStats", "Damage", "MAX_RECORD", "DURABILITY_MODES"]
 
@@ -45,21 +45,18 @@ logger = logging.getLogger("qlog")
 NFS_SUPER_MAGIC = 0x6969
 
 
-def refuse_nfs(path: str) -> None:
-    """Raise :class:`~qlog.UnsupportedFilesystemError` if ``path`` (or,
-    while it does not exist, its nearest existing parent) is on NFS, which
-    the engine refuses.  Checked through the engine's syscall table."""
-    p = os.path.abspath(path)
-    while not os.path.isdir(p) and os.path.dirname(p) != p:
-        p = os.path.dirname(p)
+def _on_nfs(path: str) -> bool:
+    """Whether ``path`` is on NFS, asked through the engine's syscall table."""
     t = ffi.new("qlog_vfs *")
     lib.qlog_vfs_get(t)
     out = ffi.new("int64_t *")
-    if t.fs_type(os.fsencode(p), out) == 0 and out[0] == NFS_SUPER_MAGIC:
-        raise errors.UnsupportedFilesystemError(
-            f"{path} is on NFS, which qlog does not support (its file locks and shared "
-            "mappings are not safe there): use a local filesystem"
-        )
+    return bool(t.fs_type(os.fsencode(path), out) == 0 and out[0] == NFS_SUPER_MAGIC)
+
+
+def refuse_nfs(path: str) -> None:
+    """:func:`types.refuse_nfs` with this engine's check (statfs through the
+    syscall table)."""
+    _refuse_nfs(path, _on_nfs)
 
 
 def _strerror(err: int) -> str:

@@ -11,65 +11,93 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Optional, Tuple, Union
+from typing import Optional, Union
 
 from .. import errors
 
 
-def _syscall_table() -> Tuple[Any, Any]:
-    """``(ffi, table)``: the engine's syscall table in use, read afresh (tests
-    install others), or ``(None, None)`` on the pure engine (which loads no
-    compiled module: only the C engine's are checked against the build id)."""
+class _OsCalls:
+    """Plain system calls (the pure engine)."""
+
+    open = staticmethod(os.open)
+    close = staticmethod(os.close)
+    fdatasync = staticmethod(os.fdatasync)
+    fsync = staticmethod(os.fsync)
+    rename = staticmethod(os.rename)
+    link = staticmethod(os.link)
+    unlink = staticmethod(os.unlink)
+
+    @staticmethod
+    def write_all(fd: int, data: Union[bytes, bytearray]) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+class _TableCalls:
+    """The same calls through the C engine's syscall table, raising OSError."""
+
+    def __init__(self) -> None:
+        from ._qlog_c import ffi, lib
+
+        self.ffi, self.t = ffi, ffi.new("qlog_vfs *")
+        lib.qlog_vfs_get(self.t)  # read afresh: tests install other tables
+
+    def _ok(self, r: int) -> int:
+        if r < 0:
+            e = self.ffi.errno or errno.EIO
+            raise OSError(e, os.strerror(e))
+        return r
+
+    def open(self, path: str, flags: int, mode: int) -> int:
+        return self._ok(self.t.open(os.fsencode(path), flags, mode))
+
+    def close(self, fd: int) -> None:
+        self.t.close(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        self._ok(self.t.fdatasync(fd))
+
+    def fsync(self, fd: int) -> None:
+        self._ok(self.t.fsync(fd))
+
+    def rename(self, a: str, b: str) -> None:
+        self._ok(self.t.rename(os.fsencode(a), os.fsencode(b)))
+
+    def link(self, a: str, b: str) -> None:
+        self._ok(self.t.link(os.fsencode(a), os.fsencode(b)))
+
+    def unlink(self, path: str) -> None:
+        self._ok(self.t.unlink(os.fsencode(path)))
+
+    def write_all(self, fd: int, data: Union[bytes, bytearray]) -> None:
+        buf = self.ffi.from_buffer(data)
+        off = 0
+        while off < len(data):
+            w = self._ok(self.t.pwrite(fd, buf + off, len(data) - off, off))
+            if w == 0:  # a short write that wrote nothing: the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            off += w
+
+
+def _calls() -> Union[_OsCalls, _TableCalls]:
+    """The calls to make: through the syscall table on the C engine, plain
+    ones on the pure engine (which loads no compiled module: only the C
+    engine's are checked against the build id)."""
     from . import ENGINE
 
-    if ENGINE != "c":
-        return None, None
-    from ._qlog_c import ffi, lib
-    t = ffi.new("qlog_vfs *")
-    lib.qlog_vfs_get(t)
-    return ffi, t
-
-
-def _failed(ffi: Any) -> OSError:
-    e = ffi.errno or errno.EIO
-    return OSError(e, os.strerror(e))
-
-
-def _check(ffi: Any, r: int) -> int:
-    if r < 0:
-        raise _failed(ffi)
-    return r
+    return _TableCalls() if ENGINE == "c" else _OsCalls()
 
 
 def fsync_dir(path: str) -> None:
     """fsync directory ``path``: makes the names created, renamed or removed
     in it durable.  Raises OSError."""
-    ffi, t = _syscall_table()
+    calls = _calls()
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if t is None:
-            os.fsync(fd)
-        else:
-            _check(ffi, t.fsync(fd))
+        calls.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_all(ffi: Any, t: Any, fd: int, data: Union[bytes, bytearray]) -> None:
-    if t is None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        return
-    buf = ffi.from_buffer(data)
-    off = 0
-    while off < len(data):
-        w = t.pwrite(fd, buf + off, len(data) - off, off)
-        if w < 0:
-            raise _failed(ffi)
-        if w == 0:  # a short write that wrote nothing: the disk is full
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        off += w
 
 
 def replace_durably(path: str, data: Union[bytes, bytearray], mode: int, *, exclusive: bool = False,
@@ -86,53 +114,36 @@ def replace_durably(path: str, data: Union[bytes, bytearray], mode: int, *, excl
     Returns False when ``exclusive`` and ``path`` already existed (nothing
     changed).  Raises OSError; the temporary file is removed first, so
     nothing half-written stays."""
-    d = os.path.dirname(path) or "."
     if tmp is None:
         tmp = f"{path}.{os.getpid()}.{id(data):x}.tmp"
-    ffi, t = _syscall_table()
-    btmp, bpath = os.fsencode(tmp), os.fsencode(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    calls = _calls()
     made = True
     try:
-        fd = os.open(tmp, flags, mode) if t is None else _check(ffi, t.open(btmp, flags, mode))
+        fd = calls.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         try:
             if exact_mode:
                 os.fchmod(fd, mode)
-            _write_all(ffi, t, fd, data)
+            calls.write_all(fd, data)
             # the contents (and the size: fdatasync covers what reading them
             # needs), before any name points at them
-            if t is None:
-                os.fdatasync(fd)
-            else:
-                _check(ffi, t.fdatasync(fd))
+            calls.fdatasync(fd)
         finally:
-            if t is None:
-                os.close(fd)
-            else:
-                t.close(fd)
+            calls.close(fd)
         if exclusive:
             try:
-                if t is None:
-                    os.link(tmp, path)
-                else:
-                    _check(ffi, t.link(btmp, bpath))
+                calls.link(tmp, path)
             except FileExistsError:
                 made = False
-            if t is None:
-                os.unlink(tmp)
-            else:
-                _check(ffi, t.unlink(btmp))
-        elif t is None:
-            os.rename(tmp, path)
+            calls.unlink(tmp)
         else:
-            _check(ffi, t.rename(btmp, bpath))
+            calls.rename(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
-    fsync_dir(d)  # the new name
+    fsync_dir(os.path.dirname(path) or ".")  # the new name
     return made
 
 

@@ -58,7 +58,7 @@ from . import pure as F
 from .. import errors
 from .modes import DEFAULT_FILE_MODE, dir_mode
 from .types import (CTL_MAGIC_C, CTL_MAGIC_PURE, DEFAULT_SEGMENT_BYTES, DURABILITY_MODES, MAX_RECORD,
-                     Damage, LogLifecycle, LogStats, VerifyReport, check_log_args)
+                     Damage, LogLifecycle, LogStats, VerifyReport, check_log_args, refuse_nfs as _refuse_nfs)
 
 __all__ = ["Log", "LogStats", "Damage", "VerifyReport", "MAX_RECORD", "DURABILITY_MODES",
            "CTL_MAGIC_PURE", "CTL_MAGIC_C"]
@@ -132,17 +132,8 @@ def _on_nfs(path: str) -> bool:
 
 
 def refuse_nfs(path: str) -> None:
-    """``clog.refuse_nfs`` of this engine: raise
-    :class:`~qlog.UnsupportedFilesystemError` if ``path`` (or, while it does
-    not exist, its nearest existing parent) is on NFS."""
-    p = os.path.abspath(path)
-    while not os.path.isdir(p) and os.path.dirname(p) != p:
-        p = os.path.dirname(p)
-    if _on_nfs(p):
-        raise errors.UnsupportedFilesystemError(
-            f"{path} is on NFS, which qlog does not support (its file locks and shared "
-            "mappings are not safe there): use a local filesystem"
-        )
+    """:func:`types.refuse_nfs` with this engine's check (mountinfo)."""
+    _refuse_nfs(path, _on_nfs)
 
 
 def _check(buf: Any, off: int, end: int, salt32: int, last: Optional[int]) -> Optional[Tuple[int, int, int, int]]:

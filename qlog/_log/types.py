@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Self, Union
+from typing import Callable, List, Optional, Self, Union
 
+from .. import errors
 from .modes import check_mode
 
 __all__ = ["LogStats", "Damage", "VerifyReport", "MAX_RECORD", "DURABILITY_MODES",
@@ -23,6 +24,20 @@ CTL_MAGIC_PURE = b"QLOGPURE"
 """``ctl`` of a log open in processes using the pure-Python engine."""
 CTL_MAGIC_C = b"QLOGCTL\0"
 """``ctl`` of a log open in processes using the C engine (QLOG_CTL_MAGIC)."""
+
+
+def refuse_nfs(path: str, on_nfs: Callable[[str], bool]) -> None:
+    """Raise :class:`~qlog.UnsupportedFilesystemError` if ``path`` (or, while
+    it does not exist, its nearest existing parent) is on NFS, as the engine's
+    ``on_nfs(existing path)`` says."""
+    p = os.path.abspath(path)
+    while not os.path.isdir(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    if on_nfs(p):
+        raise errors.UnsupportedFilesystemError(
+            f"{path} is on NFS, which qlog does not support (its file locks and shared "
+            "mappings are not safe there): use a local filesystem"
+        )
 
 
 def check_log_args(path: Union[str, "os.PathLike[str]"], durability: str, segment_bytes: int,
