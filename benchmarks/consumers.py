@@ -202,24 +202,23 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def profile_consumer_threads(cfg: Dict[str, Any]) -> None:
-    """cProfile every thread of a sync consumer (each forms batches and
-    runs the handler on them), reported as the thread ends."""
-    from qlog import _consumer
+def profile_consumer_threads(cfg: Dict[str, Any]) -> List[Tuple[str, cProfile.Profile]]:
+    """cProfile every thread the push consumer starts for its queue (a sync
+    consumer's threads each form batches and run the handler on them).
+    Read the profiles once broker.run() has returned: its threads are done."""
+    profs: List[Tuple[str, cProfile.Profile]] = []
+    prefix = f"qlog-{cfg['queue']}-"
 
-    def wrap(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
-        def run(*a: Any, **kw: Any) -> Any:
+    def first_call(frame: Any, event: str, arg: Any) -> None:
+        sys.setprofile(None)  # threading set this hook for the new thread: replace it
+        name = threading.current_thread().name
+        if name.startswith(prefix):
             prof = cProfile.Profile()
+            profs.append((name, prof))
             prof.enable()
-            try:
-                return fn(*a, **kw)
-            finally:
-                prof.disable()
-                emit("profile", {"thread": f"{label} {threading.current_thread().name}",
-                                 "text": profile_text(prof, cfg.get("top", 30))})
-        return run
 
-    _consumer._Running._sync_loop = wrap(_consumer._Running._sync_loop, "consumer thread")  # type: ignore[method-assign]
+    threading.setprofile(first_call)
+    return profs
 
 
 def profile_text(prof: cProfile.Profile, top: int) -> str:
@@ -235,13 +234,14 @@ def profile_text(prof: cProfile.Profile, top: int) -> str:
 
 def child_push(cfg: Dict[str, Any]) -> int:
     """A worker process: the push consumer run by broker.run() until SIGTERM."""
-    if cfg.get("profile"):
-        profile_consumer_threads(cfg)
+    profs = profile_consumer_threads(cfg) if cfg.get("profile") else []
     broker = make_broker(cfg)
     try:
         ok = broker.run()
     finally:
         broker.close()
+    for name, prof in profs:
+        emit("profile", {"thread": f"consumer thread {name}", "text": profile_text(prof, cfg.get("top", 30))})
     return 0 if ok else 1
 
 

@@ -65,8 +65,8 @@ run out), runs ``qlog verify`` on the directory, and states:
 * kills made, per role, and children that exited on their own (failures).
 
 Disk stays bounded only if acked messages are given back: the queues use
-small segments (``--segment-bytes``, default 1 MiB; the state journal
-256 KiB) and checkpoint often (``--checkpoint-every`` journal records,
+small segments (``--segment-bytes``, default 1 MiB, for the state journal
+too) and checkpoint often (``--checkpoint-every`` journal records,
 default 1,000), so checkpoints truncate journals and message logs within
 seconds.  The report has one row per ``--interval`` seconds: messages sent
 (returned) and acked (acked or handled) per second, the p50 and p99 latency
@@ -100,14 +100,12 @@ from array import array
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import qlog
-import qlog._local.backend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD_ENV = "QLOG_SOAK_CHILD"
 JOBS, EVENTS, DEAD = "jobs", "events", "dead"
 SOURCES = (JOBS, EVENTS)
 VISIBILITY = 30.0            # seconds: leases of a killed consumer run out after this
-JOURNAL_SEGMENT = 256 << 10  # bytes of a state journal segment in every soak process
 LAG = 10.0                   # seconds the checker stays behind the side files
 MAX_BATCH = 100
 POISON, RAISE = 2, 7         # of 10,000: messages of jobs the handler retries always / raises for once
@@ -170,11 +168,9 @@ def child_config() -> Dict[str, Any]:
 
 
 def configure(checkpoint_every: int) -> None:
-    """The soak's checkpoint interval and state journal segment size, in
-    this process (every process opening the directory, the script too)."""
+    """The soak's checkpoint interval, in this process (every process
+    opening the directory, the script too)."""
     qlog.Broker.checkpoint_every = checkpoint_every
-    if hasattr(qlog._local.backend, "_JOURNAL_SEGMENT"):
-        qlog._local.backend._JOURNAL_SEGMENT = JOURNAL_SEGMENT
 
 
 def open_broker(cfg: Dict[str, Any]) -> qlog.Broker:

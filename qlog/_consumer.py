@@ -77,11 +77,12 @@ def settle(batch: PushBatch, exc: Optional[BaseException]) -> None:
     intent = batch._intent
     if intent is None:
         intent = (_ACK, 0) if exc is None else (_RETRY, None)
-    # ack_all and retry_all pass over the messages already settled one by one.
+    # MessageBatch's own ack_all and retry_all act at once, and pass over
+    # the messages already settled one by one.
     if intent[0] == _ACK:
-        MessageBatch(batch._q, batch.messages).ack_all()
+        MessageBatch.ack_all(batch)
     else:
-        MessageBatch(batch._q, batch.messages).retry_all(intent[1])
+        MessageBatch.retry_all(batch, intent[1])
 
 
 class Consumer:
@@ -100,27 +101,65 @@ class Consumer:
         return f"Consumer({self.queue!r}, {name})"
 
 
-def register(broker: "Broker", queue: str, settings: Dict[str, Any]) -> Callable[[Handler], Handler]:
-    from ._settings import check_name
+class Registry:
+    """The push consumers registered in one broker, and the run of them
+    (:meth:`Broker.consumer`, :meth:`Broker.run` and :meth:`Broker.stop`
+    call it)."""
 
-    check_name(queue)
-    validate(settings, "passed to consumer()")
-    if settings.get("dead_letter_queue") == queue:
-        raise errors.SettingsError(f"queue {queue!r} cannot be its own dead_letter_queue")
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._consumers: Dict[str, Consumer] = {}
+        self._runner: Optional[Runner] = None
 
-    def decorate(handler: Handler) -> Handler:
-        if not callable(handler):
-            raise TypeError(f"@consumer({queue!r}) needs a function taking a MessageBatch, got {handler!r}")
-        with broker._lock:
-            if queue in broker._consumers:
-                raise errors.SettingsError(
-                    f"queue {queue!r} already has a consumer in this broker "
-                    f"({broker._consumers[queue]!r}); a queue has one consumer"
-                )
-            broker._consumers[queue] = Consumer(queue, handler, dict(settings))
-        return handler
+    def queues(self) -> Tuple[str, ...]:
+        with self._lock:
+            return tuple(self._consumers)
 
-    return decorate
+    def register(self, queue: str, settings: Dict[str, Any]) -> Callable[[Handler], Handler]:
+        from ._settings import check_name
+
+        check_name(queue)
+        validate(settings, "passed to consumer()")
+        if settings.get("dead_letter_queue") == queue:
+            raise errors.SettingsError(f"queue {queue!r} cannot be its own dead_letter_queue")
+
+        def decorate(handler: Handler) -> Handler:
+            if not callable(handler):
+                raise TypeError(f"@consumer({queue!r}) needs a function taking a MessageBatch, got {handler!r}")
+            with self._lock:
+                if queue in self._consumers:
+                    raise errors.SettingsError(
+                        f"queue {queue!r} already has a consumer in this broker "
+                        f"({self._consumers[queue]!r}); a queue has one consumer"
+                    )
+                self._consumers[queue] = Consumer(queue, handler, dict(settings))
+            return handler
+
+        return decorate
+
+    def run(self, broker: "Broker", shutdown_timeout: float, handle_signals: Optional[bool]) -> bool:
+        with self._lock:
+            consumers = list(self._consumers.values())
+        if not consumers:
+            raise errors.SettingsError(
+                f"broker {broker.path!r} has no consumers: decorate a function with @broker.consumer(queue)"
+            )
+        if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)) or shutdown_timeout < 0:
+            raise errors.SettingsError(f"shutdown_timeout must be a number of seconds >= 0, got {shutdown_timeout!r}")
+        with self._lock:
+            if self._runner is not None:
+                raise errors.QlogError(f"broker {broker.path!r} is already running its consumers")
+            runner = self._runner = Runner(broker, consumers, float(shutdown_timeout))
+        try:
+            return _run_with_signals(runner, handle_signals)
+        finally:
+            with self._lock:
+                self._runner = None
+
+    def stop(self) -> None:
+        r = self._runner
+        if r is not None:
+            r.stop()
 
 
 class _Running:
@@ -136,7 +175,7 @@ class _Running:
         self.vt = s.visibility_timeout
         self.vt_us = int(self.vt * 1_000_000)
         self.concurrency = s.max_concurrency
-        self.clock = self.q._clock
+        self.clock = runner.broker.clock
         self.forming: List[Message] = []
         self.first_at = 0.0
         self.running: Dict[int, PushBatch] = {}
@@ -155,13 +194,15 @@ class _Running:
         """Lease up to ``need`` messages, waiting up to ``wait`` seconds for
         one (a stop ends the wait: it wakes the queue)."""
         q = self.q
+        if wait <= 0:
+            return [] if self.runner.stopping else q.pull(need, self.vt).messages
         end = time.monotonic() + wait
         while True:
-            token = q.change_token() if wait > 0 else 0
+            token = q.change_token()
             if self.runner.stopping:
                 return []
             got = q.pull(need, self.vt).messages
-            if got or wait <= 0:
+            if got:
                 return got
             left = end - time.monotonic()
             if left <= 0:
@@ -197,8 +238,7 @@ class _Running:
         first = now
         for m in got:
             if m.attempts == 1:
-                _ct, _fl, delay_ms, sent_us, _meta, _off = m._parts()
-                first = min(first, sent_us / 1e6 + delay_ms / 1e3)
+                first = min(first, m.visible_at.timestamp())
         return first
 
     def _wait_for_batch(self) -> float:
@@ -376,7 +416,7 @@ class _Running:
 class Runner:
     """Runs a broker's consumers until :meth:`stop`."""
 
-    def __init__(self, broker: "Broker", shutdown_timeout: float) -> None:
+    def __init__(self, broker: "Broker", consumers: List[Consumer], shutdown_timeout: float) -> None:
         self.broker = broker
         self.shutdown_timeout = shutdown_timeout
         self.stopping = False
@@ -384,15 +424,12 @@ class Runner:
         self.progress = threading.Event()  # a batch finished or a fetcher left
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[threading.Thread] = None
-        self.work = [_Running(self, c) for c in broker._consumers.values()]
+        self.work = [_Running(self, c) for c in consumers]
         vts = [w.vt for w in self.work]
         # Wake at least three times per lease, and once a second at most
         # (a waiting worker costs no CPU to speak of).
         self.tick = min([1.0] + [v / 3 for v in vts])
         self.lease_every = min([v / 3 for v in vts] or [1.0])
-
-    def is_stopping(self) -> bool:
-        return self.stopping
 
     def loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -480,17 +517,7 @@ class Runner:
                 logger.exception("queue %r: renewing leases failed", w.q.name)
 
 
-def run(broker: "Broker", shutdown_timeout: float, handle_signals: Optional[bool]) -> bool:
-    if not broker._consumers:
-        raise errors.SettingsError(
-            f"broker {broker.path!r} has no consumers: decorate a function with @broker.consumer(queue)"
-        )
-    if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)) or shutdown_timeout < 0:
-        raise errors.SettingsError(f"shutdown_timeout must be a number of seconds >= 0, got {shutdown_timeout!r}")
-    with broker._lock:
-        if broker._runner is not None:
-            raise errors.QlogError(f"broker {broker.path!r} is already running its consumers")
-        runner = broker._runner = Runner(broker, float(shutdown_timeout))
+def _run_with_signals(runner: Runner, handle_signals: Optional[bool]) -> bool:
     main = threading.current_thread() is threading.main_thread()
     if handle_signals is None:
         handle_signals = main
@@ -513,5 +540,3 @@ def run(broker: "Broker", shutdown_timeout: float, handle_signals: Optional[bool
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
-        with broker._lock:
-            broker._runner = None

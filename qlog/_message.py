@@ -226,6 +226,14 @@ class Message(MessageBase):
         return datetime.fromtimestamp(us / 1e6, tz=timezone.utc)
 
     @property
+    def visible_at(self) -> datetime:
+        """When the message first became deliverable (UTC): its send time
+        plus its delivery delay; in a dead-letter queue, when it was moved
+        there.  Later than now for a delayed message shown by peek."""
+        _ct, _fl, delay_ms, sent_us, _meta, _off = self._parts()
+        return datetime.fromtimestamp(sent_us / 1e6 + delay_ms / 1e3, tz=timezone.utc)
+
+    @property
     def raw_body(self) -> bytes:
         """The body's bytes as stored, never decoded (nor unpickled): UTF-8
         JSON text for ``json``, UTF-8 for ``text``, the bytes themselves for

@@ -359,7 +359,7 @@ class Queue:
                 f"batch_size must be an integer from 1 to {MAX_PULL_BATCH}, got {batch_size!r}"
             )
         vt = s.visibility_timeout
-        if visibility_timeout is not None:  # the queue's own was checked when it was set
+        if visibility_timeout is not None and visibility_timeout != vt:  # the queue's own was checked when set
             validate({"visibility_timeout": visibility_timeout}, "passed to pull()")
             vt = visibility_timeout
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 43_200:
@@ -693,18 +693,31 @@ class Broker:
         self._queues: Dict[str, Queue] = {}
         self._lock = threading.RLock()
         self._closed = False
-        self._consumers: Dict[str, Any] = {}
-        self._runner: Any = None
+        self._push: Any = None  # the consumer registry (qlog._consumer), made on first use
         self._sender_pool: Optional[ThreadPoolExecutor] = None
 
     # -- push consumers --------------------------------------------------
 
     @property
+    def clock(self) -> Callable[[], float]:
+        """The clock every timestamp, delay and lease of this broker uses:
+        seconds since the epoch (``qlog.open``'s ``clock``, default
+        :func:`time.time`)."""
+        return self._clock
+
+    @property
     def consumers(self) -> Tuple[str, ...]:
         """The queues that have a push consumer registered in this broker,
         in the order they were registered (what :meth:`run` would start)."""
+        return self._consumer_registry().queues() if self._push is not None else ()
+
+    def _consumer_registry(self) -> Any:
         with self._lock:
-            return tuple(self._consumers)
+            if self._push is None:
+                from ._consumer import Registry
+
+                self._push = Registry()
+            return self._push
 
     def consumer(self, queue: str, **settings: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as ``queue``'s push consumer.
@@ -718,9 +731,8 @@ class Broker:
         queue's.  Returning acks every message not retried on its own;
         raising retries every message not acked on its own.  The function
         is returned unchanged."""
-        from ._consumer import register
-
-        return register(self, queue, settings)
+        reg: Callable[[Callable[..., Any]], Callable[..., Any]] = self._consumer_registry().register(queue, settings)
+        return reg
 
     def run(self, *, shutdown_timeout: float = 30.0, handle_signals: Optional[bool] = None) -> bool:
         """Run every registered consumer until :meth:`stop`, SIGTERM or
@@ -729,15 +741,13 @@ class Broker:
         up to ``shutdown_timeout`` seconds for running handlers; messages
         left unfinished are delivered again when their leases run out.
         Returns True when every handler finished."""
-        from ._consumer import run
-
-        return run(self, shutdown_timeout, handle_signals)
+        ok: bool = self._consumer_registry().run(self, shutdown_timeout, handle_signals)
+        return ok
 
     def stop(self) -> None:
         """Make :meth:`run` stop taking batches and return (thread-safe)."""
-        r = self._runner
-        if r is not None:
-            r.stop()
+        if self._push is not None:
+            self._push.stop()
 
     def _senders(self) -> ThreadPoolExecutor:
         """Threads that run async sends (their fsyncs are shared)."""

@@ -31,7 +31,7 @@ DLQ = "jobs-dlq"
 def stepper(broker: qlog.Broker, handler: Callable = lambda batch: None, **settings):
     """The consumer of ``Q`` with ``settings``, ready to be stepped by hand."""
     broker.consumer(Q, **settings)(handler)
-    runner = Runner(broker, shutdown_timeout=0)
+    runner = Runner(broker, list(broker._push._consumers.values()), shutdown_timeout=0)
     return runner.work[0]
 
 
@@ -388,7 +388,7 @@ class Running:
 
     def stop(self, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
-        while self.broker._runner is None and self.thread.is_alive() and time.monotonic() < deadline:
+        while self.broker._push._runner is None and self.thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.001)
         self.broker.stop()
         self.thread.join(timeout)
@@ -496,7 +496,7 @@ def test_waiting_worker_is_woken_by_a_send_from_another_process(real, backend, w
     got: List[object] = []
     real.consumer(Q, max_batch_size=10, max_batch_timeout=0)(lambda batch: got.extend(m.body for m in batch))
     run = Running(real)
-    wait_until(lambda: real._runner is not None and real._runner.work[0].q.stats().backlog == 0)
+    wait_until(lambda: real._push._runner is not None and real._push._runner.work[0].q.stats().backlog == 0)
     r = run_python("import qlog, sys; qlog.open(sys.argv[1]).queue('jobs').send({'from': 'child'})",
                    [backend.target])
     assert r.returncode == 0, r.stderr

@@ -626,6 +626,24 @@ def test_fourth_lease_expiry_moves_message_to_dlq(broker, clock):
     assert q.stats().dead_lettered == 1
 
 
+def test_visible_at_is_the_send_time_plus_the_delay_and_the_move_time_in_a_dlq(broker, clock):
+    assert broker.clock is clock
+    q = broker.queue(QUEUE, max_retries=0, dead_letter_queue=DLQ)
+    q.send("now", content_type="text")
+    q.send("later", content_type="text", delay_seconds=30)
+    (waiting,) = [m for m in q.peek() if m.body == "later"]
+    assert waiting.visible_at == datetime.fromtimestamp(T0 + 30, tz=timezone.utc)
+    assert waiting.visible_at > datetime.fromtimestamp(clock(), tz=timezone.utc)
+    clock.advance(5)
+    (m,) = q.pull().messages
+    assert m.visible_at == m.timestamp == datetime.fromtimestamp(T0, tz=timezone.utc)
+    m.retry()  # past max_retries: moved to the DLQ now
+    clock.advance(1)
+    (d,) = broker.queue(DLQ).peek()
+    assert d.timestamp == m.timestamp
+    assert d.visible_at == datetime.fromtimestamp(T0 + 5, tz=timezone.utc)
+
+
 def test_dead_lettered_message_keeps_id_timestamp_body_and_content_type(broker, clock):
     q = broker.queue(QUEUE, max_retries=1, dead_letter_queue=DLQ)
     sent_id = q.send("payload", content_type="text")

@@ -39,7 +39,7 @@ def test_second_queue_call_keeps_delivery_delay(broker, clock):
 def test_consumer_start_keeps_producers_delivery_delay(broker, clock):
     producer = broker.queue(Q, delivery_delay=100)
     broker.consumer(Q, max_retries=0, max_batch_size=5)(lambda batch: None)
-    Runner(broker, shutdown_timeout=0)  # starting the consumer stores its settings
+    Runner(broker, list(broker._push._consumers.values()), shutdown_timeout=0)  # starting the consumer stores its settings
     assert producer.settings.delivery_delay == 100
     assert (producer.settings.max_retries, producer.settings.max_batch_size) == (0, 5)
     producer.send("x")

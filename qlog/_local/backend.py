@@ -50,7 +50,7 @@ logger = logging.getLogger("qlog")
 
 DATA_FORMAT = 1
 FORMAT_FILE = "qlog-format"
-_JOURNAL_SEGMENT = 16 << 20
+_JOURNAL_SEGMENT = 16 << 20  # the most a state journal segment holds (segment_bytes, when smaller)
 _SCAN_LIMIT = 10_000  # messages a pull looks past (delayed ones) before returning
 _REC_HEAD = 32  # bytes of record header before each payload (FORMAT.md)
 _READ_GAP = 64  # messages wanted this close together come in one read
@@ -179,7 +179,7 @@ class LocalQueue(QueueBackend):
             self._journal = Log(
                 os.path.join(d, "state"),
                 durability="none" if durability == "none" else "interval",
-                segment_bytes=_JOURNAL_SEGMENT,
+                segment_bytes=min(segment_bytes, _JOURNAL_SEGMENT),
                 mode=mode,
             )
         except BaseException:
