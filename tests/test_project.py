@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import pathlib
 import re
 import subprocess
@@ -40,6 +41,38 @@ def test_public_surface_is_exactly_all() -> None:
     assert public - modules == set(qlog.__all__)
     for name in qlog.__all__:
         assert getattr(qlog, name) is not None
+
+
+# Private names the layers on top may touch, each on something not qlog's.
+_FOREIGN_PRIVATE = {"_exit": "os._exit", "_putter": "persist-queue's connection, in a baseline"}
+
+
+def _private_reach_ins(path: pathlib.Path) -> list[str]:
+    """Accesses ``x._name`` in ``path`` where ``x`` is not ``self``/``cls``
+    and ``_name`` is not an attribute the file's own classes set."""
+    tree = ast.parse(path.read_text())
+    own = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+           and isinstance(n.value, ast.Name) and n.value.id == "self"}
+    own |= {e.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+            for t in n.targets if isinstance(t, ast.Name) and t.id == "__slots__"
+            for e in ast.walk(n.value) if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+    found = []
+    for n in ast.walk(tree):
+        if (isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+                and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"))
+                and n.attr not in own and n.attr not in _FOREIGN_PRIVATE):
+            found.append(f"{path.relative_to(ROOT)}:{n.lineno}: {ast.unparse(n)}")
+    return found
+
+
+def test_consumers_cli_and_benchmarks_use_only_public_methods() -> None:
+    """The layers on top of the semantics layer (push consumers, the CLI)
+    and the benchmarks reach no private field of qlog's objects."""
+    files = [ROOT / "qlog" / "_consumer.py", *sorted((ROOT / "qlog" / "_cli").glob("*.py")),
+             *sorted((ROOT / "benchmarks").glob("*.py"))]
+    found = [hit for f in files for hit in _private_reach_ins(f)]
+    assert not found, "private fields reached into:\n" + "\n".join(found)
+    assert _private_reach_ins(ROOT / "tests" / "test_consumer.py"), "the check finds nothing at all"
 
 
 def test_every_error_is_a_qlog_error() -> None:
