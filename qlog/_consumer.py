@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import errors
 from ._message import _ACK, _RETRY, Message, MessageBatch
@@ -190,7 +190,7 @@ class _Running:
 
     # -- batching ----------------------------------------------------------
 
-    def _pull(self, need: int, wait: float) -> List[Message]:
+    def _pull(self, need: int, wait: float) -> Sequence[Message]:
         """Lease up to ``need`` messages, waiting up to ``wait`` seconds for
         one (a stop ends the wait: it wakes the queue)."""
         q = self.q
@@ -229,7 +229,7 @@ class _Running:
             return batch
         return None
 
-    def _visible_since(self, got: List[Message]) -> float:
+    def _visible_since(self, got: Sequence[Message]) -> float:
         """When the earliest of these messages became visible: its send time
         plus delivery delay on a first delivery; now for a redelivery."""
         now = self.clock()

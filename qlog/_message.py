@@ -20,7 +20,7 @@ import pickle
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from . import errors
 from ._backend import RECORD_HEADER as HEADER, RECORD_VERSION as VERSION
@@ -86,7 +86,9 @@ except (ImportError, AttributeError, TypeError):  # another Python: the plain pa
 
 
 def content_type_code(content_type: object) -> int:
-    code = CONTENT_TYPES.get(content_type) if isinstance(content_type, str) else None
+    """The code of a content type name, matched case-insensitively as
+    Cloudflare's runtime does (``"JSON"`` is ``"json"``)."""
+    code = CONTENT_TYPES.get(content_type.lower()) if isinstance(content_type, str) else None
     if code is None:
         raise errors.ContentTypeError(
             f"unknown content_type {content_type!r}: use one of 'json', 'text', 'bytes', 'pickle'"
@@ -301,18 +303,29 @@ class Message(MessageBase):
 
 
 class MessageBatch:
-    """Messages delivered together; ``queue`` is the queue's name."""
+    """Messages delivered together, as Cloudflare's ``MessageBatch``:
+    ``queue`` is the queue's name and ``messages`` a read-only tuple.  Acks
+    and retries are recorded on each message, so ``ack_all`` and
+    ``retry_all`` reach every message delivered in the batch.  ``paused`` is
+    True when a pull found the queue's delivery paused (the batch is then
+    empty: :meth:`Queue.resume_delivery` lets it deliver again)."""
 
-    __slots__ = ("queue", "messages", "_q")
+    __slots__ = ("queue", "_messages", "_q", "paused")
 
-    def __init__(self, q: "Queue", messages: List[Message]) -> None:
+    def __init__(self, q: "Queue", messages: Sequence[Message], paused: bool = False) -> None:
         self._q = q
         self.queue = q.name
-        self.messages = messages
+        self._messages = tuple(messages)
+        self.paused = paused
+
+    @property
+    def messages(self) -> Tuple[Message, ...]:
+        """The messages of the batch, in delivery order (read-only)."""
+        return self._messages
 
     def ack_all(self) -> None:
         """Ack every message not already acked or retried, in one journal write."""
-        todo = [m for m in self.messages if not m._outcome]
+        todo = [m for m in self._messages if not m._outcome]
         if todo:
             self._q._ack([m._seq for m in todo])
             for m in todo:
@@ -320,7 +333,7 @@ class MessageBatch:
 
     def retry_all(self, delay_seconds: Optional[float] = None) -> None:
         """Retry every message not already acked or retried."""
-        todo = [m for m in self.messages if not m._outcome]
+        todo = [m for m in self._messages if not m._outcome]
         if not todo:
             return
         self._q._retry(todo, self._q._retry_delay_us(delay_seconds))
@@ -331,18 +344,18 @@ class MessageBatch:
         """Renew the leases of every message not acked or retried, for
         ``visibility_timeout`` seconds from now (default the queue's), in one
         journal write; attempts unchanged."""
-        todo = [m for m in self.messages if not m._outcome]
+        todo = [m for m in self._messages if not m._outcome]
         if todo:
             self._q._extend(todo, self._q._deadline(visibility_timeout))
 
     def __len__(self) -> int:
-        return len(self.messages)
+        return len(self._messages)
 
     def __iter__(self) -> Iterator[Message]:
-        return iter(self.messages)
+        return iter(self._messages)
 
     def __bool__(self) -> bool:
-        return bool(self.messages)
+        return bool(self._messages)
 
     def __repr__(self) -> str:
         return f"MessageBatch(queue={self.queue!r}, messages={len(self.messages)})"

@@ -346,7 +346,9 @@ class Queue:
         seconds (default the queue's).  Returns at once, with an empty batch
         when nothing is visible, unless ``wait`` seconds are given: then it
         blocks until a message can be delivered (a send, retry or expiry in
-        any process wakes it) or the time is up.
+        any process wakes it) or the time is up.  An empty batch's
+        ``paused`` tells a paused queue (:meth:`pause_delivery`) from an
+        empty one.
 
         A message neither acked nor retried before its lease runs out is
         delivered again with ``attempts + 1``.  Each message carries a
@@ -364,7 +366,8 @@ class Queue:
             vt = visibility_timeout
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 43_200:
             raise errors.SettingsError(f"wait must be from 0 to 43200 seconds, got {wait!r}")
-        return MessageBatch(self, self._pull_wait(n, int(vt * 1_000_000), wait))
+        got = self._pull_wait(n, int(vt * 1_000_000), wait)
+        return MessageBatch(self, got, paused=not got and self._b.paused())
 
     def _pull_wait(self, n: int, vt_us: int, wait: float) -> List[Message]:
         end = time.monotonic() + wait
@@ -563,8 +566,9 @@ class Queue:
 
     def pause_delivery(self) -> None:
         """Stop delivering messages, in every process, until
-        :meth:`resume_delivery`: pulls return nothing (a waiting pull waits
-        on) and push consumers get no batches.  Sends are still accepted.
+        :meth:`resume_delivery`: pulls return an empty batch whose
+        ``paused`` is True (a waiting pull waits on) and push consumers get
+        no batches.  Sends are still accepted.
         Messages already delivered can still be acked and retried.  Durable
         when it returns; idempotent."""
         self._b.set_paused(True)

@@ -137,7 +137,7 @@ def assert_settled(make_broker, clock, s, queues, mid) -> Tuple[Tuple[int, ...],
     assert (backlog, in_flight) == (0, 0), seen[0]
     clock.advance(3600)  # any lease or retry delay still around has run out
     for q in queues:
-        assert q.pull(batch_size=100).messages == [], "M came back from its own queue"
+        assert q.pull(batch_size=100).messages == (), "M came back from its own queue"
     for q in queues:
         q._broker.close()
     r = make_broker(clock=clock)
@@ -176,7 +176,7 @@ def test_late_ack_after_pull_dead_letters_keeps_one_dlq_copy(two, make_broker, c
     mid, deliveries = lease_final_delivery(qa, qb, clock, 1)
     final = deliveries[-1]
     assert final.attempts == 2
-    assert qb.pull().messages == []      # M is due with no retries left: dead-lettered
+    assert qb.pull().messages == ()      # M is due with no retries left: dead-lettered
     assert dlq_ids(a) == dlq_ids(b) == [mid]
     final.ack()                          # the late ack, after the pull record
     (acked, dead, deleted, _, _), in_dlq = assert_settled(make_broker, clock, s, [qa, qb], mid)
@@ -206,7 +206,7 @@ def test_ack_landing_inside_a_pulls_dead_lettering_leaves_no_unaccounted_dlq_cop
         final.ack()
 
     ran = wrap_next_append(qb, ack_now, skip)
-    assert qb.pull().messages == []
+    assert qb.pull().messages == ()
     assert ran == [True] and at_hook == [[mid] if copied else []], "the interleaving was not the one forced"
     assert_outcome(make_broker, clock, s, [qa, qb], mid, outcome)
 
@@ -236,7 +236,7 @@ def test_ack_from_another_process_inside_a_pulls_dead_lettering_leaves_no_unacco
         assert reply == "acked", (reply, child.stderr.read())
 
     ran = wrap_next_append(qb, child_acks, skip)
-    assert qb.pull().messages == []
+    assert qb.pull().messages == ()
     assert child.wait(timeout=60) == 0, child.stderr.read()
     assert ran == [True] and at_hook == [[mid] if copied else []], "the interleaving was not the one forced"
     assert_outcome(make_broker, clock, s, [qb], mid, outcome)
@@ -266,7 +266,7 @@ def test_ack_landing_between_a_pulls_read_and_its_record_wins_when_there_is_no_d
     qa, qb = a.queue(QUEUE, **s), b.queue(QUEUE, **s)
     mid, deliveries = lease_final_delivery(qa, qb, clock, 1)
     ran = wrap_next_append(qb, deliveries[-1].ack)
-    assert qb.pull().messages == []
+    assert qb.pull().messages == ()
     assert ran == [True]
     (acked, dead, deleted, _, _), _ = assert_settled(make_broker, clock, s, [qa, qb], mid)
     assert (acked, dead, deleted) == (1, 0, 0)
@@ -280,7 +280,7 @@ def test_final_retry_after_the_pull_dead_lettered_adds_no_second_dlq_copy(two, m
     s = settings(max_retries=1)
     qa, qb = a.queue(QUEUE, **s), b.queue(QUEUE, **s)
     mid, deliveries = lease_final_delivery(qa, qb, clock, 1)
-    assert qb.pull().messages == []      # dead-letters M
+    assert qb.pull().messages == ()      # dead-letters M
     deliveries[-1].retry()               # the final retry, late: finds M gone
     (acked, dead, deleted, _, _), in_dlq = assert_settled(make_broker, clock, s, [qa, qb], mid)
     assert (acked, dead, deleted) == (0, 1, 0)
@@ -294,7 +294,7 @@ def test_final_retry_before_the_pull_dead_letters_once(two, make_broker, clock):
     mid, deliveries = lease_final_delivery(qa, qb, clock, 1)
     deliveries[-1].retry()               # lease ran out, but no pull took M yet: this dead-letters it
     assert dlq_ids(b) == [mid]
-    assert qb.pull().messages == []      # finds M gone: no second copy
+    assert qb.pull().messages == ()      # finds M gone: no second copy
     (acked, dead, deleted, _, _), in_dlq = assert_settled(make_broker, clock, s, [qa, qb], mid)
     assert (acked, dead, deleted) == (0, 1, 0)
     assert [m.id for m in in_dlq] == [mid]
@@ -376,9 +376,9 @@ def test_second_pull_cannot_dead_letter_while_the_first_is_between_its_dlq_write
         probe.append(got)
 
     ran = wrap_next_append(qb, try_as_locks, skip=1)  # between the DLQ write and the record
-    assert qb.pull().messages == []
+    assert qb.pull().messages == ()
     assert ran == [True] and probe == [False], "another pull could have run inside this one"
-    assert qa.pull().messages == []
+    assert qa.pull().messages == ()
     (acked, dead, deleted, _, _), in_dlq = assert_settled(make_broker, clock, s, [qa, qb], mid)
     assert (acked, dead, deleted) == (0, 1, 0)
     assert [m.id for m in in_dlq] == [mid]
@@ -479,7 +479,7 @@ def test_a_dead_lettering_killed_part_way_is_finished_by_the_next_pull(
         st = q._b._state()
         assert list(st.dying) == [int(mid[16:], 16)] and not st.pending  # claimed, not moved
         assert q.stats().backlog == 1
-        assert q.pull().messages == []  # finishes the dead-lettering
+        assert q.pull().messages == ()  # finishes the dead-lettering
     (acked, dead, deleted, _, _), in_dlq = assert_settled(make_broker, clock, s, [], mid)
     assert (acked, dead, deleted) == (0, 1, 0)
     assert [m.id for m in in_dlq] == [mid] * copies

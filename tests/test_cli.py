@@ -170,7 +170,7 @@ def test_send_with_delay_is_not_delivered_before_it(data) -> None:
     assert p.returncode == 0, p.stderr
     with qlog.open(data) as b:
         q = b.queue(Q)
-        assert q.pull(10).messages == []
+        assert q.pull(10).messages == ()
         assert [m.body for m in q.peek()] == ["later"]
         assert q.stats().backlog == 1
 
@@ -373,7 +373,7 @@ def test_redrive_moves_each_dead_letter_back_to_the_queue_it_failed_in(data, tmp
     assert "\r" not in p.stderr  # not a terminal: no progress redraws
     with qlog.open(data) as b:
         assert b.queue(DLQ).stats().backlog == 0
-        assert b.queue(DLQ).pull(10).messages == []
+        assert b.queue(DLQ).pull(10).messages == ()
         assert [m.body for m in b.queue(Q).pull(1000).messages] == [{"n": i} for i in range(150)]
         [m] = b.queue("other").pull(10).messages
         assert m.content_type == "pickle"
@@ -497,7 +497,7 @@ def test_pause_and_resume_are_seen_by_every_process(data) -> None:
         assert p.returncode == 0, p.stderr
         assert "paused" in p.stdout
         assert q.paused
-        assert q.pull(10).messages == []
+        assert q.pull(10).messages == ()
         assert stats_of(data, Q).paused
         p = run_cli("resume", data, Q)
         assert p.returncode == 0, p.stderr

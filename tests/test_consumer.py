@@ -114,7 +114,7 @@ def test_forming_batch_is_leased(broker, clock):
     q.send_batch([1, 2])
     assert w.step() is None
     assert q.stats().in_flight == 2
-    assert q.pull(10).messages == []  # no one else gets them meanwhile
+    assert q.pull(10).messages == ()  # no one else gets them meanwhile
 
 
 # -- outcomes ------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_raising_retries_every_message_with_retry_delay_and_logs_ids_and_attempt
     assert record.exc_info is not None and record.exc_info[0] is ValueError
     assert q.stats().acked == 0
     clock.advance(29)
-    assert q.pull(10).messages == []  # retry_delay holds them back
+    assert q.pull(10).messages == ()  # retry_delay holds them back
     assert redelivered(q, clock) == {"a": 2, "b": 2}
 
 
@@ -238,7 +238,7 @@ def test_batch_level_retry_delay_is_kept(broker, clock):
     q.send("a")
     handled(w, clock)
     clock.advance(99)
-    assert q.pull(10).messages == []
+    assert q.pull(10).messages == ()
     assert redelivered(q, clock) == {"a": 2}
 
 
@@ -483,7 +483,7 @@ def test_lease_is_renewed_while_a_long_handler_runs(real, make_broker, wait_unti
         oq = other.queue(Q)
         end = time.monotonic() + 1.5
         while time.monotonic() < end:
-            assert oq.pull(10, visibility_timeout=30).messages == []
+            assert oq.pull(10, visibility_timeout=30).messages == ()
             assert oq.stats().in_flight == 1
             time.sleep(0.02)
     release.set()
@@ -578,7 +578,7 @@ def test_pause_is_persisted_and_seen_by_other_brokers(make_broker):
     with make_broker() as b:
         q = b.queue(Q)
         assert q.paused
-        assert q.pull(10).messages == []
+        assert q.pull(10).messages == ()
         assert q.stats().backlog == 1
         q.resume_delivery()
         q.resume_delivery()

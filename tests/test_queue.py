@@ -149,7 +149,18 @@ def test_content_type_may_be_a_str_subclass(q):
         q.send("x", content_type=Name("pickle"))
 
 
-@pytest.mark.parametrize("content_type", ["xml", "JSON", "", b"json", 1])
+@pytest.mark.parametrize("name, code", [("JSON", "json"), ("Text", "text"), ("BYTES", "bytes")])
+def test_content_type_names_match_case_insensitively_as_on_cloudflare(q, name, code):
+    body = b"\x00raw" if code == "bytes" else ("hello" if code == "text" else {"a": [1]})
+    q.send(body, content_type=name)
+    q.send_batch([body], content_type=name)
+    q.send_batch([qlog.MessageSendRequest(body, content_type=name)])
+    batch = q.pull()
+    assert [m.content_type for m in batch] == [code] * 3
+    assert bodies_of(batch) == [body] * 3
+
+
+@pytest.mark.parametrize("content_type", ["xml", "jsonx", "", b"json", 1])
 def test_unknown_content_type_raises_content_type_error(q, content_type):
     before = snapshot(q)
     with pytest.raises(qlog.ContentTypeError, match="json"):
@@ -366,7 +377,7 @@ def test_first_delivery_has_attempts_one_and_no_dead_letter_info(q):
     batch = q.pull()
     assert [m.attempts for m in batch] == [1, 1, 1]
     assert [m.dead_letter for m in batch] == [None, None, None]
-    assert batch.queue == QUEUE and len(batch) == 3 and list(batch) == batch.messages
+    assert batch.queue == QUEUE and len(batch) == 3 and tuple(batch) == batch.messages
 
 
 # -- first call wins --------------------------------------------------------
@@ -624,6 +635,38 @@ def test_fourth_lease_expiry_moves_message_to_dlq(broker, clock):
     assert len(q.pull()) == 0
     assert bodies_of(broker.queue(DLQ).pull()) == [{"job": 1}]
     assert q.stats().dead_lettered == 1
+
+
+def test_attempts_is_read_only(q):
+    q.send(1)
+    (m,) = q.pull().messages
+    with pytest.raises(AttributeError):
+        m.attempts = 5
+    assert m.attempts == 1
+
+
+def test_batch_messages_is_read_only_and_ack_all_reaches_every_message(q):
+    q.send_batch([1, 2, 3])
+    batch = q.pull()
+    with pytest.raises(AttributeError):
+        batch.messages.pop()  # a tuple: no pop
+    with pytest.raises(AttributeError):
+        batch.messages = []
+    assert len(batch.messages) == 3
+    batch.ack_all()
+    assert q.stats().acked == 3 and q.stats().backlog == 0
+
+
+def test_pull_on_a_paused_queue_says_paused_and_an_empty_one_does_not(q):
+    empty = q.pull()
+    assert not empty and empty.paused is False
+    q.send(1)
+    q.pause_delivery()
+    paused = q.pull()
+    assert not paused and paused.paused is True
+    q.resume_delivery()
+    got = q.pull()
+    assert bodies_of(got) == [1] and got.paused is False
 
 
 def test_visible_at_is_the_send_time_plus_the_delay_and_the_move_time_in_a_dlq(broker, clock):
@@ -1178,7 +1221,7 @@ def test_waiting_pull_wakes_when_a_lease_runs_out(make_broker):
 def test_waiting_pull_returns_an_empty_batch_when_the_wait_ends(make_broker):
     with make_broker() as b:
         batch = b.queue(QUEUE).pull(wait=0.05)
-        assert len(batch) == 0 and batch.messages == []
+        assert len(batch) == 0 and batch.messages == ()
 
 
 # -- data format ------------------------------------------------------------
@@ -1268,7 +1311,7 @@ def test_retry_landing_between_a_pulls_read_and_its_lease_keeps_its_delay(make_b
             return journal_append(record)
 
         qa._b._journal.append = append_after_bs_retry
-        assert qa.pull(batch_size=10).messages == []
+        assert qa.pull(batch_size=10).messages == ()
         assert qa.stats().delayed == 1
         clock.advance(101)
         (m,) = qa.pull(batch_size=10).messages

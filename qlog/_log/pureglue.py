@@ -63,7 +63,7 @@ def ids(prefix: str, first: int, n: int) -> List[str]:
 class MessageBase:
     """The fields of a delivered message (``qlog._glue.MessageBase`` in C)."""
 
-    __slots__ = ("_q", "_seq", "attempts", "_outcome", "_payload", "_body", "_split", "__weakref__")
+    __slots__ = ("_q", "_seq", "_attempts", "_outcome", "_payload", "_body", "_split", "__weakref__")
 
     _body: Any
     """The decoded body (unset until :attr:`body` is first read)."""
@@ -77,10 +77,15 @@ class MessageBase:
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
         self._q: Any = q
         self._seq = seq
-        self.attempts = attempts
+        self._attempts = attempts
         self._outcome = 3 if peeked else 0
         self._payload = payload
         self._split: Optional[Parts] = None
+
+    @property
+    def attempts(self) -> int:
+        """Deliveries of this message so far, this one included (read-only)."""
+        return self._attempts
 
     @property
     def body(self) -> Any:
