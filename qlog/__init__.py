@@ -1,8 +1,26 @@
-"""qlog: an embedded, durable message queue built on a C-accelerated,
-CRC-checked, segmented log.
+"""qlog: a durable message queue in a directory, with Cloudflare Queues'
+semantics, on a C-accelerated, CRC-checked, segmented log.  For example::
 
-``qlog.open(path)`` gives a :class:`Broker`, a directory of named queues
-with Cloudflare Queues' semantics; :class:`Log` is the engine beneath.
+    import qlog
+
+    broker = qlog.open("./data")          # a directory of queues, created if missing
+    jobs = broker.queue("jobs", max_retries=3, dead_letter_queue="jobs-dlq")
+    jobs.send({"userId": 42})             # on stable storage when it returns
+
+    batch = jobs.pull(10, visibility_timeout=30)   # a pull consumer
+    for m in batch.messages:
+        print(m.id, m.attempts, m.body)
+    batch.ack_all()                       # or m.ack(), m.retry(delay_seconds=...)
+
+    @broker.consumer("jobs", max_batch_size=10)    # a push consumer
+    def handle(batch: qlog.MessageBatch) -> None:
+        ...                               # returning acks the batch, raising retries it
+
+    # broker.run(), or `qlog worker app:broker`, runs the push consumers.
+
+``qlog.open(path)`` gives a :class:`Broker`; :class:`Queue`,
+:class:`MessageBatch` and :class:`Message` follow Cloudflare's API;
+:class:`Log` is the engine beneath.  README.md has the whole guide.
 """
 
 from ._log import ENGINE, Log

@@ -190,16 +190,11 @@ _ACK, _RETRY, _PEEKED = 1, 2, 3
 
 
 class Message(MessageBase):
-    """A message delivered by :meth:`Queue.pull` (or shown by :meth:`Queue.peek`).
-
-    ``id``, ``timestamp`` (when it was sent, UTC), ``body`` (decoded back to
-    what was sent), ``attempts`` (1 on the first delivery).  ``ack()`` and
-    ``retry()``: the first call wins.
-
-    Its fields live in a C base type (``qlog._glue.MessageBase``): the queue
-    (``_q``), the message's number in the log (``_seq``), ``attempts``, the
-    stored record (``_payload``), the outcome so far (``_outcome``: 0 open,
-    1 acked, 2 retried, 3 peeked) and the decoded ``body``, computed once."""
+    """A message delivered by :meth:`Queue.pull` or a push consumer (or
+    shown by :meth:`Queue.peek`), as Cloudflare's ``Message``: ``id``,
+    ``timestamp``, ``body``, ``attempts``, ``ack()`` and ``retry()`` (the
+    first of the two wins), plus ``lease_id``, ``content_type`` and
+    ``extend()``."""
 
     __slots__ = ()
 
@@ -215,6 +210,8 @@ class Message(MessageBase):
 
     @property
     def id(self) -> str:
+        """The message's id (32 hex digits), unique in its queue; a message
+        keeps its id in a dead-letter queue."""
         meta = self._parts()[4]
         if meta is not None:
             mid: str = meta["id"]
@@ -223,6 +220,8 @@ class Message(MessageBase):
 
     @property
     def timestamp(self) -> datetime:
+        """When the message was sent (UTC; for a dead-lettered message, when
+        it was first sent to its original queue)."""
         meta = self._parts()[4]
         us = meta["sent_us"] if meta is not None else self._parts()[3]
         return datetime.fromtimestamp(us / 1e6, tz=timezone.utc)
@@ -244,6 +243,8 @@ class Message(MessageBase):
 
     @property
     def content_type(self) -> str:
+        """How the body was encoded when sent: ``"json"``, ``"text"``,
+        ``"bytes"`` or ``"pickle"``."""
         return _CT_NAMES.get(self._parts()[0], "unknown")
 
     @property

@@ -25,7 +25,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import errors
 from ._backend import RECORD_HEADER as HEADER, RECORD_VERSION as VERSION
@@ -52,11 +52,16 @@ from ._settings import (
     MAX_SEND_BATCH,
     MAX_SEND_BATCH_BYTES,
     QueueSettings,
+    Settings,
+    StoredSettings,
     check_name,
     delay_us as _delay_us,
     load_toml,
     validate,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.12
 
 _pack_header = HEADER.pack
 _LEASE_RE = re.compile(r"([0-9a-f]{16})([0-9a-f]{16})\.([1-9][0-9]*)")
@@ -723,7 +728,7 @@ class Broker:
                 self._push = Registry()
             return self._push
 
-    def consumer(self, queue: str, **settings: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def consumer(self, queue: str, **settings: Unpack[Settings]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as ``queue``'s push consumer.
 
         It is called with a :class:`MessageBatch` (a plain or an ``async``
@@ -767,7 +772,7 @@ class Broker:
 
     # -- queues --------------------------------------------------------------
 
-    def queue(self, name: str, **settings: Any) -> Queue:
+    def queue(self, name: str, **settings: Unpack[Settings]) -> Queue:
         """The queue called ``name``, created if missing.  Keyword
         arguments are settings (see :class:`QueueSettings`): ``durability``,
         ``allow_pickle`` and ``segment_bytes`` apply to this handle; every
@@ -814,7 +819,7 @@ class Broker:
             q._b.store_settings(diff)
             q._refresh()
 
-    def configure(self, name: str, **settings: Any) -> QueueSettings:
+    def configure(self, name: str, **settings: Unpack[StoredSettings]) -> QueueSettings:
         """Change settings stored with the existing queue ``name`` (only the
         keys given), for every process; returns the queue's settings now.
         ``durability``, ``allow_pickle`` and ``segment_bytes`` are not
@@ -844,7 +849,7 @@ class Broker:
                 )
         return q if q is not None else self.queue(name)
 
-    def create_queue(self, name: str, **settings: Any) -> Queue:
+    def create_queue(self, name: str, **settings: Unpack[Settings]) -> Queue:
         """Create the queue ``name``, with ``settings`` stored with it;
         :class:`~qlog.errors.QueueExistsError` if it exists already."""
         check_name(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, TypedDict
 
 from . import errors
 from ._log.types import DURABILITY_MODES
@@ -74,6 +74,33 @@ class QueueSettings:
     segment_bytes: int = 16 << 20
     """Size of the message log's segment files: the unit in which space is
     given back, and what reopening after a crash scans at most."""
+
+
+class StoredSettings(TypedDict, total=False):
+    """The keyword arguments that set a queue's stored settings
+    (:meth:`Broker.configure`), typed so that a checker catches a misspelt
+    key; :class:`QueueSettings` documents each."""
+
+    max_batch_size: int
+    max_batch_timeout: float
+    max_retries: int
+    dead_letter_queue: Optional[str]
+    retry_delay: float
+    delivery_delay: float
+    message_retention: Optional[float]
+    visibility_timeout: float
+    max_message_size: int
+    max_concurrency: int
+
+
+class Settings(StoredSettings, total=False):
+    """The keyword arguments of :meth:`Broker.queue`, :meth:`Broker.consumer`
+    and :meth:`Broker.create_queue`: the stored settings and this handle's
+    own (``durability``, ``allow_pickle``, ``segment_bytes``)."""
+
+    durability: str
+    allow_pickle: bool
+    segment_bytes: int
 
 
 RANGES = {

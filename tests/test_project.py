@@ -88,3 +88,64 @@ def test_mypy_strict_finds_no_errors() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, f"mypy --strict qlog failed:\n{run.stdout}{run.stderr}"
+
+
+def test_settings_keyword_arguments_are_typed_so_a_misspelt_key_is_caught(tmp_path: pathlib.Path) -> None:
+    """``broker.queue(..., max_retires=1)`` is a type error, not a silent
+    ``**settings: Any`` (and a runtime SettingsError)."""
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import qlog\n"
+        "broker = qlog.open('./data')\n"
+        "broker.queue('jobs', max_retries=1, delivery_delay=2.5, durability='none')\n"
+        "broker.queue('jobs', max_retires=1)\n"
+        "broker.configure('jobs', max_batch_size='10')\n"
+        "broker.configure('jobs', durability='none')\n"
+        "broker.consumer('jobs', max_concurency=2)\n"
+    )
+    run = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", str(app)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    errors = [ln for ln in run.stdout.splitlines() if ": error:" in ln]
+    lines = sorted(int(ln.split(":")[1]) for ln in errors)
+    assert lines == [4, 5, 6, 7], run.stdout
+    assert "max_retires" in run.stdout and "max_concurency" in run.stdout
+
+
+def test_typed_settings_name_every_setting() -> None:
+    from qlog import _settings
+
+    assert set(_settings.Settings.__annotations__) == _settings.KEYS
+    assert set(_settings.StoredSettings.__annotations__) == _settings.KEYS - _settings.HANDLE_KEYS
+
+
+def test_help_qlog_opens_with_an_example_that_runs(tmp_path: pathlib.Path) -> None:
+    doc = qlog.__doc__ or ""
+    assert doc.index("import qlog") < 400, "help(qlog) opens with the example"
+    lines = doc.split("::\n", 1)[1].split("\n\n``qlog.open")[0].splitlines()
+    code = "\n".join(ln[4:] for ln in lines)
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    mid, attempts, body = run.stdout.split(" ", 2)
+    assert len(mid) == 32 and attempts == "1" and body.strip() == "{'userId': 42}"
+    with qlog.open(tmp_path / "data") as b:
+        assert b.queue("jobs").stats().acked == 1
+
+
+def test_public_docstrings_and_signatures_read_as_a_user_sees_them() -> None:
+    import inspect
+
+    assert "mode: 'int' = 0o600" in str(inspect.signature(qlog.open))
+    assert "= 0o600" in str(inspect.signature(qlog.Log))
+    for attr in ("id", "timestamp", "content_type", "attempts", "body", "lease_id", "visible_at"):
+        assert getattr(qlog.Message, attr).__doc__, f"Message.{attr} has no docstring"
+    assert qlog.Log.stats.__doc__ and qlog.Log.first_seq.__doc__
+    for cls in (qlog.Message, qlog.MessageBatch, qlog.Queue, qlog.Broker, qlog.Log):
+        private = re.findall(r"``(_[a-z]\w*)``", cls.__doc__ or "")
+        assert not private, f"{cls.__name__}'s docstring names private fields {private}"
+
+
+def test_log_creates_its_missing_parent_directories_as_open_does(tmp_path: pathlib.Path) -> None:
+    with qlog.Log(tmp_path / "data" / "raw") as log:
+        log.append(b"x")
+    assert (tmp_path / "data" / "raw").is_dir()

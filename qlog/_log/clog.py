@@ -382,6 +382,8 @@ class Log(LogLifecycle):
 
     @property
     def first_seq(self) -> int:
+        """The lowest record number still in the log (records below it were
+        given back by :meth:`truncate_before`); ``next_seq`` when empty."""
         return self.stats().first_seq
 
     @property
@@ -394,6 +396,9 @@ class Log(LogLifecycle):
         return n
 
     def stats(self) -> LogStats:
+        """A snapshot of this log's counters (:class:`qlog.LogStats`): record
+        numbers, segments, fsyncs and appends made by this handle, damage
+        skipped and torn bytes dropped at open."""
         self._check()
         st = ffi.new("qlog_stats *")
         rc = lib.qlog_get_stats(self._handle(), st)

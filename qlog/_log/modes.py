@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import os
 
-DEFAULT_FILE_MODE = 0o600
+class FileMode(int):
+    """A file mode that shows itself in octal (``help()`` shows ``0o600``)."""
+
+    def __repr__(self) -> str:
+        return oct(self)
+
+
+DEFAULT_FILE_MODE: int = FileMode(0o600)
 
 
 def check_mode(mode: object, error: type = ValueError) -> int:

@@ -1433,6 +1433,8 @@ class Log(LogLifecycle):
 
     @property
     def first_seq(self) -> int:
+        """The lowest record number still in the log (records below it were
+        given back by :meth:`truncate_before`); ``next_seq`` when empty."""
         return self.stats().first_seq
 
     @property
@@ -1442,6 +1444,9 @@ class Log(LogLifecycle):
             return self._get(_NEXT_SEQ)
 
     def stats(self) -> LogStats:
+        """A snapshot of this log's counters (:class:`qlog.LogStats`): record
+        numbers, segments, fsyncs and appends made by this handle, damage
+        skipped and torn bytes dropped at open."""
         with self._call():
             bases = self._list()
             _ab, _s, _we, nxt, _g = self._snapshot()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Self, Union
 
 from .. import errors
-from .modes import check_mode
+from .modes import check_mode, makedirs
 
 __all__ = ["LogStats", "Damage", "VerifyReport", "MAX_RECORD", "DURABILITY_MODES",
            "check_log_args", "LogLifecycle"]
@@ -42,8 +42,10 @@ def refuse_nfs(path: str, on_nfs: Callable[[str], bool]) -> None:
 
 def check_log_args(path: Union[str, "os.PathLike[str]"], durability: str, segment_bytes: int,
                    flush_interval: float, mode: int) -> str:
-    """Check the arguments of either engine's ``Log()``; returns the path as
-    a string.  Raises ValueError naming the argument and its limits."""
+    """Check the arguments of either engine's ``Log()`` and create the log
+    directory's missing parents (as ``qlog.open`` creates its directory's);
+    returns the path as a string.  Raises ValueError naming the argument
+    and its limits."""
     check_mode(mode)
     if durability not in DURABILITY_MODES:
         raise ValueError(
@@ -60,6 +62,7 @@ def check_log_args(path: Union[str, "os.PathLike[str]"], durability: str, segmen
     p = os.fspath(path)
     if not p or len(os.fsencode(p)) > 4000:
         raise ValueError(f"path must be 1 to 4000 bytes long, got {len(os.fsencode(p))}")
+    makedirs(os.path.dirname(os.path.abspath(p)), mode)
     return p
 
 
