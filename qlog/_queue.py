@@ -64,6 +64,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Unpack  # typing.Unpack from Python 3.12
 
 _pack_header = HEADER.pack
+
+
+def _check_wait(wait: object) -> None:
+    """The one check of a pull's ``wait``."""
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 43_200:
+        raise errors.SettingsError(f"wait must be from 0 to 43200 seconds, got {wait!r}")
 _LEASE_RE = re.compile(r"([0-9a-f]{16})([0-9a-f]{16})\.([1-9][0-9]*)")
 
 
@@ -369,8 +375,7 @@ class Queue:
         if visibility_timeout is not None and visibility_timeout != vt:  # the queue's own was checked when set
             validate({"visibility_timeout": visibility_timeout}, "passed to pull()")
             vt = visibility_timeout
-        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 43_200:
-            raise errors.SettingsError(f"wait must be from 0 to 43200 seconds, got {wait!r}")
+        _check_wait(wait)
         got = self._pull_wait(n, int(vt * 1_000_000), wait)
         return MessageBatch(self, got, paused=not got and self._b.paused())
 
@@ -589,6 +594,29 @@ class Queue:
         return self._b.paused()
 
     # -- async producers ---------------------------------------------------
+
+    async def pull_async(
+        self,
+        batch_size: Optional[int] = None,
+        visibility_timeout: Optional[float] = None,
+        *,
+        wait: float = 0.0,
+    ) -> MessageBatch:
+        """:meth:`pull` for asyncio code: the lease runs on the broker's
+        sender threads (a dead-letter move may fsync), and a ``wait`` sleeps
+        there in steps of at most a second, so the event loop never blocks
+        and cancelling the task ends the wait soon."""
+        _check_wait(wait)
+        loop = asyncio.get_running_loop()
+        pool = self._broker._senders()
+        end = time.monotonic() + wait
+        while True:
+            token = self.change_token()
+            batch = await loop.run_in_executor(pool, functools.partial(self.pull, batch_size, visibility_timeout))
+            left = end - time.monotonic()
+            if batch.messages or left <= 0:
+                return batch
+            await loop.run_in_executor(pool, self.wait_change, token, min(left, 1.0))
 
     async def send_async(
         self, body: Any, *, content_type: str = "json", delay_seconds: Optional[float] = None

@@ -1319,3 +1319,38 @@ def test_retry_landing_between_a_pulls_read_and_its_lease_keeps_its_delay(make_b
     finally:
         a.close()
         b.close()
+
+
+def test_pull_async_leases_off_the_loop_and_a_wait_ends_with_a_send_from_another_thread(broker):
+    import asyncio
+    import threading
+
+    q = broker.queue(QUEUE)
+
+    async def main() -> tuple:
+        empty = await q.pull_async(10)
+        threading.Timer(0.05, lambda: q.send({"late": True})).start()
+        waited = await q.pull_async(10, visibility_timeout=5, wait=30)
+        ticks = 0
+
+        async def tick() -> None:  # the loop keeps running while a pull_async waits
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        t = asyncio.get_running_loop().create_task(tick())
+        q.send(2)
+        got = await q.pull_async(wait=30)
+        t.cancel()
+        return empty, waited, got, ticks
+
+    empty, waited, got, ticks = asyncio.run(main())
+    assert not empty and empty.paused is False
+    assert bodies_of(waited) == [{"late": True}]
+    assert bodies_of(got) == [2] and ticks >= 1
+    waited.ack_all()
+    got.ack_all()
+    assert q.stats().acked == 2
+    with pytest.raises(qlog.SettingsError, match="wait"):
+        asyncio.run(q.pull_async(wait=-1))
