@@ -203,11 +203,17 @@ def load_toml(directory: str) -> Dict[str, Dict[str, Any]]:
         entries = queues.get(section, [])
         if not isinstance(entries, list):
             raise errors.SettingsError(f"'queues.{section}' in {path} must be an array of tables ([[queues.{section}]])")
+        seen: Dict[str, int] = {}
         for i, entry in enumerate(entries):
             where = f"in [[queues.{section}]] #{i + 1} of {path}"
             if not isinstance(entry, dict) or "queue" not in entry:
                 raise errors.SettingsError(f"missing key 'queue' {where}")
             name = check_name(entry["queue"])
+            if section == "consumers" and name in seen:
+                raise errors.SettingsError(
+                    f"queue {name!r} has two [[queues.consumers]] blocks in {path} (#{seen[name]} and "
+                    f"#{i + 1}); a queue has one consumer: merge them into one block")
+            seen[name] = i + 1
             rest = _wrangler_keys(section, {k: v for k, v in entry.items() if k != "queue"}, where)
             per.setdefault(name, dict(base)).update(validate(rest, where))
     if base:

@@ -226,7 +226,7 @@ def test_stats_table_has_a_header_and_a_row_per_queue(data) -> None:
     rows = table(p.stdout)
     header = rows[0]
     assert header == ["QUEUE", "BACKLOG", "IN-FLIGHT", "DELAYED", "DEAD-LETTERED", "DELETED", "ACKED",
-                      "EXPIRED", "OLDEST", "PAUSED", "IN/S", "OUT/S"]
+                      "EXPIRED", "PURGED", "OLDEST", "PAUSED", "IN/S", "OUT/S"]
     by_name = {r[0]: dict(zip(header, r)) for r in rows[1:]}
     assert sorted(by_name) == [Q, "other"]
     assert (by_name[Q]["BACKLOG"], by_name[Q]["ACKED"], by_name[Q]["PAUSED"]) == ("2", "1", "no")
@@ -280,12 +280,12 @@ def test_peek_shows_messages_without_leasing_them(data) -> None:
     p = run_cli("peek", data, Q)
     assert p.returncode == 0, p.stderr
     rows = table(p.stdout)
-    assert rows[0] == ["ID", "SENT", "ATTEMPTS", "TYPE", "BODY"]
+    assert rows[0] == ["ID", "SENT", "ATTEMPT", "TYPE", "VISIBLE", "BODY"]
     assert [r[0] for r in rows[1:]] == ids
-    assert [r[3] for r in rows[1:]] == ["json", "text", "bytes"]
-    assert rows[1][4] == '{"n":1}'
-    assert rows[2][4].startswith("xxxx") and rows[2][4].endswith("...") and len(rows[2][4]) < 100
-    assert rows[3][4] == repr(b"\x00\x01")
+    assert [r[2:5] for r in rows[1:]] == [["1", t, "now"] for t in ("json", "text", "bytes")]
+    assert rows[1][5] == '{"n":1}'
+    assert rows[2][5].startswith("xxxx") and rows[2][5].endswith("...") and len(rows[2][5]) < 100
+    assert rows[3][5] == repr(b"\x00\x01")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rows[1][1])
     with qlog.open(data) as b:  # nothing was leased
         got = b.queue(Q).pull(10).messages
@@ -310,9 +310,53 @@ def test_peek_json_has_full_bodies_and_base64_for_bytes(data) -> None:
         ("text", long_text, None),
         ("bytes", base64.b64encode(b"\xff\x00raw").decode(), "base64"),
     ]
-    assert [m["attempts"] for m in msgs] == [0, 0, 0]
+    assert [(m["attempts"], m["deliveries"], m["delayed"]) for m in msgs] == [(1, 0, False)] * 3
     assert [m["dead_letter"] for m in msgs] == [None, None, None]
     assert [m["timestamp"] for m in msgs] == [t.isoformat() for t in sent]
+
+
+def test_peek_marks_delayed_messages_and_shows_the_attempt_a_pull_gives(data) -> None:
+    with qlog.open(data) as b:
+        q = b.queue(Q)
+        q.send("later", delay_seconds=3600)
+        q.send("again")
+        assert [m.body for m in q.pull(10, visibility_timeout=0.001)] == ["again"]  # one delivery
+    p = run_cli("peek", data, Q)
+    rows = {r[5]: r for r in table(p.stdout)[1:]}
+    assert rows['"later"'][2:5] == ["1", "json", rows['"later"'][4]]
+    assert rows['"later"'][4].startswith("delayed until ")
+    assert rows['"again"'][2] == "2" and rows['"again"'][4] == "now"
+    msgs = {m["body"]: m for m in json.loads(run_cli("peek", data, Q, "--json").stdout)["messages"]}
+    assert (msgs["later"]["delayed"], msgs["again"]["delayed"]) == (True, False)
+    assert (msgs["again"]["deliveries"], msgs["again"]["attempts"]) == (1, 2)
+
+
+def test_send_over_the_size_limit_exits_2_and_names_the_fix(data) -> None:
+    with qlog.open(data) as b:
+        b.queue(Q, max_message_size=100)
+    p = run_cli("send", data, Q, json.dumps("x" * 200))
+    assert p.returncode == 2, p.stderr
+    assert "max_message_size 100" in p.stderr and "--max-message-size" in p.stderr
+    assert stats_of(data, Q).backlog == 0
+
+
+def test_stats_answers_at_once_by_default_and_watch_repeats_with_rates(data) -> None:
+    with qlog.open(data) as b:
+        b.queue(Q).send(1)
+    p = run_cli("stats", data, "--json")
+    assert p.returncode == 0, p.stderr
+    [row] = json.loads(p.stdout)["queues"]
+    assert row["rate_in"] is None and row["backlog"] == 1
+    w = subprocess.Popen([sys.executable, "-m", "qlog", "stats", str(data), "--json", "--watch",
+                          "--interval", "0.05"], stdout=subprocess.PIPE, text=True, env=child_env())
+    try:
+        answers = [json.loads(w.stdout.readline()) for _ in range(2)]  # blocks until each is printed
+        w.send_signal(signal.SIGINT)
+        assert w.wait(30) == 0
+    finally:
+        if w.poll() is None:
+            w.kill()
+    assert all(a["queues"][0]["rate_in"] == 0 for a in answers)
 
 
 def test_peek_n_limits_the_messages_shown(data) -> None:
@@ -341,7 +385,7 @@ def test_peek_never_unpickles_a_pickle_body(data, tmp_path) -> None:
     stored = pickle.dumps(_Trap(str(marker)), protocol=pickle.HIGHEST_PROTOCOL)
     p = run_cli("peek", data, Q)
     assert p.returncode == 0, p.stderr
-    assert table(p.stdout)[1][3:] == ["pickle", f"<pickle, {len(stored)} bytes>"]
+    assert table(p.stdout)[1][3:] == ["pickle", "now", f"<pickle, {len(stored)} bytes>"]
     p = run_cli("peek", data, Q, "--json")
     [m] = json.loads(p.stdout)["messages"]
     assert (m["content_type"], m["body_encoding"]) == ("pickle", "base64")
@@ -353,8 +397,9 @@ def test_peek_of_a_dead_letter_queue_shows_where_messages_failed(data) -> None:
     dead_letter(data, Q, ["a", "b"])
     p = run_cli("peek", data, DLQ)
     rows = table(p.stdout)
-    assert rows[0] == ["ID", "SENT", "ATTEMPTS", "TYPE", "FAILED IN", "BODY"]
-    assert [r[4:] for r in rows[1:]] == [["jobs (1 attempt)", '"a"'], ["jobs (1 attempt)", '"b"']]
+    assert rows[0] == ["ID", "SENT", "ATTEMPT", "TYPE", "VISIBLE", "FAILED IN", "BODY"]
+    assert [r[2] for r in rows[1:]] == ["1", "1"]  # what a pull of the DLQ gives them
+    assert [r[5:] for r in rows[1:]] == [["jobs (1 attempt)", '"a"'], ["jobs (1 attempt)", '"b"']]
     msgs = json.loads(run_cli("peek", data, DLQ, "--json").stdout)["messages"]
     assert [(m["dead_letter"]["queue"], m["dead_letter"]["attempts"]) for m in msgs] == [(Q, 1), (Q, 1)]
     assert all(m["dead_letter"]["dead_lettered_at"] for m in msgs)

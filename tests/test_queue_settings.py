@@ -271,3 +271,12 @@ def test_pull_options_out_of_range_raise(make_broker):
             q.pull(visibility_timeout=43_201)
         with pytest.raises(qlog.SettingsError, match="wait"):
             q.pull(wait=-1)
+
+
+@TOML
+def test_toml_two_consumer_blocks_for_one_queue_are_an_error_not_a_merge(data_dir, make_broker):
+    write_toml(data_dir, '[[queues.consumers]]\nqueue = "jobs"\nmax_retries = 1\n\n'
+                         '[[queues.consumers]]\nqueue = "other"\n\n'
+                         '[[queues.consumers]]\nqueue = "jobs"\nmax_batch_size = 5\n')
+    with pytest.raises(qlog.SettingsError, match=r"'jobs' has two \[\[queues.consumers\]\] blocks .*#1 and #3"):
+        make_broker()

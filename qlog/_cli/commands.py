@@ -11,11 +11,12 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .._message import CONTENT_TYPES, CT_BYTES, CT_JSON, CT_PICKLE, CT_TEXT, Message
-from .._settings import MAX_DELAY, MAX_PULL_BATCH
-from ..errors import QlogError, QueueNotFoundError
+from .._settings import MAX_DELAY, MAX_PULL_BATCH, RANGES
+from ..errors import MessageTooLargeError, QlogError, QueueNotFoundError
 from .common import (
     EXIT_OK,
     EXIT_FAILED,
@@ -38,8 +39,6 @@ from .common import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from datetime import datetime
-
     from .._queue import QueueStats
 
 BODY_WIDTH = 60  # characters of a body shown in peek's table
@@ -68,13 +67,15 @@ def add_stats(sub: Any) -> None:
     st = sub.add_parser(
         "stats", help="counts and rates of every queue",
         description="Per queue: backlog, in flight, delayed, dead-lettered, deleted, acked, "
-        "expired, age of the oldest message, paused, and messages in and out per second "
-        "measured over --interval.",
+        "expired, purged, age of the oldest message and paused, at once; with --interval or "
+        "--watch, also messages in and out per second.",
     )
     st.add_argument("dir", metavar="DIR")
     st.add_argument("--json", action="store_true", help="one JSON object instead of a table")
-    st.add_argument("--interval", type=seconds_in(0, 3600), default=1.0, metavar="S",
-                    help="seconds over which rates are measured (default 1; 0: no rates)")
+    st.add_argument("--interval", type=seconds_in(0, 3600), default=None, metavar="S",
+                    help="measure rates over S seconds before answering (default: answer at once, no rates)")
+    st.add_argument("--watch", action="store_true",
+                    help="answer again every --interval seconds (default 1), with rates, until Ctrl-C")
     st.set_defaults(func=cmd_stats)
 
 
@@ -174,7 +175,13 @@ def cmd_send(args: argparse.Namespace) -> int:
                 f"{source} is not valid JSON ({e}); to send it as a string use --content-type text"
             ) from None
     with open_broker(args.dir) as broker:
-        msg_id = broker.queue(name).send(body, content_type=ct, delay_seconds=args.delay)
+        try:
+            msg_id = broker.queue(name).send(body, content_type=ct, delay_seconds=args.delay)
+        except MessageTooLargeError as e:
+            raise UsageError(
+                f"{e}; nothing was sent (raise the limit, up to {RANGES['max_message_size'][2]:,} bytes, "
+                f"with: qlog queues update {args.dir} {name} --max-message-size BYTES)"
+            ) from None
     print(msg_id)
     return EXIT_OK
 
@@ -190,6 +197,7 @@ _STAT_COLUMNS = (
     ("DELETED", "deleted"),
     ("ACKED", "acked"),
     ("EXPIRED", "expired"),
+    ("PURGED", "purged"),
     ("OLDEST", "oldest_age"),
     ("PAUSED", "paused"),
     ("IN/S", "rate_in"),
@@ -203,38 +211,51 @@ def _done(stats: QueueStats) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    interval = args.interval if args.interval is not None else (1.0 if args.watch else 0.0)
+    if args.watch and interval <= 0:
+        raise UsageError("--watch needs an --interval above 0 seconds")
     with open_existing(args.dir) as broker:
         queues = [broker.queue(n) for n in broker.queues()]
-        first: List[Tuple[int, int]] = []
-        elapsed = 0.0
-        if args.interval > 0:
-            t0 = time.monotonic()
-            first = [(st.sent, _done(st)) for st in (q.stats() for q in queues)]
-            time.sleep(args.interval)
-            elapsed = time.monotonic() - t0
-        out = []
-        for i, q in enumerate(queues):
-            stats = q.stats()
-            row: Dict[str, Any] = {"name": q.name}
-            for key in ("backlog", "in_flight", "delayed", "dead_lettered", "deleted", "acked",
-                        "expired", "purged", "oldest_age", "paused"):
-                row[key] = getattr(stats, key)
-            if first:
-                seq0, done0 = first[i]
-                row["rate_in"] = round((stats.sent - seq0) / elapsed, 3)
-                row["rate_out"] = round((_done(stats) - done0) / elapsed, 3)
-            else:
-                row["rate_in"] = row["rate_out"] = None
-            out.append(row)
+        snap = [q.stats() for q in queues]
+        t0 = time.monotonic()
+        try:
+            while True:
+                if interval > 0:
+                    time.sleep(interval)  # the sampling period itself
+                now = [q.stats() for q in queues]
+                elapsed = time.monotonic() - t0
+                _print_stats(args, queues, now, snap if interval > 0 else None, elapsed)
+                if not args.watch:
+                    return EXIT_OK
+                snap, t0 = now, time.monotonic()
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+
+def _print_stats(args: argparse.Namespace, queues: List[Any], now: List[QueueStats],
+                 before: Optional[List[QueueStats]], elapsed: float) -> None:
+    out = []
+    for i, (q, stats) in enumerate(zip(queues, now)):
+        row: Dict[str, Any] = {"name": q.name}
+        for key in ("backlog", "in_flight", "delayed", "dead_lettered", "deleted", "acked",
+                    "expired", "purged", "oldest_age", "paused"):
+            row[key] = getattr(stats, key)
+        if before is not None:
+            row["rate_in"] = round((stats.sent - before[i].sent) / elapsed, 3)
+            row["rate_out"] = round((_done(stats) - _done(before[i])) / elapsed, 3)
+        else:
+            row["rate_in"] = row["rate_out"] = None
+        out.append(row)
     if args.json:
         print(json.dumps({"queues": out}))
-        return EXIT_OK
+        return
+
     def rate(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.1f}"
 
     print_rows(out, _STAT_COLUMNS, ("name",),
                {"oldest_age": age, "paused": yes_no, "rate_in": rate, "rate_out": rate})
-    return EXIT_OK
 
 
 # -- peek ------------------------------------------------------------------------
@@ -288,7 +309,10 @@ def _json_message(m: Message) -> Dict[str, Any]:
     return {
         "id": m.id,
         "timestamp": m.timestamp.isoformat(),
-        "attempts": m.attempts,
+        "attempts": m.attempts + 1,
+        "deliveries": m.attempts,
+        "visible_at": m.visible_at.isoformat(),
+        "delayed": m.visible_at > datetime.now(timezone.utc),
         "content_type": m.content_type,
         "body": body,
         "body_encoding": encoding,
@@ -306,16 +330,19 @@ def cmd_peek(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"queue": q.name, "messages": [_json_message(m) for m in msgs]}))
             return EXIT_OK
-        header = ["ID", "SENT", "ATTEMPTS", "TYPE", "BODY"]
+        header = ["ID", "SENT", "ATTEMPT", "TYPE", "VISIBLE", "BODY"]
         dead = any(m.dead_letter is not None for m in msgs)
         if dead:
-            header.insert(4, "FAILED IN")
+            header.insert(5, "FAILED IN")
+        now = datetime.now(timezone.utc)
         rows = []
         for m in msgs:
-            row = [m.id, _iso(m.timestamp), str(m.attempts), m.content_type, _shown_body(m)]
+            # ATTEMPT: the attempts a pull would give it (deliveries so far + 1).
+            shown = f"delayed until {_iso(m.visible_at)}" if m.visible_at > now else "now"
+            row = [m.id, _iso(m.timestamp), str(m.attempts + 1), m.content_type, shown, _shown_body(m)]
             if dead:
                 dl = m.dead_letter
-                row.insert(4, "-" if dl is None else f"{dl.queue} ({plural(dl.attempts, 'attempt')})")
+                row.insert(5, "-" if dl is None else f"{dl.queue} ({plural(dl.attempts, 'attempt')})")
             rows.append(row)
         print(table(header, rows, [True, True, False, True] + [True] * (len(header) - 4)))
     return EXIT_OK
