@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 from . import errors
 from ._message import _ACK, _RETRY, Message, MessageBatch
-from ._settings import delay_us, validate
+from ._settings import delay_us, plural as _plural, validate
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._queue import Broker, Queue
@@ -376,16 +376,9 @@ class _Running:
 
     def _finish(self, batch: PushBatch, exc: Optional[BaseException]) -> None:
         try:
-            if exc is not None:
-                self.failures += 1
-                logger.error(
-                    "queue %r: handler %s raised %s on %d messages; retrying those not acked "
-                    "(id:attempts %s)",
-                    self.q.name, getattr(self.consumer.handler, "__qualname__", "?"),
-                    type(exc).__name__, len(batch.messages),
-                    " ".join(f"{m.id}:{m.attempts}" for m in batch.messages),
-                    exc_info=exc,
-                )
+            retrying = exc is not None or (batch._intent is not None and batch._intent[0] == _RETRY)
+            if retrying:
+                self._log_failure(batch, exc)
             settle(batch, exc)
         except Exception:
             logger.exception(
@@ -397,6 +390,35 @@ class _Running:
                 self.batches += 1
                 self.cond.notify_all()
             self.runner.progress.set()
+
+    def _log_failure(self, batch: PushBatch, exc: Optional[BaseException]) -> None:
+        """Say what happens to a failed batch's open messages: which are
+        retried and which, on their last attempt, are dead-lettered (or
+        deleted, with no dead-letter queue)."""
+        s = self.q.settings
+        open_msgs = [m for m in batch.messages if m.outcome is None]
+        dead = [m for m in open_msgs if m.attempts > s.max_retries]
+        retried = [m for m in open_msgs if m.attempts <= s.max_retries]
+
+        def listed(ms: List[Message]) -> str:
+            return " ".join(f"{m.id}:{m.attempts}" for m in ms)
+
+        parts = []
+        if retried:
+            parts.append(f"retrying {_plural(len(retried), 'message')} (id:attempts {listed(retried)})")
+        if dead:
+            where = (f"dead-lettering {_plural(len(dead), 'message')} to {s.dead_letter_queue!r}"
+                     if s.dead_letter_queue else
+                     f"deleting {_plural(len(dead), 'message')} (no dead_letter_queue)")
+            parts.append(f"{where} after their last attempt (id:attempts {listed(dead)})")
+        if exc is not None:
+            self.failures += 1
+            logger.error("queue %r: handler %s raised %s on a batch of %s; %s", self.q.name,
+                         getattr(self.consumer.handler, "__qualname__", "?"), type(exc).__name__,
+                         _plural(len(batch.messages), "message"), "; ".join(parts) or "all were settled",
+                         exc_info=exc)
+        elif dead:
+            logger.warning("queue %r: %s", self.q.name, "; ".join(parts))
 
     # -- leases ------------------------------------------------------------
 
@@ -481,7 +503,8 @@ class Runner:
         end = time.monotonic() + self.shutdown_timeout
         busy = sum(w.busy() for w in self.work)
         if busy:
-            logger.info("stopping: waiting up to %g s for %d running batches", self.shutdown_timeout, busy)
+            logger.info("stopping: waiting up to %g s for %s", self.shutdown_timeout,
+                        _plural(busy, "running batch"))
         # A fetcher holding no batch leaves within moments of the stop's
         # wake-up: give it a second even with shutdown_timeout=0.
         fetchers_end = max(end, time.monotonic() + 1.0)
@@ -505,8 +528,9 @@ class Runner:
                 assert self._loop_thread is not None
                 self._loop_thread.join(5)
         if left:
-            logger.warning("stopped with %d batches still running after %g s; their messages "
-                           "will be delivered again when their leases run out", left, self.shutdown_timeout)
+            logger.warning("stopped with %s still running after %g s; their messages "
+                           "will be delivered again when their leases run out",
+                           _plural(left, "batch"), self.shutdown_timeout)
         return not left
 
     def _extend_all(self) -> None:

@@ -187,6 +187,7 @@ class DeadLetterInfo:
 
 
 _ACK, _RETRY, _PEEKED = 1, 2, 3
+_OUTCOME_NAMES = {_ACK: "ack", _RETRY: "retry"}
 
 
 class Message(MessageBase):
@@ -257,6 +258,13 @@ class Message(MessageBase):
             queue=meta["queue"], attempts=meta["attempts"],
             dead_lettered_at=datetime.fromtimestamp(meta["dead_us"] / 1e6, tz=timezone.utc),
         )
+
+    @property
+    def outcome(self) -> Optional[str]:
+        """``"ack"`` or ``"retry"`` once :meth:`ack` or :meth:`retry` (or a
+        batch's) was called on this delivery; ``None`` while it is open
+        (and for a message shown by peek)."""
+        return _OUTCOME_NAMES.get(self._outcome)
 
     @property
     def lease_id(self) -> str:

@@ -21,6 +21,14 @@ HANDLE_KEYS = frozenset({"durability", "allow_pickle", "segment_bytes"})
 CONSUMER_TYPES = ("worker", "http_pull")
 
 
+def plural(n: int, noun: str) -> str:
+    """A count with its noun, for messages: "1 message", "2 messages",
+    "3 running batches"."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}es" if noun.endswith(("s", "sh", "ch", "x")) else f"{n} {noun}s"
+
+
 def delay_us(value: Optional[float], default: float, what: str) -> int:
     """A delay in seconds (``default`` when None) as microseconds; the one
     check of every send, retry and redrive delay."""

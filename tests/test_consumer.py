@@ -166,6 +166,23 @@ def test_raising_retries_every_message_with_retry_delay_and_logs_ids_and_attempt
     assert redelivered(q, clock) == {"a": 2, "b": 2}
 
 
+def test_a_failed_last_attempt_is_logged_as_dead_lettered_not_retried(broker, clock, caplog):
+    def handler(batch):
+        batch.messages[0].ack()
+        raise ValueError("smtp down")
+
+    w = stepper(broker, handler, max_batch_size=3, max_retries=0, dead_letter_queue=DLQ)
+    q = broker.queue(Q)
+    ids = q.send_batch(["done", "last"])
+    with caplog.at_level(logging.ERROR, logger="qlog"):
+        handled(w, clock)
+    text = next(r for r in caplog.records if "raised" in r.getMessage()).getMessage()
+    assert "on a batch of 2 messages" in text and "retrying" not in text
+    assert f"dead-lettering 1 message to '{DLQ}' after their last attempt (id:attempts {ids[1]}:1)" in text
+    assert ids[0] not in text.split(";", 1)[1]  # acked on its own: neither retried nor dead-lettered
+    assert broker.queue(DLQ).stats().backlog == 1
+
+
 def test_explicit_retry_in_a_handler_that_returns_retries_that_message_only(broker, clock):
     def handler(batch):
         batch.messages[1].retry()

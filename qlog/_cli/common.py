@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, TextIO
 from .._local.backend import FORMAT_FILE
 from .._queue import Broker, Queue
 from .._queue import open as open_broker
-from .._settings import check_name
+from .._settings import check_name, plural
 from ..errors import InvalidQueueNameError
 
 __all__ = [
@@ -104,10 +104,6 @@ def existing_queue(broker: Broker, name: str) -> Queue:
 
 
 # -- output ----------------------------------------------------------------------
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def isatty(stream: Any) -> bool:
