@@ -243,6 +243,9 @@ class Store(abc.ABC):
     """A broker's storage: where its queues live."""
 
     location: str
+    engine: str
+    """What holds the queues, for people to read: ``"c"`` or ``"pure"`` (the
+    local log's engines)."""
 
     @abc.abstractmethod
     def exists(self, name: str) -> bool:

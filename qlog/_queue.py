@@ -736,6 +736,11 @@ class Broker:
     # -- push consumers --------------------------------------------------
 
     @property
+    def engine(self) -> str:
+        """The engine that holds this broker's queues: ``"c"`` or ``"pure"``."""
+        return self._store.engine
+
+    @property
     def clock(self) -> Callable[[], float]:
         """The clock every timestamp, delay and lease of this broker uses:
         seconds since the epoch (``qlog.open``'s ``clock``, default

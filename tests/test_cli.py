@@ -785,12 +785,55 @@ def test_worker_processes_supervises_and_restarts_its_workers(app, wait_until) -
     ("app:missing", "module 'app' has no attribute 'missing'"),
     ("app:handle", "is a function, not a qlog.Broker"),
     ("app:idle", "has no consumers"),
-    ("app", "must be 'module:attribute'"),
+    ("app", "must be 'module:attribute' or 'file.py:attribute'"),
+    ("./nothere.py:broker", "no file"),
 ])
 def test_worker_with_a_bad_target_exits_2_naming_the_problem(app, target, message) -> None:
     p = run_cli("worker", target, cwd=app["dir"])
     assert p.returncode == 2
     assert "qlog: error: " in p.stderr and message in p.stderr
+
+
+@pytest.mark.parametrize("form", ["./app.py:broker", "app.py:broker", "{dir}/app.py:broker"])
+def test_worker_takes_a_file_path_target_and_logs_where_it_consumes(app, wait_until, form, tmp_path) -> None:
+    app["release"].touch()
+    target = form.format(dir=app["dir"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cwd = elsewhere if target.startswith("/") else app["dir"]
+    with qlog.open(app["data"]) as b:
+        q = b.queue(Q)
+        q.send("x")
+        with open(app["dir"] / "worker.log", "wb") as err:
+            w = subprocess.Popen([sys.executable, "-m", "qlog", "worker", target], cwd=cwd, env=cli_env(),
+                                 stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        try:
+            wait_until(lambda: q.stats().acked == 1, timeout=30, what="the message handled")
+            w.send_signal(signal.SIGTERM)
+            assert w.wait(30) == 0
+        finally:
+            if w.poll() is None:
+                w.kill()
+    log = (app["dir"] / "worker.log").read_text()
+    assert f"data directory {os.path.abspath(app['data'])}, engine {qlog.ENGINE}, queues jobs" in log
+
+
+def test_worker_refuses_a_data_directory_without_its_queues_unless_create(app, wait_until) -> None:
+    with qlog.open(app["data"]) as b:
+        b.delete_queue(Q)  # as if started where nothing ever created "jobs"
+    p = run_cli("worker", "app:broker", cwd=app["dir"])
+    assert p.returncode == 2
+    assert f"none of the queues jobs of 'app:broker' exists in the data directory {app['data']}" in p.stderr
+    assert "--create" in p.stderr and "qlog queues create" in p.stderr
+    with qlog.open(app["data"]) as b:
+        assert b.queues() == []  # the refusal created nothing
+    app["release"].touch()
+    with running_worker(app, "--create") as w:
+        with qlog.open(app["data"]) as b:
+            b.queue(Q).send("y")
+            wait_until(lambda: b.queue(Q).stats().acked == 1, timeout=30, what="consumed with --create")
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(30) == 0
 
 
 def test_worker_processes_with_a_bad_target_exits_2_without_restarting(app) -> None:

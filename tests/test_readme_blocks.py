@@ -165,6 +165,15 @@ def cli_block(text: str, tmp: pathlib.Path) -> None:
             with qlog.open(tmp / "data") as b:
                 b.queue("my-job-queue").send({"userId": 1})
             serve_until(cmd, tmp, lambda: acked(tmp / "data", "my-job-queue") > before, f"{cmd!r} consumes")
+        elif "--watch" in cmd:  # until Ctrl-C: one answer, then SIGINT must end it with 0
+            p = subprocess.Popen(shlex.split(cmd), cwd=tmp, env=env(), stdout=subprocess.PIPE, text=True)
+            try:
+                assert "BACKLOG" in p.stdout.readline() and "my-" in p.stdout.readline()
+                p.send_signal(signal.SIGINT)
+                assert p.wait(60) == 0
+            finally:
+                if p.poll() is None:
+                    p.kill()
         else:
             run(cmd, tmp, shell=True, input="y\n" if cmd.startswith("qlog purge") else None)
 

@@ -64,6 +64,9 @@ except FileNotFoundError:
     sent = set()
 
 
+broker.queue("welcome-emails")  # the queue this worker consumes, created here if the app has not yet
+
+
 @broker.consumer("welcome-emails", max_batch_size=10, max_batch_timeout=1, max_retries=MAX_RETRIES,
                  dead_letter_queue="welcome-emails-dlq", retry_delay=RETRY_DELAY,
                  visibility_timeout=VISIBILITY_TIMEOUT)

@@ -43,6 +43,8 @@ def add_worker(sub: Any) -> None:
                    "(default 1: this process is the worker)")
     w.add_argument("--shutdown-timeout", type=seconds_in(0, None), default=30.0, metavar="S",
                    help="seconds to wait for running handlers after a stop signal (default 30)")
+    w.add_argument("--create", action="store_true",
+                   help="consume even when the data directory holds none of the queues yet (they are created empty)")
     w.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", metavar="LEVEL",
                    help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL")
     w.set_defaults(func=cmd_worker)
@@ -55,11 +57,20 @@ def load_target(target: str) -> Broker:
     """The broker named by ``module:attribute`` (the module imported with
     the current directory first on sys.path); UsageError when it is not
     one with consumers."""
-    mod_name, sep, attr = target.partition(":")
+    mod_name, sep, attr = target.rpartition(":")
     if not sep or not mod_name or not attr:
-        raise UsageError(f"worker target {target!r} must be 'module:attribute', e.g. 'app:broker'")
+        raise UsageError(f"worker target {target!r} must be 'module:attribute' or 'file.py:attribute', "
+                         "e.g. 'app:broker' or './app.py:broker'")
     cwd = os.getcwd()
-    if not sys.path or os.path.abspath(sys.path[0] or ".") != cwd:
+    if mod_name.endswith(".py") or os.sep in mod_name:
+        # A file: its directory goes first on sys.path, its stem is the module.
+        path = os.path.abspath(mod_name)
+        if not os.path.isfile(path):
+            raise UsageError(f"worker target {target!r}: no file {path}")
+        cwd = os.path.dirname(path)
+        mod_name = os.path.splitext(os.path.basename(path))[0]
+        sys.path.insert(0, cwd)
+    elif not sys.path or os.path.abspath(sys.path[0] or ".") != cwd:
         sys.path.insert(0, cwd)
     try:
         obj: Any = importlib.import_module(mod_name)
@@ -92,6 +103,22 @@ def load_target(target: str) -> Broker:
     return obj
 
 
+def check_queues_exist(broker: Broker, target: str, create: bool) -> None:
+    """Refuse to consume from a data directory that holds none of the
+    consumed queues (started from the wrong directory, a relative path
+    points at a new, empty one), unless ``create``."""
+    where = os.path.abspath(broker.path)
+    existing = set(broker.queues())
+    if create or any(name in existing for name in broker.consumers):
+        return
+    raise UsageError(
+        f"none of the queues {', '.join(broker.consumers)} of {target!r} exists in the data directory "
+        f"{where} (the current directory is {os.getcwd()}); start the worker where the app's data "
+        f"lives, create the queues (qlog queues create {where} NAME, or broker.create_queue() in the "
+        "app), or pass --create to create them empty"
+    )
+
+
 def _watch_supervisor(broker: Broker) -> None:
     """A worker started by ``--processes`` runs in a session of its own (so
     a terminal's Ctrl-C reaches it once, through the supervisor); should the
@@ -117,6 +144,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.processes > 1:
         return _Supervisor(args).run()
     broker = load_target(args.target)
+    check_queues_exist(broker, args.target, args.create)
+    logger.info("qlog worker: data directory %s, engine %s, queues %s", os.path.abspath(broker.path),
+                broker.engine, ", ".join(broker.consumers))
     _watch_supervisor(broker)
     finished = broker.run(shutdown_timeout=args.shutdown_timeout, handle_signals=True)
     if not finished:
@@ -153,7 +183,7 @@ class _Supervisor:
         self.cmd = [
             sys.executable, "-m", "qlog", "worker", args.target, "--processes", "1",
             "--shutdown-timeout", repr(args.shutdown_timeout), "--log-level", args.log_level,
-        ]
+        ] + (["--create"] if args.create else [])
         self.log = logging.getLogger("qlog.supervisor")
         self.children: Dict[int, subprocess.Popen[bytes]] = {}  # slot -> process
         self.restart_at: Dict[int, float] = {}  # slot -> monotonic time

@@ -82,6 +82,7 @@ class LocalStore(Store):
         self.location = self.path = path
         self.mode = mode
         self.log_class, self.append1 = _engine(engine)
+        self.engine = engine or ENGINE
         self.checkpoint_every = checkpoint_every
         """Journal records between checkpoints (a checkpoint also happens at close)."""
         # Everything that can refuse the directory is checked before
