@@ -836,6 +836,18 @@ def test_worker_refuses_a_data_directory_without_its_queues_unless_create(app, w
         assert w.wait(30) == 0
 
 
+def test_worker_processes_back_off_a_worker_that_fails_to_start_then_give_up(tmp_path) -> None:
+    (tmp_path / "broken.py").write_text("import qlog\nraise RuntimeError('the config server is down')\n")
+    p = run_cli("worker", "broken:broker", "--processes", "2", cwd=tmp_path, timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert "the config server is down" in p.stderr
+    assert "5 times in a row" in p.stderr and "giving up" in p.stderr
+    starts = p.stderr.count("started worker")
+    assert 5 <= starts <= 10, p.stderr  # one slot's five failed starts end it, never a loop
+    delays = [float(x) for x in re.findall(r"starting another in ([\d.]+) s", p.stderr)]
+    assert delays and max(delays) >= 4 * min(delays), delays  # the wait doubles
+
+
 def test_worker_processes_with_a_bad_target_exits_2_without_restarting(app) -> None:
     p = run_cli("worker", "app:missing", "--processes", "2", cwd=app["dir"])
     assert p.returncode == 2

@@ -24,7 +24,10 @@ logger = logging.getLogger("qlog.cli")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
-RESTART_BACKOFF = 1.0  # seconds between a worker's exit and its replacement
+RESTART_BACKOFF = 0.5  # seconds before a worker that exited is replaced, doubled per failed start
+RESTART_BACKOFF_MAX = 30.0
+STARTUP_GRACE = 10.0  # a worker that exits sooner than this after starting failed to start
+STARTUP_FAILURES = 5  # failed starts in a row of one worker slot: the supervisor gives up
 _SUPERVISOR_ENV = "QLOG_SUPERVISOR_PID"
 
 
@@ -191,12 +194,16 @@ class _Supervisor:
         self.stop_signal = 0
         self.failed = False  # a worker exited badly after the stop
         self.usage = False  # a worker refused its arguments: no restarts
+        self.started_at: Dict[int, float] = {}  # slot -> monotonic time of its last start
+        self.failed_starts: Dict[int, int] = {}  # slot -> failed starts in a row
+        self.gave_up = ""  # why the supervisor stopped on its own
 
     def _start(self, slot: int) -> None:
         env = dict(os.environ)
         env[_SUPERVISOR_ENV] = str(os.getpid())
         p = subprocess.Popen(self.cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         self.children[slot] = p
+        self.started_at[slot] = time.monotonic()
         self.log.info("started worker %d (pid %d)", slot + 1, p.pid)
         if self.stopping:  # a signal came while it was starting
             self._signal(p, self.stop_signal)
@@ -251,9 +258,18 @@ class _Supervisor:
                                "stopping the others", slot + 1, p.pid)
                 self._stop(signal.SIGTERM)
             else:
+                ran = time.monotonic() - self.started_at.get(slot, 0.0)
+                fails = self.failed_starts[slot] = self.failed_starts.get(slot, 0) + 1 if ran < STARTUP_GRACE else 0
+                if fails >= STARTUP_FAILURES:
+                    self.gave_up = (f"worker {slot + 1} {_exit_text(rc)} within {STARTUP_GRACE:g} s of "
+                                    f"starting, {fails} times in a row (its error is above): giving up")
+                    self.log.error("%s; stopping the others", self.gave_up)
+                    self._stop(signal.SIGTERM)
+                    continue
+                delay = min(RESTART_BACKOFF * 2 ** max(0, fails - 1), RESTART_BACKOFF_MAX)
                 self.log.warning("worker %d (pid %d) %s; starting another in %g s", slot + 1, p.pid,
-                                 _exit_text(rc), RESTART_BACKOFF)
-                self.restart_at[slot] = time.monotonic() + RESTART_BACKOFF
+                                 _exit_text(rc), delay)
+                self.restart_at[slot] = time.monotonic() + delay
 
     def run(self) -> int:
         rfd, wfd = os.pipe()
@@ -292,5 +308,7 @@ class _Supervisor:
             os.close(wfd)
         if self.usage:
             return EXIT_USAGE
+        if self.gave_up:
+            raise Failed(self.gave_up)
         self.log.info("all workers stopped")
         return EXIT_FAILED if self.failed else EXIT_OK
