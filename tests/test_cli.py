@@ -836,6 +836,46 @@ def test_worker_refuses_a_data_directory_without_its_queues_unless_create(app, w
         assert w.wait(30) == 0
 
 
+LOGGING_APP = """
+import logging, qlog
+logging.basicConfig(format="APP %(levelname)s %(name)s | %(message)s", level=logging.WARNING)
+broker = qlog.open({data!r})
+
+@broker.consumer("jobs", max_batch_size=1, max_batch_timeout=0)
+def handle(batch):
+    logging.getLogger("app").warning("handled %s", batch.messages[0].body)
+"""
+
+
+@pytest.mark.parametrize("flags", [[], ["--log-level", "INFO"], ["--log-format", "json"]])
+def test_worker_keeps_the_applications_logging_unless_asked(tmp_path, data, wait_until, flags) -> None:
+    (tmp_path / "logapp.py").write_text(LOGGING_APP.format(data=str(data)))
+    with qlog.open(data) as b:
+        q = b.queue(Q)
+        q.send("one")
+        w = subprocess.Popen([sys.executable, "-m", "qlog", "worker", "logapp:broker", *flags], cwd=tmp_path,
+                             env=cli_env(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: q.stats().acked == 1, timeout=30, what="handled")
+            w.send_signal(signal.SIGTERM)
+            err = w.communicate(timeout=30)[1]
+        finally:
+            if w.poll() is None:
+                w.kill()
+    assert w.returncode == 0, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    if flags == ["--log-format", "json"]:
+        docs = [json.loads(ln) for ln in lines]  # every line is one JSON object
+        assert {"time", "level", "logger", "message", "process"} <= set(docs[0])
+        assert any(d["logger"] == "app" and d["message"] == "handled one" for d in docs)
+        assert not any(d["level"] == "INFO" for d in docs)  # the application's WARNING level kept
+        return
+    assert "APP WARNING app | handled one" in lines
+    assert all(ln.startswith("APP ") for ln in lines), lines  # its format, no second handler
+    startup = [ln for ln in lines if "data directory" in ln]
+    assert startup == ([] if not flags else [startup[0]]) and (not flags or startup[0].startswith("APP INFO"))
+
+
 def test_worker_processes_back_off_a_worker_that_fails_to_start_then_give_up(tmp_path) -> None:
     (tmp_path / "broken.py").write_text("import qlog\nraise RuntimeError('the config server is down')\n")
     p = run_cli("worker", "broken:broker", "--processes", "2", cwd=tmp_path, timeout=120)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import select
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from datetime import datetime, timezone
 from typing import Any, Dict
 
 from .._queue import Broker
@@ -48,8 +50,12 @@ def add_worker(sub: Any) -> None:
                    help="seconds to wait for running handlers after a stop signal (default 30)")
     w.add_argument("--create", action="store_true",
                    help="consume even when the data directory holds none of the queues yet (they are created empty)")
-    w.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", metavar="LEVEL",
-                   help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL")
+    w.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=None, metavar="LEVEL",
+                   help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: the application's logging "
+                   "configuration, else INFO)")
+    w.add_argument("--log-format", choices=("text", "json"), default=None,
+                   help="text lines, or JSON lines (one object per record: time, level, logger, "
+                   "message, process, exception); default: the application's, else text")
     w.set_defaults(func=cmd_worker)
 
 
@@ -142,11 +148,45 @@ def _watch_supervisor(broker: Broker) -> None:
     threading.Thread(target=watch, name="qlog-supervisor-watch", daemon=True).start()
 
 
+class JsonLines(logging.Formatter):
+    """One JSON object per log record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: Dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+            "process": record.process,
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Log to stderr, unless the application configured logging itself
+    (root handlers in place after its import): then its handlers, format
+    and level stay, but for what --log-level and --log-format ask."""
+    root = logging.getLogger()
+    fmt = JsonLines() if args.log_format == "json" else logging.Formatter(LOG_FORMAT)
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+        root.setLevel(args.log_level or "INFO")
+        return
+    if args.log_format is not None:
+        for h in root.handlers:
+            h.setFormatter(fmt)
+    if args.log_level is not None:
+        root.setLevel(args.log_level)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level), format=LOG_FORMAT)
     if args.processes > 1:
+        setup_logging(args)
         return _Supervisor(args).run()
     broker = load_target(args.target)
+    setup_logging(args)
     check_queues_exist(broker, args.target, args.create)
     logger.info("qlog worker: data directory %s, engine %s, queues %s", os.path.abspath(broker.path),
                 broker.engine, ", ".join(broker.consumers))
@@ -185,8 +225,9 @@ class _Supervisor:
         self.n = args.processes
         self.cmd = [
             sys.executable, "-m", "qlog", "worker", args.target, "--processes", "1",
-            "--shutdown-timeout", repr(args.shutdown_timeout), "--log-level", args.log_level,
-        ] + (["--create"] if args.create else [])
+            "--shutdown-timeout", repr(args.shutdown_timeout),
+        ] + (["--create"] if args.create else []) + (["--log-level", args.log_level] if args.log_level else []) + (
+            ["--log-format", args.log_format] if args.log_format else [])
         self.log = logging.getLogger("qlog.supervisor")
         self.children: Dict[int, subprocess.Popen[bytes]] = {}  # slot -> process
         self.restart_at: Dict[int, float] = {}  # slot -> monotonic time
