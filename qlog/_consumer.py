@@ -137,7 +137,8 @@ class Registry:
 
         return decorate
 
-    def run(self, broker: "Broker", shutdown_timeout: float, handle_signals: Optional[bool]) -> bool:
+    def _claim(self, broker: "Broker", shutdown_timeout: float,
+               loop: Optional[asyncio.AbstractEventLoop] = None) -> "Runner":
         with self._lock:
             consumers = list(self._consumers.values())
         if not consumers:
@@ -149,12 +150,37 @@ class Registry:
         with self._lock:
             if self._runner is not None:
                 raise errors.QlogError(f"broker {broker.path!r} is already running its consumers")
-            runner = self._runner = Runner(broker, consumers, float(shutdown_timeout))
+            self._runner = Runner(broker, consumers, float(shutdown_timeout), loop)
+            return self._runner
+
+    def _release(self) -> None:
+        with self._lock:
+            self._runner = None
+
+    def run(self, broker: "Broker", shutdown_timeout: float, handle_signals: Optional[bool]) -> bool:
+        runner = self._claim(broker, shutdown_timeout)
         try:
             return _run_with_signals(runner, handle_signals)
         finally:
-            with self._lock:
-                self._runner = None
+            self._release()
+
+    async def run_async(self, broker: "Broker", shutdown_timeout: float) -> bool:
+        """:meth:`run` on the running event loop: async handlers run as tasks
+        on it, sync ones on their threads; the runner's own waiting (lease
+        renewals, the shutdown wait) runs on a thread.  Cancelling stops the
+        consumers as :meth:`stop` does, waits for the shutdown, and re-raises."""
+        loop = asyncio.get_running_loop()
+        runner = self._claim(broker, shutdown_timeout, loop)
+        try:
+            done = loop.run_in_executor(None, runner.run)
+            try:
+                return await asyncio.shield(done)
+            except asyncio.CancelledError:
+                runner.stop()
+                await done
+                raise
+        finally:
+            self._release()
 
     def stop(self) -> None:
         r = self._runner
@@ -438,13 +464,15 @@ class _Running:
 class Runner:
     """Runs a broker's consumers until :meth:`stop`."""
 
-    def __init__(self, broker: "Broker", consumers: List[Consumer], shutdown_timeout: float) -> None:
+    def __init__(self, broker: "Broker", consumers: List[Consumer], shutdown_timeout: float,
+                 loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         self.broker = broker
         self.shutdown_timeout = shutdown_timeout
         self.stopping = False
         self.stopped = threading.Event()
         self.progress = threading.Event()  # a batch finished or a fetcher left
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = loop  # the caller's (run_async), else ours
+        self._own_loop = loop is None
         self._loop_thread: Optional[threading.Thread] = None
         self.work = [_Running(self, c) for c in consumers]
         vts = [w.vt for w in self.work]
@@ -522,7 +550,7 @@ class Runner:
                 self._extend_all()
                 next_lease = time.monotonic() + self.lease_every
         left = sum(w.busy() for w in self.work)
-        if self._loop is not None:
+        if self._loop is not None and self._own_loop:
             if not left:
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 assert self._loop_thread is not None

@@ -786,6 +786,17 @@ class Broker:
         ok: bool = self._consumer_registry().run(self, shutdown_timeout, handle_signals)
         return ok
 
+    async def run_async(self, *, shutdown_timeout: float = 30.0) -> bool:
+        """:meth:`run` for asyncio applications: ``await broker.run_async()``
+        runs every registered consumer on the running event loop (async
+        handlers are tasks on it; plain functions run on their threads) until
+        :meth:`stop`, or until the awaiting task is cancelled (which stops
+        the consumers the same way, then re-raises).  No signal handlers are
+        installed: the application owns them.  Returns True when every
+        handler finished within ``shutdown_timeout``."""
+        ok: bool = await self._consumer_registry().run_async(self, shutdown_timeout)
+        return ok
+
     def stop(self) -> None:
         """Make :meth:`run` stop taking batches and return (thread-safe)."""
         if self._push is not None:

@@ -792,3 +792,55 @@ def test_two_worker_processes_share_a_queue_without_double_delivery(
     assert sorted(int(body) for body, _ in handled) == list(range(2000))  # each exactly once
     assert {att for _, att in handled} == {"1"}
     assert all(lines(o) for o in outs), "both workers got work"
+
+
+def test_run_async_runs_async_handlers_on_the_callers_loop_until_stop(make_broker):
+    broker = make_broker()
+    loops = []
+    seen: List[object] = []
+
+    @broker.consumer(Q, max_batch_size=5, max_batch_timeout=0)
+    async def handle(batch):
+        loops.append(asyncio.get_running_loop())
+        seen.extend(m.body for m in batch.messages)
+
+    async def main() -> bool:
+        task = asyncio.ensure_future(broker.run_async(shutdown_timeout=5))
+        await broker.queue(Q).send_batch_async(list(range(20)))
+        deadline = time.monotonic() + 30
+        while broker.queue(Q).stats().acked < 20:
+            assert time.monotonic() < deadline, "not consumed in 30 s"
+            await asyncio.sleep(0.01)  # the loop must stay free for the handlers
+        assert loops and all(lp is asyncio.get_running_loop() for lp in loops)
+        broker.stop()
+        return await asyncio.wait_for(task, 30)
+
+    assert asyncio.run(main()) is True
+    assert sorted(seen) == list(range(20))
+
+
+def test_run_async_cancelled_stops_the_consumers_and_can_run_again(make_broker):
+    broker = make_broker()
+    got: List[object] = []
+    broker.consumer(Q, max_batch_size=1, max_batch_timeout=0)(lambda batch: got.extend(m.body for m in batch))
+
+    async def main() -> None:
+        task = asyncio.ensure_future(broker.run_async(shutdown_timeout=5))
+        broker.queue(Q).send("a")
+        deadline = time.monotonic() + 30
+        while not got:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        again = asyncio.ensure_future(broker.run_async(shutdown_timeout=5))  # released: runs again
+        broker.queue(Q).send("b")
+        while len(got) < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        broker.stop()
+        assert await asyncio.wait_for(again, 30) is True
+
+    asyncio.run(main())
+    assert got == ["a", "b"]
