@@ -426,6 +426,46 @@ def test_redrive_moves_each_dead_letter_back_to_the_queue_it_failed_in(data, tmp
     assert not marker.exists()
 
 
+def on_a_terminal(*args: object) -> tuple:
+    """``python -m qlog ARGS`` with stderr on a pseudo-terminal: (exit
+    status, stdout, what the terminal showed)."""
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "qlog", *map(str, args)], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=slave, env=cli_env())
+        os.close(slave)
+        slave = -1
+        shown = b""
+        while True:  # until the command closes the terminal
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: no writer left
+                break
+            if not chunk:
+                break
+            shown += chunk
+        out = p.communicate(timeout=120)[0].decode()
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    return p.returncode, out, shown.decode()
+
+
+@pytest.mark.parametrize("command", ["verify", "repair"])
+def test_verify_and_repair_draw_progress_on_a_terminal_and_only_results_on_a_pipe(tmp_path, command) -> None:
+    d = tmp_path / "data"
+    with qlog.open(d) as b:
+        for i in range(3):
+            b.queue(f"q{i}").send_batch(list(range(100)))
+    rc, out, shown = on_a_terminal(command, d)
+    assert rc == 0, shown
+    assert "\r[" + "." * 30 + "] 0/3" in shown and "\r[" + "#" * 30 + "] 3/3" in shown
+    piped = run_cli(command, d)
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert piped.stdout == out and "[" + "#" * 30 not in piped.stdout
+
+
 def test_redrive_draws_a_progress_bar_when_stderr_is_a_terminal(data) -> None:
     dead_letter(data, Q, list(range(250)))
     master, slave = pty.openpty()

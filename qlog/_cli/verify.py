@@ -139,11 +139,18 @@ def cmd_repair(args: argparse.Namespace) -> int:
     root = data_dir(args.dir)
     names = _named_queues(root, args.queues)
     changed = 0
-    for name in names:
-        try:
-            chk, lines = repair_queue(root, name, dry_run=args.dry_run)
-        except QueueBusyError as e:
-            raise Failed(str(e)) from None
+    results = []
+    bar = Progress(len(names))  # on a terminal's stderr; the results follow it on stdout
+    try:
+        for name in names:
+            try:
+                results.append((name, repair_queue(root, name, dry_run=args.dry_run)[1]))
+            except QueueBusyError as e:
+                raise Failed(str(e)) from None
+            bar.update(len(results))
+    finally:
+        bar.finish()
+    for name, lines in results:
         if not lines:
             print(f"queues/{name}: no damage")
             continue
