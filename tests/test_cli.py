@@ -693,6 +693,7 @@ def handle(batch):
 
 
 idle = qlog.open({data!r})
+QLOG_INT = 5
 """
 
 
@@ -825,6 +826,7 @@ def test_worker_processes_supervises_and_restarts_its_workers(app, wait_until) -
     ("app:missing", "module 'app' has no attribute 'missing'"),
     ("app:handle", "is a function, not a qlog.Broker"),
     ("app:idle", "has no consumers"),
+    ("app:QLOG_INT", "is an int, not a qlog.Broker"),
     ("app", "must be 'module:attribute' or 'file.py:attribute'"),
     ("./nothere.py:broker", "no file"),
 ])

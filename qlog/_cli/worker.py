@@ -101,7 +101,7 @@ def load_target(target: str) -> Broker:
             raise UsageError(f"module {mod_name!r} has no attribute {attr!r} (worker target {target!r})") from None
     if not isinstance(obj, Broker):
         raise UsageError(
-            f"worker target {target!r} is a {type(obj).__name__}, not a qlog.Broker: point it at "
+            f"worker target {target!r} is {_a(type(obj).__name__)}, not a qlog.Broker: point it at "
             "what qlog.open() returned"
         )
     # A broker without consumers is bad usage (exit 2), found before anything runs.
@@ -110,6 +110,11 @@ def load_target(target: str) -> Broker:
             f"the broker {target!r} has no consumers: decorate a function with @broker.consumer(queue)"
         )
     return obj
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "an int", "a function"."""
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
 
 
 def check_queues_exist(broker: Broker, target: str, create: bool) -> None:
