@@ -468,29 +468,9 @@ def test_verify_and_repair_draw_progress_on_a_terminal_and_only_results_on_a_pip
 
 def test_redrive_draws_a_progress_bar_when_stderr_is_a_terminal(data) -> None:
     dead_letter(data, Q, list(range(250)))
-    master, slave = pty.openpty()
-    try:
-        p = subprocess.Popen([sys.executable, "-m", "qlog", "dlq", "redrive", str(data), DLQ],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=cli_env())
-        os.close(slave)
-        slave = -1
-        shown = b""
-        while True:  # until the command closes the terminal
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: no writer left
-                break
-            if not chunk:
-                break
-            shown += chunk
-        out = p.communicate(timeout=60)[0].decode()
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
-    assert p.returncode == 0
+    rc, out, bar = on_a_terminal("dlq", "redrive", data, DLQ)
+    assert rc == 0
     assert out.strip() == f"moved 250 messages from {DLQ} to {Q}"
-    bar = shown.decode()
     assert "\r[" + "." * 30 + "] 0/250" in bar
     assert "\r[" + "#" * 30 + "] 250/250" in bar
     assert bar.count("\r[") >= 4  # redrawn after each batch of 100
