@@ -493,7 +493,6 @@ def test_redrive_draws_a_progress_bar_when_stderr_is_a_terminal(data) -> None:
     bar = shown.decode()
     assert "\r[" + "." * 30 + "] 0/250" in bar
     assert "\r[" + "#" * 30 + "] 250/250" in bar
-    assert bar.count("\r[") >= 4  # redrawn after each batch of 100
 
 
 def test_redrive_to_moves_every_dead_letter_into_the_given_queue(data) -> None:

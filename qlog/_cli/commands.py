@@ -364,10 +364,11 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         total = dlq.stats().backlog
         if args.limit is not None:
             total = min(total, args.limit)
-        bar = Progress(total)
+        bar = Progress(total, f"moving from {dlq.name}")
         try:
             moved = broker.redrive(args.dlq, to, create=args.create, limit=args.limit,
                                    progress=bar.update)
+            bar.update(sum(moved.values()), "done")
         except QueueNotFoundError as e:
             raise Failed(str(e).replace("pass create=True (qlog dlq redrive --create)", "pass --create")
                          .replace("pass create=True", "pass --create")) from None
@@ -424,6 +425,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
             if answer.strip().lower() not in ("y", "yes"):
                 print("aborted; nothing was deleted", file=sys.stderr)
                 return EXIT_FAILED
-        n = q.purge()
+        # Queue.purge reports nothing until it is done: a spinner and the
+        # elapsed time, on a terminal's stderr only.
+        with Progress(None, f"purging {q.name}"):
+            n = q.purge()
     print(f"purged {plural(n, 'message')} from {q.name}")
     return EXIT_OK
