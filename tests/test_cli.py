@@ -606,7 +606,7 @@ def test_purge_without_yes_asks_and_aborts_unless_told_yes(data, answer) -> None
         b.queue(Q).send_batch([1, 2])
     p = run_cli("purge", data, Q, input=answer)
     assert p.returncode == 1
-    assert f"Delete every message of queue '{Q}' (2 not yet done)? [y/N] " in p.stderr
+    assert f"Delete every message of queue '{Q}' (2 messages not yet done)? [y/N] " in p.stderr
     assert "aborted; nothing was deleted" in p.stderr
     assert stats_of(data, Q).backlog == 2
 
