@@ -196,3 +196,15 @@ def test_purge_prompt_counts_one_message_in_the_singular(data) -> None:
     assert p.returncode == 1
     assert f"Delete every message of queue '{DLQ}' (1 message not yet done)? [y/N] " in p.stderr
     assert stats_of(data, DLQ).backlog == 1
+
+
+def test_redrive_stopped_part_way_says_how_many_messages_were_moved(data) -> None:
+    fill_dlq(data, 1000)  # the first 1000 are checked before anything moves; the next is not
+    with qlog.open(data) as b:
+        b.queue(DLQ).send("sent here directly")
+    p = run_cli("dlq", "redrive", data, DLQ)
+    assert p.returncode == 1
+    assert "has no queue it failed in: move it with --to QUEUE; 1000 messages were moved before it" \
+        in p.stderr, p.stderr
+    assert "(s)" not in p.stderr
+    assert stats_of(data, Q).backlog == 1000

@@ -9,6 +9,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -391,6 +392,16 @@ def cmd_peek(args: argparse.Namespace) -> int:
 # -- dlq redrive -------------------------------------------------------------------
 
 
+def _moved_so_far(text: str) -> str:
+    """``Broker.redrive``'s error with its count of messages already moved
+    worded by :func:`plural` ("1 message was moved", not "1 message(s) were")."""
+    def worded(m: "re.Match[str]") -> str:
+        n = int(m.group(1))
+        return f"{plural(n, 'message')} {'was' if n == 1 else 'were'} moved"
+
+    return re.sub(r"\b(\d+) message\(s\) were moved", worded, text)
+
+
 def cmd_redrive(args: argparse.Namespace) -> int:
     """Move the messages of a dead-letter queue back (:meth:`Broker.redrive`)."""
     to = None if args.to is None else queue_name(args.to, "queue name given to --to")
@@ -410,12 +421,13 @@ def cmd_redrive(args: argparse.Namespace) -> int:
                                    progress=bar.update)
             bar.update(sum(moved.values()), "done")
         except QueueNotFoundError as e:
-            raise Failed(str(e).replace("pass create=True (qlog dlq redrive --create)", "pass --create")
-                         .replace("pass create=True", "pass --create")) from None
+            raise Failed(_moved_so_far(str(e).replace("pass create=True (qlog dlq redrive --create)",
+                                                      "pass --create")
+                                       .replace("pass create=True", "pass --create"))) from None
         except QlogError as e:
-            raise Failed(str(e).replace("name the queue to move the messages to",
-                                        "say where to move the messages with --to QUEUE")
-                         .replace("name the queue to move it to", "move it with --to QUEUE")) from None
+            raise Failed(_moved_so_far(str(e).replace("name the queue to move the messages to",
+                                                      "say where to move the messages with --to QUEUE")
+                                       .replace("name the queue to move it to", "move it with --to QUEUE"))) from None
         finally:
             bar.finish()
         count = sum(moved.values())
