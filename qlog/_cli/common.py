@@ -1,7 +1,7 @@
 """What every ``qlog`` command shares: exit statuses and the two errors
 that pick them, argument types with their limits in the message, finding
 an existing data directory and queue without creating either, and the
-output helpers (plurals, tables, ages, a progress bar)."""
+output helpers (plurals, tables, ages, a progress line on a terminal)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import argparse
 import math
 import os
 import sys
+import threading
+import time
 from typing import Any, Callable, List, Mapping, Optional, Sequence, TextIO
 
 from .._local.backend import FORMAT_FILE
@@ -19,7 +21,7 @@ from ..errors import InvalidQueueNameError
 
 __all__ = [
     "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "UsageError", "Failed", "int_in", "seconds_in",
-    "queue_name", "data_dir", "open_existing", "open_broker", "existing_queue", "plural",
+    "queue_name", "is_data_dir", "data_dir", "open_existing", "open_broker", "existing_queue", "plural",
     "isatty", "Progress", "age", "table", "missing_subcommand",
 ]
 
@@ -75,13 +77,18 @@ def queue_name(name: str, what: str = "queue name") -> str:
         raise UsageError(str(e)) from None
 
 
+def is_data_dir(path: str) -> bool:
+    """Whether ``path`` holds qlog data (its format file).  Reads only."""
+    return os.path.isfile(os.path.join(path, FORMAT_FILE))
+
+
 def data_dir(path: str) -> str:
     """``path`` when it is a data directory; UsageError otherwise.  Reads only."""
     if not os.path.exists(path):
         raise UsageError(f"data directory {path!r} does not exist")
     if not os.path.isdir(path):
         raise UsageError(f"data directory {path!r} is not a directory")
-    if not os.path.isfile(os.path.join(path, FORMAT_FILE)):
+    if not is_data_dir(path):
         raise UsageError(f"{path!r} holds no qlog data (it has no {FORMAT_FILE} file)")
     return path
 
@@ -114,32 +121,105 @@ def isatty(stream: Any) -> bool:
 
 
 class Progress:
-    """A progress bar on stderr, ``[#####.....] 50/100``, redrawn in place
-    when stderr is a terminal; nothing at all when it is not."""
+    """A progress line on stderr, only when stderr is a terminal (nothing at
+    all on a pipe or a file, so a script reads only the result).
+
+    With a ``total`` it is a bar, ``[#####.....] 50/100 label 1.2s``; without
+    one (an operation that reports nothing until it ends) a spinner,
+    ``| label 1.2s``.  It is redrawn in place at most every ``INTERVAL``
+    seconds, whatever the rate of :meth:`update` calls, and by a ticker
+    thread in between, so the elapsed time moves while a long call runs.
+    :meth:`finish` (or leaving the ``with`` block) draws the last state and
+    ends the line: a bar stays on the terminal, a spinner is wiped.  Call it
+    before printing the result."""
 
     WIDTH = 30
+    INTERVAL = 0.1  # seconds between redraws: at most 10 a second
+    SPIN = "|/-\\"
 
-    def __init__(self, total: int, stream: Optional[TextIO] = None) -> None:
+    def __init__(self, total: Optional[int], label: str = "", stream: Optional[TextIO] = None) -> None:
         self.total = total
+        self.label = label
+        self.done = 0
         self.stream = stream if stream is not None else sys.stderr
         self.live = isatty(self.stream)
-        self.shown = False
-        self.update(0)
+        self.started = time.monotonic()
+        self.drawn_at = -math.inf
+        self.frames = 0
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.ticker: Optional[threading.Thread] = None
+        if self.live:
+            self.columns = self.width_of(self.stream)
+            self.draw(self.started)
+            self.ticker = threading.Thread(target=self.tick, name="qlog-progress", daemon=True)
+            self.ticker.start()
 
-    def update(self, done: int) -> None:
+    @staticmethod
+    def width_of(stream: TextIO) -> int:
+        try:
+            columns = os.get_terminal_size(stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            columns = 0
+        return columns if columns > 0 else 80
+
+    def line(self, now: float) -> str:
+        elapsed = f"{now - self.started:.1f}s"
+        if self.total is None:
+            text = f"{self.SPIN[self.frames % len(self.SPIN)]} {self.label} {elapsed}"
+        else:
+            total = max(self.total, self.done)
+            filled = self.WIDTH if total == 0 else self.WIDTH * self.done // total
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            text = f"[{bar}] {self.done}/{total}" + (f" {self.label}" if self.label else "") + f" {elapsed}"
+        return text[:self.columns - 1]
+
+    def draw(self, now: float) -> None:
+        """Redraw the line (the caller holds the lock, or no ticker runs)."""
+        self.stream.write("\r" + self.line(now) + "\x1b[K")  # \x1b[K: wipe what a longer line left
+        self.stream.flush()
+        self.drawn_at = now
+        self.frames += 1
+
+    def update(self, done: int, label: Optional[str] = None) -> None:
+        """Record progress (``done`` of ``total``; a new label); redrawn now
+        unless the line was drawn less than ``INTERVAL`` seconds ago."""
         if not self.live:
             return
-        total = max(self.total, done)
-        filled = self.WIDTH if total == 0 else self.WIDTH * done // total
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total}")
-        self.stream.flush()
-        self.shown = True
+        with self.lock:
+            self.done = done
+            if label is not None:
+                self.label = label
+            now = time.monotonic()
+            if not self.stopped.is_set() and now - self.drawn_at >= self.INTERVAL:
+                self.draw(now)
+
+    def tick(self) -> None:
+        while not self.stopped.wait(self.INTERVAL / 2):
+            with self.lock:
+                now = time.monotonic()
+                if not self.stopped.is_set() and now - self.drawn_at >= self.INTERVAL:
+                    self.draw(now)
 
     def finish(self) -> None:
-        if self.shown:
+        if not self.live or self.stopped.is_set():
+            return
+        with self.lock:
+            self.stopped.set()
+        if self.ticker is not None:
+            self.ticker.join()
+        if self.total is None:
+            self.stream.write("\r\x1b[K")
+        else:
+            self.draw(time.monotonic())
             self.stream.write("\n")
-            self.stream.flush()
-            self.shown = False
+        self.stream.flush()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
 
 
 def age(seconds: Optional[float]) -> str:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .._local.check import Problem, QueueBusyError, check_queue, lost_text, queue_names, repair_queue
+from .._local.check import Problem, QueueBusyError, QueueCheck, check_queue, lost_text, queue_names, repair_queue
 from .common import EXIT_FAILED, EXIT_OK, Failed, Progress, UsageError, data_dir, plural, queue_name
 
 # -- arguments ---------------------------------------------------------------
@@ -95,14 +95,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     created, locked, recovered or cut).  Exit 1 on any problem."""
     root = data_dir(args.dir)
     names = _named_queues(root, args.queues)
-    bar = Progress(len(names))
-    checks = []
-    try:
+    checks: List[QueueCheck] = []
+    # Per queue: check_queue reports nothing until a queue is done, so within
+    # one large queue only the elapsed time moves.
+    with Progress(len(names), " ".join(["verifying"] + names[:1])) as bar:
         for name in names:
+            bar.update(len(checks), f"verifying {name}")
             checks.append(check_queue(root, name))
             bar.update(len(checks))
-    finally:
-        bar.finish()
+        bar.update(len(checks), "done")
     records = sum(lg.records for c in checks for lg in c.logs)
     nlogs = sum(len(c.logs) for c in checks)
     bad = [c for c in checks if c.all_problems]
@@ -139,17 +140,18 @@ def cmd_repair(args: argparse.Namespace) -> int:
     root = data_dir(args.dir)
     names = _named_queues(root, args.queues)
     changed = 0
-    results = []
-    bar = Progress(len(names))  # on a terminal's stderr; the results follow it on stdout
-    try:
+    results: List[Tuple[str, List[str]]] = []
+    verb = "checking" if args.dry_run else "repairing"
+    # On a terminal's stderr; the results follow it on stdout.
+    with Progress(len(names), " ".join([verb] + names[:1])) as bar:
         for name in names:
+            bar.update(len(results), f"{verb} {name}")
             try:
                 results.append((name, repair_queue(root, name, dry_run=args.dry_run)[1]))
             except QueueBusyError as e:
                 raise Failed(str(e)) from None
             bar.update(len(results))
-    finally:
-        bar.finish()
+        bar.update(len(results), "done")
     for name, lines in results:
         if not lines:
             print(f"queues/{name}: no damage")
