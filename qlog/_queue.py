@@ -57,6 +57,7 @@ from ._settings import (
     check_name,
     delay_us as _delay_us,
     load_toml,
+    plural,
     validate,
 )
 
@@ -64,6 +65,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Unpack  # typing.Unpack from Python 3.12
 
 _pack_header = HEADER.pack
+
+
+def _moved(n: int) -> str:
+    return f"{plural(n, 'message')} {'was' if n == 1 else 'were'}"
 
 
 def _check_wait(wait: object) -> None:
@@ -914,7 +919,7 @@ class Broker:
             backlog = q.stats().backlog
             if backlog:
                 raise errors.QueueNotEmptyError(
-                    f"queue {name!r} holds {backlog} message(s) not done; purge it first, or "
+                    f"queue {name!r} holds {plural(backlog, 'message')} not done; purge it first, or "
                     "delete with force=True (qlog queues delete --force)"
                 )
         q.close()
@@ -977,11 +982,11 @@ class Broker:
                 if dest is None:
                     raise errors.QlogError(
                         f"message {m.id} of {dlq!r} has no queue it failed in: name the queue "
-                        f"to move it to; {sum(moved.values())} message(s) were moved before it")
+                        f"to move it to; {_moved(sum(moved.values()))} moved before it")
                 if not create and dest not in self._queues and not self._store.exists(dest):
                     raise errors.QueueNotFoundError(
                         f"queue {dest!r} (where message {m.id} failed) does not exist in "
-                        f"{self.path}: pass create=True; {sum(moved.values())} message(s) were moved")
+                        f"{self.path}: pass create=True; {_moved(sum(moved.values()))} moved")
                 groups.setdefault(dest, []).append((m._parts()[0], m.raw_body))
             for dest, items in groups.items():
                 self.queue(dest)._send_raw(items)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional, TypedDict
 
 from . import errors
-from ._log.types import DURABILITY_MODES
+from ._log.types import DURABILITY_MODES, plural as plural  # qlog's one wording of counts, re-exported
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
 MAX_DELAY = 86_400  # seconds: Cloudflare's limit on a message or retry delay
@@ -19,14 +19,6 @@ UNLIMITED = "unlimited"
 HANDLE_KEYS = frozenset({"durability", "allow_pickle", "segment_bytes"})
 """Settings of a handle (each process chooses), not stored with the queue."""
 CONSUMER_TYPES = ("worker", "http_pull")
-
-
-def plural(n: int, noun: str) -> str:
-    """A count with its noun, for messages: "1 message", "2 messages",
-    "3 running batches"."""
-    if n == 1:
-        return f"{n} {noun}"
-    return f"{n} {noun}es" if noun.endswith(("s", "sh", "ch", "x")) else f"{n} {noun}s"
 
 
 def delay_us(value: Optional[float], default: float, what: str) -> int:

@@ -41,6 +41,7 @@ from .._backend import RECORD_HEADER, Counts, LeasePolicy, QueueBackend, Store
 from .._log import ENGINE, Log as _DefaultLog, append1 as _default_append1, scan_messages as _scan
 from .._log.files import fsync_dir, write_durable
 from .._log.modes import makedirs
+from .._log.types import plural
 from .state import ATT, DUE, LEASED, SENT, QueueState, encode, read_checkpoint, write_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -410,7 +411,7 @@ class LocalQueue(QueueBackend):
         with self._mu:
             st = self._state()
             before = st.acked
-            js = self._journal_append(rec, f"an ack of {len(seqs)} message(s)")
+            js = self._journal_append(rec, f"an ack of {plural(len(seqs), 'message')}")
             self._apply_own(js, lambda s: s.apply_ack(seqs))
             return self._st.acked - before  # type: ignore[union-attr]
 
@@ -420,7 +421,7 @@ class LocalQueue(QueueBackend):
             st = self._state()
             live = sum(1 for s, a in zip(seqs, atts) if _holds_lease(st.pending.get(s), a))
             js = self._journal_append(encode(b"R", (), [seqs, atts, dues]),
-                                      f"a retry of {len(seqs)} message(s)")
+                                      f"a retry of {plural(len(seqs), 'message')}")
             self._apply_own(js, lambda s: s.apply_retry(seqs, atts, dues))
         self._msgs.poke()  # a waiting pull recomputes what is due
         return live
@@ -466,7 +467,7 @@ class LocalQueue(QueueBackend):
             to_dlq, seqs, atts = self._move_dead(seqs, atts, now_us, policy, recs)
             if seqs:
                 js = self._journal_append(encode(b"D", (to_dlq,), [seqs, atts]),
-                                          f"a dead-lettering of {len(seqs)} message(s)")
+                                          f"a dead-lettering of {plural(len(seqs), 'message')}")
                 self._apply_own(js, lambda s: s.apply_dead(to_dlq, seqs, atts))
         self._msgs.poke()
         return len(seqs)
@@ -494,7 +495,7 @@ class LocalQueue(QueueBackend):
         if fresh:
             ks, ka = [seqs[i] for i in fresh], [atts[i] for i in fresh]
             js = self._journal_append(encode(b"K", (), [ks, ka]),
-                                      f"a dead-lettering of {len(ks)} message(s)")
+                                      f"a dead-lettering of {plural(len(ks), 'message')}")
             self._apply_own(js, lambda s_: s_.apply_claim(ks, ka))
             st = self._st
             assert st is not None

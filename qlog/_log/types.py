@@ -10,7 +10,7 @@ from .. import errors
 from .modes import check_mode, makedirs
 
 __all__ = ["LogStats", "Damage", "VerifyReport", "MAX_RECORD", "DURABILITY_MODES",
-           "check_log_args", "LogLifecycle"]
+           "check_log_args", "LogLifecycle", "plural"]
 
 MAX_RECORD: int = 1073741824
 """The largest payload a record holds: 1 GiB (docs/FORMAT.md)."""
@@ -38,6 +38,14 @@ def refuse_nfs(path: str, on_nfs: Callable[[str], bool]) -> None:
             f"{path} is on NFS, which qlog does not support (its file locks and shared "
             "mappings are not safe there): use a local filesystem"
         )
+
+
+def plural(n: int, noun: str) -> str:
+    """A count with its noun, for messages: "1 message", "2 messages",
+    "3 running batches"."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}es" if noun.endswith(("s", "sh", "ch", "x")) else f"{n} {noun}s"
 
 
 def check_log_args(path: Union[str, "os.PathLike[str]"], durability: str, segment_bytes: int,
