@@ -58,6 +58,7 @@ from ._settings import (
     delay_us as _delay_us,
     load_toml,
     plural,
+    toml_settings,
     validate,
 )
 
@@ -154,7 +155,7 @@ class Queue:
         self._gen_seen = self._gen[0]  # before the load: a change during it reloads next call
         stored = self._b.load_settings()
         fs = self._broker._file_settings
-        base = {**fs.get("*", {}), **fs.get(self.name, {})}
+        base = toml_settings(fs, self.name)
         try:
             stored = validate({k: v for k, v in stored.items() if k not in HANDLE_KEYS},
                               f"stored with queue {self.name!r}")
@@ -756,7 +757,7 @@ class Broker:
     def consumers(self) -> Tuple[str, ...]:
         """The queues that have a push consumer registered in this broker,
         in the order they were registered (what :meth:`run` would start)."""
-        return self._consumer_registry().queues() if self._push is not None else ()
+        return () if self._push is None else self._push.queues()
 
     def _consumer_registry(self) -> Any:
         with self._lock:
@@ -837,13 +838,12 @@ class Broker:
             self._check_open()
             q = self._queues.get(name)
             if q is None:
-                fs = self._file_settings
-                if {**fs.get("*", {}), **fs.get(name, {})}.get("dead_letter_queue") == name:
+                from_file = toml_settings(self._file_settings, name)
+                if from_file.get("dead_letter_queue") == name:
                     raise errors.SettingsError(
                         f"queue {name!r} cannot be its own dead_letter_queue (qlog.toml in {self.path})")
                 self._store.create_queue(name)
-                file_handle = {k: v for k, v in {**fs.get("*", {}), **fs.get(name, {})}.items()
-                               if k in HANDLE_KEYS}
+                file_handle = {k: v for k, v in from_file.items() if k in HANDLE_KEYS}
                 q = Queue(self, name, {**file_handle, **handle})
                 self._queues[name] = q
             elif handle:

@@ -159,6 +159,12 @@ def validate(values: Mapping[str, Any], where: str) -> Dict[str, Any]:
     return out
 
 
+def toml_settings(configured: Mapping[str, Dict[str, Any]], name: str) -> Dict[str, Any]:
+    """The settings ``load_toml``'s result gives queue ``name``: the
+    top-level ones, then its own block's."""
+    return {**configured.get("*", {}), **configured.get(name, {})}
+
+
 def load_toml(directory: str) -> Dict[str, Dict[str, Any]]:
     """Per-queue settings from ``qlog.toml`` in the data directory.
 

@@ -10,6 +10,7 @@ import pathlib
 import time
 
 import pytest
+import test_cli
 from test_cli import DLQ, Q, dead_letter, on_a_terminal, run_cli, stats_of, table, tree
 
 import qlog
@@ -17,15 +18,7 @@ from qlog._cli.common import Progress
 from qlog._settings import RANGES
 
 DEFAULT_LIMIT = qlog.QueueSettings().max_message_size
-
-
-@pytest.fixture
-def data(tmp_path: pathlib.Path) -> pathlib.Path:
-    """A data directory with an empty queue ``jobs``."""
-    d = tmp_path / "data"
-    with qlog.open(d) as b:
-        b.queue(Q)
-    return d
+data = test_cli.data  # the CLI tests' fixture: a data directory with an empty queue "jobs"
 
 
 def fill_dlq(d: pathlib.Path, n: int) -> None:

@@ -9,14 +9,13 @@ import argparse
 import base64
 import json
 import os
-import re
 import sys
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .._message import CONTENT_TYPES, CT_BYTES, CT_JSON, CT_PICKLE, CT_TEXT, Message, encode_body
-from .._settings import MAX_DELAY, MAX_PULL_BATCH, RANGES, QueueSettings, load_toml
+from .._settings import MAX_DELAY, MAX_PULL_BATCH, RANGES, QueueSettings, load_toml, toml_settings
 from ..errors import BodyTypeError, MessageTooLargeError, QlogError, QueueNotFoundError
 from .common import (
     EXIT_OK,
@@ -170,8 +169,7 @@ def _queue_exists(path: str, name: str) -> bool:
 def _new_queue_limit(path: str, name: str) -> int:
     """The max_message_size a queue ``name`` created in ``path`` now would
     get: qlog.toml's, else the default."""
-    configured = load_toml(path)
-    value = {**configured.get("*", {}), **configured.get(name, {})}.get("max_message_size")
+    value = toml_settings(load_toml(path), name).get("max_message_size")
     return int(value) if value is not None else QueueSettings().max_message_size
 
 
@@ -392,16 +390,6 @@ def cmd_peek(args: argparse.Namespace) -> int:
 # -- dlq redrive -------------------------------------------------------------------
 
 
-def _moved_so_far(text: str) -> str:
-    """``Broker.redrive``'s error with its count of messages already moved
-    worded by :func:`plural` ("1 message was moved", not "1 message(s) were")."""
-    def worded(m: "re.Match[str]") -> str:
-        n = int(m.group(1))
-        return f"{plural(n, 'message')} {'was' if n == 1 else 'were'} moved"
-
-    return re.sub(r"\b(\d+) message\(s\) were moved", worded, text)
-
-
 def cmd_redrive(args: argparse.Namespace) -> int:
     """Move the messages of a dead-letter queue back (:meth:`Broker.redrive`)."""
     to = None if args.to is None else queue_name(args.to, "queue name given to --to")
@@ -421,13 +409,12 @@ def cmd_redrive(args: argparse.Namespace) -> int:
                                    progress=bar.update)
             bar.update(sum(moved.values()), "done")
         except QueueNotFoundError as e:
-            raise Failed(_moved_so_far(str(e).replace("pass create=True (qlog dlq redrive --create)",
-                                                      "pass --create")
-                                       .replace("pass create=True", "pass --create"))) from None
+            raise Failed(str(e).replace("pass create=True (qlog dlq redrive --create)", "pass --create")
+                         .replace("pass create=True", "pass --create")) from None
         except QlogError as e:
-            raise Failed(_moved_so_far(str(e).replace("name the queue to move the messages to",
-                                                      "say where to move the messages with --to QUEUE")
-                                       .replace("name the queue to move it to", "move it with --to QUEUE"))) from None
+            raise Failed(str(e).replace("name the queue to move the messages to",
+                                        "say where to move the messages with --to QUEUE")
+                         .replace("name the queue to move it to", "move it with --to QUEUE")) from None
         finally:
             bar.finish()
         count = sum(moved.values())
