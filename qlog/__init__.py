@@ -27,11 +27,12 @@ from ._log import ENGINE, Log
 from ._log.types import DURABILITY_MODES, MAX_RECORD, Damage, LogStats, VerifyReport
 from ._message import DeadLetterInfo, Message, MessageBatch, MessageSendRequest
 from ._local import backend as _local_backend  # noqa: F401  (the default backend: its imports are paid by `import qlog`, not by the first qlog.open)
-from ._queue import Broker, Queue, QueueMetrics, QueueStats, SettleResult, open
+from ._queue import Broker, Queue, QueueMetrics, QueueStats, SettleResult, migrate, open
 from ._settings import QueueSettings
 from .errors import (
     BatchTooLargeError,
     BodyTypeError,
+    CommitUnknownError,
     ContentTypeError,
     CorruptStateError,
     DelayOutOfRangeError,
@@ -50,6 +51,7 @@ from .errors import (
     QueueNotEmptyError,
     QueueNotFoundError,
     RecordTooLargeError,
+    SchemaVersionError,
     StorageError,
     UnsupportedFilesystemError,
 )
@@ -58,6 +60,7 @@ from ._version import __version__ as __version__  # (qlog.__version__: an explic
 
 __all__ = [
     "open",
+    "migrate",
     "ENGINE",
     "Broker",
     "Queue",
@@ -97,4 +100,6 @@ __all__ = [
     "QueueExistsError",
     "QueueNotEmptyError",
     "InvalidLeaseError",
+    "CommitUnknownError",
+    "SchemaVersionError",
 ]

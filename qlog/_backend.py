@@ -45,6 +45,9 @@ RECORD_HEADER = struct.Struct("<BBHIq")
 """A message record's header (docs/FORMAT.md, "Message records"): version,
 content type, flags, delay in ms, send time in µs."""
 RECORD_VERSION = 1
+MAX_APPEND = 1000
+"""The most records one :meth:`QueueBackend.append` is given (a
+``send_batch``, a redrive step, a dead-letter move)."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from ._backend import RECORD_HEADER as HEADER, RECORD_VERSION as VERSION
 from ._backend import LeasePolicy, QueueBackend, Store
 from ._log import ids as _ids
 from ._log.modes import DEFAULT_FILE_MODE, check_mode
+from ._pg.conn import is_target
 from ._message import (
     CONTENT_TYPES,
     CT_BYTES,
@@ -88,7 +89,9 @@ class QueueStats:
     in_flight: int
     """Leased to a consumer whose visibility timeout has not run out."""
     delayed: int
-    """Waiting out a retry delay or a delivery delay already seen by a consumer."""
+    """Waiting out a retry delay or a delivery delay.  The local backend
+    counts a delivery delay once a pull has passed over the message (it does
+    not read ahead); PostgreSQL counts every one."""
     acked: int
     dead_lettered: int
     """Moved to the dead-letter queue after max_retries."""
@@ -725,14 +728,28 @@ class Broker:
                 "durability passed to qlog.open() must be one of 'interval', 'none', 'sync', got None"
             )
         validate({"durability": durability}, "passed to qlog.open()")
-        self.path = os.fspath(path)
         self.durability = durability
-        self._clock = clock or time.time
         self.mode = mode
-        from ._local.backend import LocalStore
+        target = os.fspath(path)
+        self._store: Store
+        if is_target(target):
+            if engine is not None:
+                raise errors.SettingsError(
+                    f"engine {engine!r} is for a data directory; a database URL has no log engine")
+            from ._pg.backend import PgStore
 
-        self._file_settings = load_toml(self.path)
-        self._store: Store = LocalStore(self.path, mode, engine, lambda: self.checkpoint_every)
+            store = PgStore(target, clock)
+            self._store, self._clock = store, store.clock
+            self._file_settings: Dict[str, Any] = {}
+        else:
+            from ._local.backend import LocalStore
+
+            self._clock = clock or time.time
+            self._file_settings = load_toml(target)
+            self._store = LocalStore(target, mode, engine, lambda: self.checkpoint_every)
+        self.path = self._store.location
+        """Where the queues are: the data directory, or the database URL
+        with any password replaced by ``***``."""
         self._queues: Dict[str, Queue] = {}
         self._lock = threading.RLock()
         self._closed = False
@@ -1034,7 +1051,12 @@ def open(
     mode: int = DEFAULT_FILE_MODE,
     engine: Optional[str] = None,
 ) -> Broker:
-    """Open (or create) a directory of queues.
+    """Open (or create) a directory of queues, or the queues in a PostgreSQL
+    database: ``path`` is then a ``postgresql://`` URL or a libpq
+    ``key=value`` string, with ``?schema=NAME`` (default ``qlog``) for the
+    schema that holds qlog's tables, created on first open (README, "On
+    PostgreSQL").  Without a ``clock``, a database store runs on the
+    database server's clock.
 
     ``durability`` is every queue's default ("sync": a send returns after
     fdatasync; "interval": after reaching the kernel, synced every 0.1 s;
@@ -1052,3 +1074,23 @@ def open(
     ``"pure"`` (default: ``qlog.ENGINE``).  Both write the same bytes; one
     directory is used by one engine at a time."""
     return Broker(path, durability=durability, clock=clock, mode=mode, engine=engine)
+
+
+def migrate(target: str) -> Tuple[str, Optional[int], int]:
+    """Create or upgrade qlog's tables in the PostgreSQL database ``target``
+    (a URL or key=value string, as :func:`open` takes); returns ``(schema,
+    version before or None when there were no tables, version after)``.
+    :func:`open` does the same on first use; this does only that."""
+    if not is_target(target):
+        raise errors.SettingsError(f"qlog.migrate takes a PostgreSQL URL, got {target!r}")
+    from ._pg.conn import Connections, redact, split_target
+    from ._pg.schema import migrate as _migrate
+
+    conninfo, schema = split_target(target)
+    conns = Connections(conninfo, redact(target))
+    conn = conns.connect()
+    try:
+        before, after = _migrate(conn, schema, conns.location)
+    finally:
+        conn.close()
+    return schema, before, after

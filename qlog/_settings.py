@@ -8,11 +8,12 @@ from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional, TypedDict
 
 from . import errors
+from ._backend import MAX_APPEND
 from ._log.types import DURABILITY_MODES, plural as plural  # qlog's one wording of counts, re-exported
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
 MAX_DELAY = 86_400  # seconds: Cloudflare's limit on a message or retry delay
-MAX_SEND_BATCH = 1000
+MAX_SEND_BATCH = MAX_APPEND  # a send_batch is one append
 MAX_SEND_BATCH_BYTES = 256 << 20  # bodies of one send_batch, in all
 MAX_PULL_BATCH = 1000
 UNLIMITED = "unlimited"

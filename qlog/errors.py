@@ -24,6 +24,12 @@ __all__ = [
     "SettingsError",
     "PickleNotAllowedError",
     "EngineConflictError",
+    "QueueNotFoundError",
+    "QueueExistsError",
+    "QueueNotEmptyError",
+    "InvalidLeaseError",
+    "CommitUnknownError",
+    "SchemaVersionError",
 ]
 
 
@@ -124,3 +130,14 @@ class QueueNotEmptyError(QlogError):
 
 class InvalidLeaseError(QlogError, ValueError):
     """A lease id that this queue never gave out (malformed, or another queue's)."""
+
+
+class CommitUnknownError(StorageError):
+    """The connection to the database was lost after a change was sent and
+    before its commit was confirmed: it may or may not have happened.  qlog
+    does not send it again by itself (a send would be duplicated)."""
+
+
+class SchemaVersionError(FormatError):
+    """The database's qlog schema is newer than this qlog understands (or
+    older, where ``qlog migrate`` must run first)."""

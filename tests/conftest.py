@@ -265,9 +265,58 @@ def _local_backend(engine: str, scratch: pathlib.Path) -> Backend:
     )
 
 
+_CLUSTER: List[Any] = []  # the session's PostgreSQL server, started when first needed
+
+
+def pg_cluster() -> Any:
+    """The session's throwaway PostgreSQL server (tests/_pgcluster.py),
+    started on first use and stopped when the session ends."""
+    if not _CLUSTER:
+        from _pgcluster import Cluster
+
+        _CLUSTER.append(Cluster())
+    return _CLUSTER[0]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    while _CLUSTER:
+        _CLUSTER.pop().destroy()
+
+
+class _PgBackend(Backend):
+    """A fresh schema of the session's server, dropped at teardown."""
+
+    def close(self) -> None:
+        super().close()
+        import psycopg
+
+        schema = self.target.rsplit("schema=", 1)[1]
+        with psycopg.connect(pg_cluster().url, autocommit=True) as conn:
+            for _ in range(50):  # a handler the test left running may still hold a lock
+                try:
+                    conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+                    return
+                except psycopg.errors.DeadlockDetected:
+                    time.sleep(0.1)
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def pg_url(schema: Optional[str] = None) -> str:
+    """A URL of the session's server with a fresh schema (``?schema=``)."""
+    import secrets
+
+    return f"{pg_cluster().url}?schema={schema or 't_' + secrets.token_hex(6)}"
+
+
+def _postgres_backend(scratch: pathlib.Path) -> Backend:
+    url = pg_url()
+    return _PgBackend("postgresql", url, functools.partial(qlog.open, url), env={"QLOG_PURE": None})
+
+
 BACKENDS: Dict[str, Callable[[pathlib.Path], Backend]] = {
     "local-c": functools.partial(_local_backend, "c"),
     "local-pure": functools.partial(_local_backend, "pure"),
+    "postgresql": _postgres_backend,
 }
 LOCAL_BACKENDS = ("local-c", "local-pure")
 

@@ -13,6 +13,10 @@ data directory from the shell.
     qlog pause DIR QUEUE / qlog resume DIR QUEUE
     qlog purge DIR QUEUE [--yes]                delete every message of a queue
     qlog queues list|create|info|update|delete DIR ...   manage queues and their settings
+    qlog migrate URL                            create or upgrade qlog's tables in PostgreSQL
+
+DIR may also be a PostgreSQL URL (``postgresql://user@host/db?schema=qlog``)
+everywhere except verify and repair.
 
 Exit status: 0 success; 1 the operation failed (damage found, purge
 aborted, an error while working); 2 bad usage (bad arguments, a data
@@ -56,7 +60,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="qlog",
-        description="Run qlog workers and look after a qlog data directory.",
+        description="Run qlog workers and look after a qlog data directory. Wherever a command "
+        "takes DIR, a PostgreSQL URL (postgresql://...) names the queues in that database.",
         epilog="Exit status: 0 success, 1 the operation failed, 2 bad usage (nothing written).",
     )
     p.add_argument("--version", action="version", version=f"qlog {__version__}")
@@ -71,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_pause_resume(sub)
     commands.add_purge(sub)
     queues.add_queues(sub)
+    commands.add_migrate(sub)
     return p
 
 

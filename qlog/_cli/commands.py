@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from .._message import CONTENT_TYPES, CT_BYTES, CT_JSON, CT_PICKLE, CT_TEXT, Message, encode_body
 from .._settings import MAX_DELAY, MAX_PULL_BATCH, RANGES, QueueSettings, load_toml, toml_settings
 from ..errors import BodyTypeError, MessageTooLargeError, QlogError, QueueNotFoundError
+from .._pg.conn import is_target
 from .common import (
+    where,
     EXIT_OK,
     EXIT_FAILED,
     Failed,
@@ -61,6 +63,32 @@ def add_send(sub: Any) -> None:
     s.add_argument("--delay", type=seconds_in(0, MAX_DELAY), default=None, metavar="SECONDS",
                    help=f"deliver after this many seconds (0 to {MAX_DELAY})")
     s.set_defaults(func=cmd_send)
+
+
+def add_migrate(sub: Any) -> None:
+    """``qlog migrate URL``"""
+    m = sub.add_parser(
+        "migrate", help="create or upgrade qlog's tables in a PostgreSQL database",
+        description="Create qlog's schema in the PostgreSQL database URL (postgresql://..., "
+        "?schema=NAME for a schema other than qlog), or upgrade it to this qlog's version. "
+        "qlog.open() does the same on first use; this does only that.",
+    )
+    m.add_argument("url", metavar="URL")
+    m.set_defaults(func=cmd_migrate)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .._queue import migrate
+
+    if not is_target(args.url):
+        raise UsageError(f"qlog migrate takes a PostgreSQL URL (postgresql://...), got {args.url!r}")
+    schema, before, after = migrate(args.url)
+    if before == after:
+        print(f"schema {schema!r} at {where(args.url)} is at version {after}: nothing to do")
+    else:
+        was = "created" if before is None else f"upgraded from version {before}"
+        print(f"schema {schema!r} at {where(args.url)} {was}: now version {after}")
+    return EXIT_OK
 
 
 def add_stats(sub: Any) -> None:
@@ -169,14 +197,14 @@ def _queue_exists(path: str, name: str) -> bool:
 def _new_queue_limit(path: str, name: str) -> int:
     """The max_message_size a queue ``name`` created in ``path`` now would
     get: qlog.toml's, else the default."""
-    value = toml_settings(load_toml(path), name).get("max_message_size")
+    value = toml_settings({} if is_target(path) else load_toml(path), name).get("max_message_size")
     return int(value) if value is not None else QueueSettings().max_message_size
 
 
 def cmd_send(args: argparse.Namespace) -> int:
     name = queue_name(args.queue)
     if os.path.exists(args.dir) and not os.path.isdir(args.dir):
-        raise UsageError(f"data directory {args.dir!r} is not a directory")
+        raise UsageError(f"data directory {where(args.dir)!r} is not a directory")
     ct = args.content_type
     if args.body == "-":
         raw = sys.stdin.buffer.read() if sys.stdin is not None else b""
@@ -211,7 +239,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"{source} is {size} bytes stored, larger than max_message_size {limit} bytes, the "
                 f"limit a new queue {name!r} gets; nothing was written (create the queue with a higher "
-                f"limit, up to {top:,} bytes: qlog queues create {args.dir} {name} "
+                f"limit, up to {top:,} bytes: qlog queues create {where(args.dir)} {name} "
                 "--max-message-size BYTES)")
     with open_broker(args.dir) as broker:
         try:
@@ -219,7 +247,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         except MessageTooLargeError as e:
             raise UsageError(
                 f"{e}; nothing was sent (raise the limit, up to {top:,} bytes, "
-                f"with: qlog queues update {args.dir} {name} --max-message-size BYTES)"
+                f"with: qlog queues update {where(args.dir)} {name} --max-message-size BYTES)"
             ) from None
     print(msg_id)
     return EXIT_OK
@@ -399,7 +427,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         dlq = existing_queue(broker, args.dlq)
         if dlq.paused:
             raise Failed(f"queue {dlq.name!r} is paused, so nothing can be taken from it: "
-                         f"run `qlog resume {args.dir} {dlq.name}` first")
+                         f"run `qlog resume {where(args.dir)} {dlq.name}` first")
         total = dlq.stats().backlog
         if args.limit is not None:
             total = min(total, args.limit)
@@ -419,12 +447,12 @@ def cmd_redrive(args: argparse.Namespace) -> int:
             bar.finish()
         count = sum(moved.values())
         if not moved:
-            where = f" to {to}" if to else ""
+            dest = f" to {to}" if to else ""
         elif len(moved) == 1:
-            where = f" to {next(iter(moved))}"
+            dest = f" to {next(iter(moved))}"
         else:
-            where = " to " + ", ".join(f"{k} ({v})" for k, v in sorted(moved.items()))
-        print(f"moved {plural(count, 'message')} from {dlq.name}{where}")
+            dest = " to " + ", ".join(f"{k} ({v})" for k, v in sorted(moved.items()))
+        print(f"moved {plural(count, 'message')} from {dlq.name}{dest}")
     return EXIT_OK
 
 
@@ -438,7 +466,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
         q.pause_delivery()
     state = "was already paused" if was else "is paused"
     print(f"queue {q.name!r} {state}: sends are kept, nothing is delivered until "
-          f"`qlog resume {args.dir} {q.name}`")
+          f"`qlog resume {where(args.dir)} {q.name}`")
     return EXIT_OK
 
 

@@ -15,13 +15,14 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, TextIO
 
 from .._local.backend import FORMAT_FILE
 from .._queue import Broker, Queue
+from .._pg.conn import is_target, redact
 from .._queue import open as open_broker
 from .._settings import check_name, plural
 from ..errors import InvalidQueueNameError
 
 __all__ = [
     "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "UsageError", "Failed", "int_in", "seconds_in",
-    "queue_name", "is_data_dir", "data_dir", "open_existing", "open_broker", "existing_queue", "plural",
+    "queue_name", "is_data_dir", "data_dir", "local_dir", "where", "open_existing", "open_broker", "existing_queue", "plural",
     "isatty", "Progress", "age", "table", "missing_subcommand",
 ]
 
@@ -78,12 +79,30 @@ def queue_name(name: str, what: str = "queue name") -> str:
 
 
 def is_data_dir(path: str) -> bool:
-    """Whether ``path`` holds qlog data (its format file).  Reads only."""
-    return os.path.isfile(os.path.join(path, FORMAT_FILE))
+    """Whether ``path`` holds qlog data (its format file), or is a database
+    URL (whose schema ``qlog.open`` creates).  Reads only."""
+    return is_target(path) or os.path.isfile(os.path.join(path, FORMAT_FILE))
+
+
+def where(path: str) -> str:
+    """``path`` as messages show it: a database URL without its password."""
+    return redact(path) if is_target(path) else path
+
+
+def local_dir(path: str, command: str) -> str:
+    """:func:`data_dir` for commands that read the local files; a database
+    URL is refused (UsageError)."""
+    if is_target(path):
+        raise UsageError(f"qlog {command} checks a data directory's files; {where(path)!r} is a "
+                         "database (PostgreSQL checks its own data)")
+    return data_dir(path)
 
 
 def data_dir(path: str) -> str:
-    """``path`` when it is a data directory; UsageError otherwise.  Reads only."""
+    """``path`` when it is a data directory or a database URL; UsageError
+    otherwise.  Reads only."""
+    if is_target(path):
+        return path
     if not os.path.exists(path):
         raise UsageError(f"data directory {path!r} does not exist")
     if not os.path.isdir(path):

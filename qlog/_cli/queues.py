@@ -22,6 +22,7 @@ from .._queue import Broker, Queue
 from .._settings import HANDLE_KEYS, RANGES, UNLIMITED, QueueSettings, validate
 from ..errors import InvalidQueueNameError, QueueExistsError, QueueNotEmptyError, SettingsError
 from .common import (
+    where,
     EXIT_OK,
     Failed,
     UsageError,
@@ -247,7 +248,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         try:
             q = broker.create_queue(name, **values)
         except QueueExistsError as e:
-            raise Failed(f"{e}: change its settings with `qlog queues update {args.dir} {name} "
+            raise Failed(f"{e}: change its settings with `qlog queues update {where(args.dir)} {name} "
                          "--KEY VALUE`") from None
         except SettingsError as e:
             raise UsageError(str(e)) from None
@@ -326,8 +327,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
             backlog = q.stats().backlog
             raise Failed(
                 f"queue {args.name!r} holds {plural(backlog, 'message')} not yet done, so it was not "
-                f"deleted: `qlog queues delete {args.dir} {args.name} --force` deletes them with it "
-                f"(or empty it first with `qlog purge {args.dir} {args.name}`)") from None
+                f"deleted: `qlog queues delete {where(args.dir)} {args.name} --force` deletes them with it "
+                f"(or empty it first with `qlog purge {where(args.dir)} {args.name}`)") from None
     with_messages = f" and its {plural(backlog, 'message')} not yet done" if backlog else ""
     print(f"deleted queue {args.name!r}{with_messages}")
     return EXIT_OK

@@ -11,7 +11,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .._local.check import Problem, QueueBusyError, QueueCheck, check_queue, lost_text, queue_names, repair_queue
-from .common import EXIT_FAILED, EXIT_OK, Failed, Progress, UsageError, data_dir, plural, queue_name
+from .common import EXIT_FAILED, EXIT_OK, Failed, Progress, UsageError, local_dir, plural, queue_name
 
 # -- arguments ---------------------------------------------------------------
 
@@ -93,7 +93,7 @@ def _problem_text(p: Problem, pre: Optional[str]) -> str:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every queue with the pure-Python reader: read-only (no file is
     created, locked, recovered or cut).  Exit 1 on any problem."""
-    root = data_dir(args.dir)
+    root = local_dir(args.dir, "verify")
     names = _named_queues(root, args.queues)
     checks: List[QueueCheck] = []
     # Per queue: check_queue reports nothing until a queue is done, so within
@@ -137,7 +137,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    root = data_dir(args.dir)
+    root = local_dir(args.dir, "repair")
     names = _named_queues(root, args.queues)
     changed = 0
     results: List[Tuple[str, List[str]]] = []

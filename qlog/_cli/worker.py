@@ -121,7 +121,7 @@ def check_queues_exist(broker: Broker, target: str, create: bool) -> None:
     """Refuse to consume from a data directory that holds none of the
     consumed queues (started from the wrong directory, a relative path
     points at a new, empty one), unless ``create``."""
-    where = os.path.abspath(broker.path)
+    where = broker.path if broker.engine == "postgresql" else os.path.abspath(broker.path)
     existing = set(broker.queues())
     if create or any(name in existing for name in broker.consumers):
         return
@@ -193,7 +193,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     broker = load_target(args.target)
     setup_logging(args)
     check_queues_exist(broker, args.target, args.create)
-    logger.info("qlog worker: data directory %s, engine %s, queues %s", os.path.abspath(broker.path),
+    logger.info("qlog worker: %s %s, engine %s, queues %s",
+                *(("database", broker.path) if broker.engine == "postgresql"
+                  else ("data directory", os.path.abspath(broker.path))),
                 broker.engine, ", ".join(broker.consumers))
     _watch_supervisor(broker)
     finished = broker.run(shutdown_timeout=args.shutdown_timeout, handle_signals=True)

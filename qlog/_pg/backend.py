@@ -1,0 +1,628 @@
+"""The PostgreSQL backend: queues in tables (``schema.py``), for many machines.
+
+Every transition is one SQL statement, so one transaction (``conn.py`` says
+why READ COMMITTED is the level):
+
+- an append inserts its rows with numbers from one ``nextval``;
+- a lease picks visible rows ``FOR UPDATE SKIP LOCKED`` and sets their
+  deadline and attempts in the same statement, which also expires the
+  messages past retention and finds those leased ``max_attempts`` times;
+- ack deletes the rows; retry and extend update only the rows whose
+  attempts match the lease (``leased`` still set), so a stale lease id
+  changes nothing;
+- the dead-letter move deletes the rows here and inserts, in the same
+  statement, the copies of only the rows it deleted: an ack that came first
+  wins, and a crash leaves the message in exactly one queue.
+
+Time: a store opened without a clock of its own uses the database server's:
+it reads ``clock_timestamp()`` and keeps the offset from this machine's
+clock (read again every :data:`CLOCK_REFRESH` seconds), so machines whose
+clocks disagree agree on visibility, delays and retention to within a round
+trip.  A hand clock (tests) is used as given.
+
+Waking: a change that may make something deliverable (an append, retry,
+resume, settings change, :meth:`wake`) bumps this process's counter for the
+queue at once, and a NOTIFY carries it to the other processes.  NOTIFYs are
+coalesced: one sender thread per process sends one for every queue changed
+since its last, so a burst of sends costs a NOTIFY or two, not one per
+message (a NOTIFY takes a database-wide lock at commit).  One listener
+thread per process receives them; a wait never lasts longer than
+:data:`SAFETY_POLL` seconds, the safety net if a NOTIFY is lost.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+from .. import errors
+from .._backend import RECORD_HEADER, Counts, LeasePolicy, QueueBackend, Store
+from .conn import Connections, redact, split_target
+from .schema import COUNTER_SHARDS, migrate
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .._log import MessageBase
+
+SAFETY_POLL = 1.0
+"""The longest a waiting consumer goes without looking again (seconds)."""
+CLOCK_REFRESH = 30.0
+"""Seconds between readings of the server's clock."""
+_DEAD_LIMIT = 1000  # messages one lease expires or finds dead, at most
+_NO_CUT = -(1 << 63)  # "no retention": no send time is at or before it
+_unpack_header = RECORD_HEADER.unpack_from
+
+
+def _shard() -> str:
+    return f"pg_backend_pid() %% {COUNTER_SHARDS}"
+
+
+class _Sql:
+    """The statements of one schema, made once per store."""
+
+    def __init__(self, psycopg: Any, schema: str) -> None:
+        s = psycopg.sql.Identifier(schema).as_string(None)
+        sh = _shard()
+
+        def q(text: str) -> Any:
+            return psycopg.sql.SQL(text.replace("{s}", s))
+
+        self.append = q("""
+            WITH b AS (SELECT nextval('{s}.message_seq') AS base),
+            ins AS (
+                INSERT INTO {s}.messages (queue, seq, sent_us, due_us, record)
+                SELECT %(q)s, b.base + u.i - 1, u.sent, u.sent + u.delay, u.rec
+                FROM b, unnest(%(sent)s::bigint[], %(delay)s::bigint[], %(recs)s::bytea[])
+                     WITH ORDINALITY AS u(sent, delay, rec, i))
+            SELECT base FROM b""")
+        # The lease: expire, pick, lease and find the dead in one statement.
+        # The three sets are disjoint (sent_us against the retention cut,
+        # attempts against max_attempts), so no row is in two of them.
+        self.lease = q(f"""
+            WITH qq AS (SELECT 1 FROM {{s}}.queues WHERE name = %(q)s AND NOT paused),
+            exp AS (
+                DELETE FROM {{s}}.messages WHERE queue = %(q)s AND seq IN (
+                    SELECT seq FROM {{s}}.messages
+                    WHERE queue = %(q)s AND due_us <= %(now)s AND sent_us <= %(cut)s
+                      AND EXISTS (SELECT 1 FROM qq)
+                    ORDER BY due_us, seq LIMIT {_DEAD_LIMIT} FOR UPDATE SKIP LOCKED)
+                RETURNING 1),
+            bump AS (
+                UPDATE {{s}}.counters SET expired = expired + (SELECT count(*) FROM exp)
+                WHERE queue = %(q)s AND shard = {sh} AND EXISTS (SELECT 1 FROM exp)),
+            pick AS (
+                SELECT seq FROM {{s}}.messages
+                WHERE queue = %(q)s AND due_us <= %(now)s AND sent_us > %(cut)s
+                  AND attempts < %(max)s AND EXISTS (SELECT 1 FROM qq)
+                ORDER BY due_us, seq LIMIT %(n)s FOR UPDATE SKIP LOCKED),
+            leased AS (
+                UPDATE {{s}}.messages m
+                SET attempts = m.attempts + 1, leased = true, due_us = %(deadline)s
+                FROM pick WHERE m.queue = %(q)s AND m.seq = pick.seq
+                RETURNING m.seq, m.attempts, m.record)
+            SELECT true, seq, attempts, record FROM leased
+            UNION ALL
+            (SELECT false, seq, attempts, record FROM {{s}}.messages
+             WHERE queue = %(q)s AND due_us <= %(now)s AND sent_us > %(cut)s
+               AND attempts >= %(max)s AND EXISTS (SELECT 1 FROM qq)
+             ORDER BY due_us, seq LIMIT {_DEAD_LIMIT})""")
+        self.ack = q(f"""
+            WITH d AS (DELETE FROM {{s}}.messages WHERE queue = %(q)s AND seq = ANY(%(seqs)s::bigint[])
+                       RETURNING 1),
+            c AS (SELECT count(*) AS n FROM d),
+            bump AS (UPDATE {{s}}.counters SET acked = acked + (SELECT n FROM c)
+                     WHERE queue = %(q)s AND shard = {sh} AND (SELECT n FROM c) > 0)
+            SELECT n FROM c""")
+        self.retry = q("""
+            UPDATE {s}.messages m SET leased = false, due_us = u.due
+            FROM unnest(%(seqs)s::bigint[], %(atts)s::int[], %(dues)s::bigint[]) AS u(seq, att, due)
+            WHERE m.queue = %(q)s AND m.seq = u.seq AND m.attempts = u.att AND m.leased""")
+        self.extend = q("""
+            UPDATE {s}.messages m SET due_us = %(deadline)s
+            FROM unnest(%(seqs)s::bigint[], %(atts)s::int[]) AS u(seq, att)
+            WHERE m.queue = %(q)s AND m.seq = u.seq AND m.attempts = u.att AND m.leased""")
+        self.records = q("""
+            SELECT seq, record FROM {s}.messages m
+            WHERE queue = %(q)s AND seq = ANY(%(seqs)s::bigint[])""")
+        # The dead-letter move: rows leave here only at the delivery named
+        # (``leased`` for a retry at the last attempt, visible for those a
+        # lease found), and the DLQ gets copies of exactly the rows deleted.
+        move = f"""
+            WITH gone AS (
+                DELETE FROM {{s}}.messages m
+                USING unnest(%(seqs)s::bigint[], %(atts)s::int[]) AS u(seq, att)
+                WHERE m.queue = %(q)s AND m.seq = u.seq AND m.attempts = u.att
+                  AND (m.leased OR NOT %(leased_only)s) AND (%(leased_only)s OR m.due_us <= %(now)s)
+                RETURNING m.seq),
+            c AS (SELECT count(*) AS n FROM gone),
+            bump AS (UPDATE {{s}}.counters SET {{what}} = {{what}} + (SELECT n FROM c)
+                     WHERE queue = %(q)s AND shard = {sh} AND (SELECT n FROM c) > 0)
+            {{insert}}
+            SELECT n FROM c"""
+        self.move = q(move.replace("{what}", "dead_lettered").replace("{insert}", """,
+            b AS (SELECT nextval('{s}.message_seq') AS base),
+            ins AS (
+                INSERT INTO {s}.messages (queue, seq, sent_us, due_us, record)
+                SELECT %(dlq)s, b.base + v.i - 1, v.sent, v.sent + v.delay, v.rec
+                FROM b, unnest(%(seqs)s::bigint[], %(sent)s::bigint[], %(delay)s::bigint[],
+                               %(recs)s::bytea[]) WITH ORDINALITY AS v(seq, sent, delay, rec, i)
+                WHERE v.seq IN (SELECT seq FROM gone))"""))
+        self.delete_dead = q(move.replace("{what}", "deleted").replace("{insert}", ""))
+        self.lease_state = q("""
+            SELECT seq, attempts, leased FROM {s}.messages
+            WHERE queue = %(q)s AND seq = ANY(%(seqs)s::bigint[])""")
+        self.peek = q("""
+            SELECT seq, attempts, record FROM {s}.messages WHERE queue = %(q)s
+            ORDER BY seq LIMIT %(n)s""")
+        self.purge = q(f"""
+            WITH d AS (DELETE FROM {{s}}.messages WHERE queue = %(q)s RETURNING 1),
+            c AS (SELECT count(*) AS n FROM d),
+            bump AS (UPDATE {{s}}.counters SET purged = purged + (SELECT n FROM c)
+                     WHERE queue = %(q)s AND shard = {sh} AND (SELECT n FROM c) > 0)
+            SELECT n FROM c""")
+        self.expire = q(f"""
+            WITH d AS (DELETE FROM {{s}}.messages
+                       WHERE queue = %(q)s AND sent_us <= %(cut)s AND NOT (leased AND due_us > %(now)s)
+                       RETURNING 1),
+            c AS (SELECT count(*) AS n FROM d),
+            bump AS (UPDATE {{s}}.counters SET expired = expired + (SELECT n FROM c)
+                     WHERE queue = %(q)s AND shard = {sh} AND (SELECT n FROM c) > 0)
+            SELECT n FROM c""")
+        self.oldest = q("SELECT sent_us FROM {s}.messages WHERE queue = %(q)s ORDER BY seq LIMIT 1")
+        self.counts = q("""
+            SELECT count(*), CASE WHEN %(bytes)s THEN coalesce(sum(length(record)), 0) ELSE 0 END,
+                   count(*) FILTER (WHERE leased AND due_us > %(now)s),
+                   count(*) FILTER (WHERE NOT leased AND due_us > %(now)s),
+                   min(sent_us),
+                   (SELECT row(sum(acked), sum(dead_lettered), sum(deleted), sum(expired), sum(purged))
+                    FROM {s}.counters WHERE queue = %(q)s)
+            FROM {s}.messages WHERE queue = %(q)s""")
+        self.next_due = q("""
+            SELECT min(due_us) FROM {s}.messages WHERE queue = %(q)s AND due_us > %(now)s""")
+        self.set_paused = q("UPDATE {s}.queues SET paused = %(p)s WHERE name = %(q)s")
+        self.queue_row = q("SELECT id_prefix, paused, settings, settings_gen FROM {s}.queues WHERE name = %(q)s")
+        self.paused = q("SELECT paused FROM {s}.queues WHERE name = %(q)s")
+        self.store_settings = q("""
+            UPDATE {s}.queues SET settings = settings || %(changes)s::jsonb, settings_gen = settings_gen + 1
+            WHERE name = %(q)s RETURNING settings, settings_gen""")
+        self.settings_gens = q("SELECT name, settings_gen FROM {s}.queues WHERE name = ANY(%(names)s::text[])")
+        self.exists = q("SELECT 1 FROM {s}.queues WHERE name = %(q)s")
+        self.names = q("SELECT name FROM {s}.queues ORDER BY name")
+        self.create = q(f"""
+            WITH ins AS (
+                INSERT INTO {{s}}.queues (name, id_prefix, created_us)
+                VALUES (%(q)s, %(prefix)s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+                ON CONFLICT (name) DO NOTHING RETURNING name),
+            c AS (INSERT INTO {{s}}.counters (queue, shard)
+                  SELECT name, g FROM ins, generate_series(0, {COUNTER_SHARDS - 1}) g)
+            SELECT count(*) FROM ins""")
+        self.delete = q("DELETE FROM {s}.queues WHERE name = %(q)s")
+        self.server_time = q("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
+        self.commit_point = q("SELECT pg_current_xact_id()")
+        self.notify = q("SELECT pg_notify(%(ch)s, p) FROM unnest(%(payloads)s::text[]) AS p")
+
+
+class _Notifier:
+    """Change counters of one database schema, shared by every store of
+    this process on it (see the module docstring, "Waking")."""
+
+    _all: Dict[Tuple[str, str], "_Notifier"] = {}
+    _all_lock = threading.Lock()
+
+    @classmethod
+    def get(cls, conns: Connections, schema: str, sql: _Sql) -> "_Notifier":
+        key = (conns.conninfo, schema)
+        with cls._all_lock:
+            n = cls._all.get(key)
+            if n is None or n._stopping:
+                n = cls._all[key] = cls(conns, key, sql)
+            n._users += 1
+            return n
+
+    def __init__(self, conns: Connections, key: Tuple[str, str], sql: _Sql) -> None:
+        self._conns = Connections(conns.conninfo, conns.location)  # its own, closed with it
+        self._sql = sql
+        self._key = key
+        self.channel = f"qlog_{key[1]}"
+        self._cv = threading.Condition()
+        self._gens: Dict[str, int] = {}
+        self.settings: Dict[str, List[int]] = {}
+        self.seen: Dict[str, int] = {}  # the stored settings counters last read
+        self._dirty: Set[str] = set()
+        self._users = 0
+        self._stopping = False
+        self._listening = threading.Event()
+        self._listener = threading.Thread(target=self._listen, name="qlog-pg-listen", daemon=True)
+        self._sender = threading.Thread(target=self._send, name="qlog-pg-notify", daemon=True)
+        self._listener.start()
+        self._sender.start()
+        self._listening.wait(10.0)
+
+    def release(self) -> None:
+        with self._all_lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            self._stopping = True
+            if self._all.get(self._key) is self:
+                del self._all[self._key]
+        with self._cv:
+            self._cv.notify_all()
+        # The threads end within SAFETY_POLL and close their connections.
+
+    def settings_counter(self, name: str) -> List[int]:
+        with self._cv:
+            return self.settings.setdefault(name, [0])
+
+    def token(self, name: str) -> int:
+        with self._cv:
+            return self._gens.get(name, 0)
+
+    def wait(self, name: str, token: int, timeout: float) -> None:
+        end = time.monotonic() + min(timeout, SAFETY_POLL)
+        with self._cv:
+            while self._gens.get(name, 0) == token and not self._stopping:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                self._cv.wait(left)
+
+    def changed(self, name: str, settings: bool = False) -> None:
+        """Bump ``name``'s counters here, and have the sender tell the other processes."""
+        with self._cv:
+            self._bump(name, settings)
+            self._dirty.add(("s" if settings else "c") + name)
+            self._cv.notify_all()
+
+    def _bump(self, name: str, settings: bool) -> None:
+        self._gens[name] = self._gens.get(name, 0) + 1
+        if settings:
+            self.settings.setdefault(name, [0])[0] += 1
+
+    def _send(self) -> None:
+        while True:
+            with self._cv:
+                while not self._dirty and not self._stopping:
+                    self._cv.wait(SAFETY_POLL)
+                if self._stopping:
+                    break
+                payloads, self._dirty = sorted(self._dirty), set()
+            try:
+                self._conns.run(self._sql.notify, {"ch": self.channel, "payloads": payloads},
+                                durable=False, what="a NOTIFY")
+            except errors.QlogError:
+                pass  # the waiters' safety poll covers a lost NOTIFY
+        self._conns.close()
+
+    def _listen(self) -> None:
+        conn = None
+        while not self._stopping:
+            try:
+                if conn is None:
+                    conn = self._conns.connect()
+                    conn.execute(self._conns.psycopg.sql.SQL("LISTEN {}").format(
+                        self._conns.psycopg.sql.Identifier(self.channel)))
+                    with self._cv:  # anything may have changed while no one listened
+                        for name in list(self._gens):
+                            self._bump(name, False)
+                        self._cv.notify_all()
+                    self._listening.set()
+                got = False
+                for n in conn.notifies(timeout=SAFETY_POLL):
+                    got = True
+                    with self._cv:
+                        self._bump(n.payload[1:], n.payload[0] == "s")
+                        self._cv.notify_all()
+                if not got:
+                    self._poll_settings(conn)
+            except (errors.QlogError, self._conns.psycopg.Error):
+                self._listening.set()
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:
+                        pass
+                conn = None
+                time.sleep(0.2)
+        if conn is not None:
+            conn.close()
+
+    def _poll_settings(self, conn: Any) -> None:
+        """The safety net for settings: compare the stored counters."""
+        with self._cv:
+            names = list(self.settings)
+        if not names:
+            return
+        rows = conn.execute(self._sql.settings_gens, {"names": names}).fetchall()
+        with self._cv:
+            for name, gen in rows:
+                if self.seen.get(name, gen) != gen:
+                    self._bump(name, True)
+                self.seen[name] = gen
+
+
+class PgStore(Store):
+    """Queues in a PostgreSQL schema (see the module docstring)."""
+
+    engine = "postgresql"
+
+    def __init__(self, target: str, clock: Optional[Callable[[], float]] = None) -> None:
+        conninfo, self.schema = split_target(target)
+        self.location = redact(target)
+        self.conns = Connections(conninfo, self.location)
+        psycopg = self.conns.psycopg
+        self.sql = _Sql(psycopg, self.schema)
+        self._offset = 0.0
+        self._offset_at = -CLOCK_REFRESH
+        self._own_clock = clock
+        self.clock: Callable[[], float] = clock or self._server_clock
+        conn = self.conns.connect()
+        try:
+            migrate(conn, self.schema, self.location)
+        except psycopg.Error as e:
+            raise errors.StorageError(
+                0, f"cannot set up the qlog schema {self.schema!r} at {self.location}: "
+                f"{self.conns._clean(e)}") from None
+        finally:
+            conn.close()
+        self.notifier = _Notifier.get(self.conns, self.schema, self.sql)
+        self._closed = False
+
+    def _server_clock(self) -> float:
+        now = time.monotonic()
+        if now - self._offset_at >= CLOCK_REFRESH:
+            self._offset_at = now
+            t0 = time.time()
+            row = self.conns.run(self.sql.server_time, fetch="one", what="reading the server's clock")
+            t1 = time.time()
+            self._offset = row[0] / 1e6 - (t0 + t1) / 2
+        return time.time() + self._offset
+
+    def now_us(self) -> int:
+        return int(self.clock() * 1_000_000)
+
+    def exists(self, name: str) -> bool:
+        return self.conns.run(self.sql.exists, {"q": name}, fetch="one", what="a queue lookup") is not None
+
+    def queue_names(self) -> List[str]:
+        return [r[0] for r in self.conns.run(self.sql.names, what="listing queues")]
+
+    def create_queue(self, name: str) -> bool:
+        row = self.conns.run(self.sql.create, {"q": name, "prefix": secrets.token_hex(8)},
+                             fetch="one", what=f"creating queue {name!r}")
+        return bool(row[0])
+
+    def delete_queue(self, name: str) -> None:
+        self.conns.run(self.sql.delete, {"q": name}, fetch="count", what=f"deleting queue {name!r}")
+        self.notifier.changed(name)
+
+    def open_queue(self, name: str, owner: Any, message_class: type[MessageBase],
+                   durability: str, segment_bytes: int) -> "PgQueue":
+        return PgQueue(self, name, owner, message_class, durability)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.notifier.release()
+        self.conns.close()
+
+
+class PgQueue(QueueBackend):
+    """One queue of a :class:`PgStore` (see the module docstring)."""
+
+    def __init__(self, store: PgStore, name: str, owner: Any, message_class: type[MessageBase],
+                 durability: str) -> None:
+        self.name = name
+        self._store = store
+        self._run = store.conns.run
+        self._sql = store.sql
+        self._owner = owner
+        self._cls = message_class
+        self._durable = durability == "sync"
+        self._notifier = store.notifier
+        self._q = {"q": name}
+        row = self._run(self._sql.queue_row, self._q, fetch="one", what=f"opening queue {name!r}")
+        if row is None:
+            raise errors.QueueNotFoundError(f"queue {name!r} does not exist in {store.location}")
+        self.id_prefix = row[0]
+        self._gen = self._notifier.settings_counter(name)
+        self._closed = False
+
+    def _check(self) -> None:
+        if self._closed:
+            raise errors.LogClosedError(f"queue {self.name!r} is closed")
+
+    # -- producing -------------------------------------------------------
+
+    def append_one(self, record: bytes) -> int:
+        return self.append([record])
+
+    def append(self, records: Sequence[bytes], prefix: bytes = b"") -> int:
+        self._check()
+        if prefix:
+            _v, _ct, _f, delay_ms, sent = _unpack_header(prefix)
+            n = len(records)
+            sents, delays = [sent] * n, [delay_ms * 1000] * n
+            recs = [prefix + r for r in records]
+        else:
+            heads = [_unpack_header(r) for r in records]
+            sents = [h[4] for h in heads]
+            delays = [h[3] * 1000 for h in heads]
+            recs = list(records)
+        what = "a send" if len(recs) == 1 else f"a send of {len(recs)} messages"
+        try:
+            row = self._run(self._sql.append, {"q": self.name, "sent": sents, "delay": delays, "recs": recs},
+                            durable=self._durable, idempotent=False, fetch="one",
+                            what=f"{what} to queue {self.name!r}")
+        except self._store.conns.errors.ForeignKeyViolation:
+            raise errors.QueueNotFoundError(
+                f"queue {self.name!r} was deleted from {self._store.location}; nothing was sent") from None
+        self._notifier.changed(self.name)
+        return int(row[0])
+
+    def sync(self) -> None:
+        # Every commit so far is durable once a synchronous commit returns
+        # (the WAL is flushed in order).
+        self._run(self._sql.commit_point, fetch="one", what="a sync")
+
+    # -- consuming -------------------------------------------------------
+
+    def lease(self, n: int, visibility_us: int, now_us: int, policy: LeasePolicy) -> List[Any]:
+        self._check()
+        ret = policy.retention_us
+        rows = self._run(self._sql.lease, {
+            "q": self.name, "now": now_us, "cut": _NO_CUT if ret is None else now_us - ret,
+            "max": policy.max_attempts, "n": n, "deadline": now_us + visibility_us,
+        }, what=f"a pull from queue {self.name!r}")
+        cls, owner = self._cls, self._owner
+        got = sorted(((att == 1, seq, att, bytes(rec)) for ok, seq, att, rec in rows if ok))
+        dead = [(seq, att, bytes(rec)) for ok, seq, att, rec in rows if not ok]
+        if dead:
+            self._move([d[0] for d in dead], [d[1] for d in dead], now_us, policy,
+                       [d[2] for d in dead], leased_only=False)
+        return [cls(owner, seq, att, rec) for _new, seq, att, rec in got]
+
+    def ack(self, numbers: Sequence[int]) -> int:
+        row = self._run(self._sql.ack, {"q": self.name, "seqs": list(numbers)}, durable=False,
+                        fetch="one", what=f"an ack on queue {self.name!r}")
+        return int(row[0])
+
+    def retry(self, numbers: Sequence[int], attempts: Sequence[int], due_us: Sequence[int]) -> int:
+        n = self._run(self._sql.retry, {"q": self.name, "seqs": list(numbers), "atts": list(attempts),
+                                        "dues": list(due_us)},
+                      durable=False, fetch="count", what=f"a retry on queue {self.name!r}")
+        if n:
+            self._notifier.changed(self.name)
+        return int(n)
+
+    def extend(self, numbers: Sequence[int], attempts: Sequence[int], deadline_us: int) -> int:
+        n = self._run(self._sql.extend, {"q": self.name, "seqs": list(numbers), "atts": list(attempts),
+                                         "deadline": deadline_us},
+                      durable=False, fetch="count", what=f"an extension on queue {self.name!r}")
+        return int(n)
+
+    def dead_letter(self, numbers: Sequence[int], attempts: Sequence[int], now_us: int,
+                    policy: LeasePolicy, records: Optional[Sequence[bytes]] = None) -> int:
+        seqs, atts = list(numbers), list(attempts)
+        if records is None and policy.dead_letter_to is not None:
+            found = {s: bytes(r) for s, r in self._run(self._sql.records, {"q": self.name, "seqs": seqs},
+                                                     what=f"reading queue {self.name!r}")}
+            keep = [i for i, s in enumerate(seqs) if s in found]
+            seqs, atts = [seqs[i] for i in keep], [atts[i] for i in keep]
+            records = [found[s] for s in seqs]
+        return self._move(seqs, atts, now_us, policy, records, leased_only=True)
+
+    def _move(self, seqs: List[int], atts: List[int], now: int, policy: LeasePolicy,
+              records: Optional[Sequence[bytes]], leased_only: bool) -> int:
+        """Dead-letter these deliveries in one statement (module docstring)."""
+        if not seqs:
+            return 0
+        params: Dict[str, Any] = {"q": self.name, "seqs": seqs, "atts": atts, "now": now,
+                                  "leased_only": leased_only}
+        what = f"a dead-letter move from queue {self.name!r}"
+        if policy.dead_letter_to is None:
+            row = self._run(self._sql.delete_dead, params, durable=False, fetch="one", what=what)
+            return int(row[0])
+        dlq = policy.dead_letter_to()
+        assert records is not None
+        out = [policy.dead_letter_record(r, s, a, now) for s, a, r in zip(seqs, atts, records)]
+        heads = [_unpack_header(r) for r in out]
+        params.update(dlq=dlq.name, recs=out, sent=[h[4] for h in heads], delay=[h[3] * 1000 for h in heads])
+        row = self._run(self._sql.move, params, durable=False, fetch="one", what=what)
+        if row[0]:
+            self._notifier.changed(dlq.name)
+        return int(row[0])
+
+    def lease_state(self, numbers: Sequence[int]) -> List[Optional[int]]:
+        rows = self._run(self._sql.lease_state, {"q": self.name, "seqs": list(numbers)},
+                         what=f"reading queue {self.name!r}")
+        found = {seq: (att if leased else 0) for seq, att, leased in rows}
+        return [found.get(s) for s in numbers]
+
+    # -- looking, cleaning -------------------------------------------------
+
+    def peek(self, n: int) -> List[Any]:
+        rows = self._run(self._sql.peek, {"q": self.name, "n": n}, what=f"a peek at queue {self.name!r}")
+        return [self._cls(self._owner, seq, att, bytes(rec), True) for seq, att, rec in rows]
+
+    def purge(self) -> int:
+        row = self._run(self._sql.purge, self._q, fetch="one", what=f"a purge of queue {self.name!r}")
+        return int(row[0])
+
+    def expire(self, retention_us: int, now_us: int) -> int:
+        row = self._run(self._sql.expire, {"q": self.name, "cut": now_us - retention_us, "now": now_us},
+                        durable=False, fetch="one", what=f"an expiry on queue {self.name!r}")
+        return int(row[0])
+
+    def oldest_sent_us(self) -> Optional[int]:
+        row = self._run(self._sql.oldest, self._q, fetch="one", what=f"reading queue {self.name!r}")
+        return None if row is None else int(row[0])
+
+    def counts(self, now_us: int, with_bytes: bool = False) -> Counts:
+        backlog, nbytes, in_flight, delayed, oldest, totals = self._run(
+            self._sql.counts, {"q": self.name, "now": now_us, "bytes": with_bytes},
+            fetch="one", what=f"counting queue {self.name!r}")
+        acked, dead, deleted, expired, purged = (int(x or 0) for x in (totals or (0, 0, 0, 0, 0)))
+        return Counts(
+            backlog=int(backlog), backlog_bytes=int(nbytes), in_flight=int(in_flight),
+            delayed=int(delayed), oldest_sent_us=None if oldest is None else int(oldest),
+            acked=acked, dead_lettered=dead, deleted=deleted, expired=expired, purged=purged,
+            sent=int(backlog) + acked + dead + deleted + expired + purged,
+        )
+
+    # -- pausing, waiting ----------------------------------------------------
+
+    def set_paused(self, paused: bool) -> None:
+        self._check()
+        self._run(self._sql.set_paused, {"q": self.name, "p": paused}, fetch="count",
+                  what=f"{'pausing' if paused else 'resuming'} queue {self.name!r}")
+        if not paused:
+            self._notifier.changed(self.name)
+
+    def paused(self) -> bool:
+        row = self._run(self._sql.paused, self._q, fetch="one", what=f"reading queue {self.name!r}")
+        return bool(row and row[0])
+
+    def change_token(self) -> int:
+        return self._notifier.token(self.name)
+
+    def wait_change(self, token: int, timeout: float) -> None:
+        self._notifier.wait(self.name, token, timeout)
+
+    def wake(self) -> None:
+        self._notifier.changed(self.name)
+
+    def next_due_us(self) -> Optional[int]:
+        row = self._run(self._sql.next_due, {"q": self.name, "now": self._store.now_us()},
+                        fetch="one", what=f"reading queue {self.name!r}")
+        return None if row is None or row[0] is None else int(row[0])
+
+    # -- settings ------------------------------------------------------------
+
+    def load_settings(self) -> Dict[str, Any]:
+        row = self._run(self._sql.queue_row, self._q, fetch="one", what=f"reading queue {self.name!r}")
+        if row is None:
+            return {}
+        stored = row[2]
+        if not isinstance(stored, dict):
+            raise errors.CorruptStateError(
+                f"the settings of queue {self.name!r} in {self._store.location} are not a JSON object")
+        return stored
+
+    def store_settings(self, changes: Dict[str, Any]) -> Dict[str, Any]:
+        jsonb = self._store.conns.psycopg.types.json.Jsonb
+        row = self._run(self._sql.store_settings, {"q": self.name, "changes": jsonb(changes)},
+                        fetch="one", what=f"storing the settings of queue {self.name!r}")
+        if row is None:
+            raise errors.QueueNotFoundError(f"queue {self.name!r} does not exist in {self._store.location}")
+        self._notifier.seen[self.name] = row[1]
+        self._notifier.changed(self.name, settings=True)
+        return dict(row[0])
+
+    def settings_counter(self) -> List[int]:
+        return self._gen
+
+    def close(self) -> None:
+        self._closed = True
