@@ -32,6 +32,7 @@ thread per process receives them; a wait never lasts longer than
 
 from __future__ import annotations
 
+import atexit
 import secrets
 import threading
 import time
@@ -249,7 +250,10 @@ class _Notifier:
                 del self._all[self._key]
         with self._cv:
             self._cv.notify_all()
-        # The threads end within SAFETY_POLL and close their connections.
+        # The sender sends what is pending first (a process that stores a
+        # setting and exits must still tell the others); the listener ends
+        # within SAFETY_POLL and closes its connection.
+        self._sender.join(5.0)
 
     def settings_counter(self, name: str) -> List[int]:
         with self._cv:
@@ -275,6 +279,28 @@ class _Notifier:
             self._dirty.add(("s" if settings else "c") + name)
             self._cv.notify_all()
 
+    def changed_now(self, name: str, settings: bool = False) -> None:
+        """:meth:`changed` for rare changes (settings, resume, a deletion):
+        the NOTIFY is sent before this returns, so a
+        process that exits next still tells the others."""
+        with self._cv:
+            self._bump(name, settings)
+            self._cv.notify_all()
+        self._conns.run(self._sql.notify, {"ch": self.channel, "payloads": [("s" if settings else "c") + name]},
+                        durable=False, what="a NOTIFY")
+
+    @classmethod
+    def flush_all(cls) -> None:
+        """At exit: send the NOTIFYs still pending (a producer that sends
+        and exits without closing its broker still wakes the consumers)."""
+        with cls._all_lock:
+            pending = list(cls._all.values())
+        for n in pending:
+            with n._cv:
+                n._stopping = True
+                n._cv.notify_all()
+            n._sender.join(2.0)
+
     def _bump(self, name: str, settings: bool) -> None:
         self._gens[name] = self._gens.get(name, 0) + 1
         if settings:
@@ -285,7 +311,7 @@ class _Notifier:
             with self._cv:
                 while not self._dirty and not self._stopping:
                     self._cv.wait(SAFETY_POLL)
-                if self._stopping:
+                if not self._dirty:
                     break
                 payloads, self._dirty = sorted(self._dirty), set()
             try:
@@ -395,7 +421,7 @@ class PgStore(Store):
 
     def delete_queue(self, name: str) -> None:
         self.conns.run(self.sql.delete, {"q": name}, fetch="count", what=f"deleting queue {name!r}")
-        self.notifier.changed(name)
+        self.notifier.changed_now(name)
 
     def open_queue(self, name: str, owner: Any, message_class: type[MessageBase],
                    durability: str, segment_bytes: int) -> "PgQueue":
@@ -427,6 +453,7 @@ class PgQueue(QueueBackend):
         if row is None:
             raise errors.QueueNotFoundError(f"queue {name!r} does not exist in {store.location}")
         self.id_prefix = row[0]
+        self._notifier.seen.setdefault(name, row[3])  # the safety poll's baseline
         self._gen = self._notifier.settings_counter(name)
         self._closed = False
 
@@ -579,7 +606,7 @@ class PgQueue(QueueBackend):
         self._run(self._sql.set_paused, {"q": self.name, "p": paused}, fetch="count",
                   what=f"{'pausing' if paused else 'resuming'} queue {self.name!r}")
         if not paused:
-            self._notifier.changed(self.name)
+            self._notifier.changed_now(self.name)
 
     def paused(self) -> bool:
         row = self._run(self._sql.paused, self._q, fetch="one", what=f"reading queue {self.name!r}")
@@ -592,7 +619,7 @@ class PgQueue(QueueBackend):
         self._notifier.wait(self.name, token, timeout)
 
     def wake(self) -> None:
-        self._notifier.changed(self.name)
+        self._notifier.changed(self.name)  # this process's waiters at once, the others by the sender
 
     def next_due_us(self) -> Optional[int]:
         row = self._run(self._sql.next_due, {"q": self.name, "now": self._store.now_us()},
@@ -618,7 +645,7 @@ class PgQueue(QueueBackend):
         if row is None:
             raise errors.QueueNotFoundError(f"queue {self.name!r} does not exist in {self._store.location}")
         self._notifier.seen[self.name] = row[1]
-        self._notifier.changed(self.name, settings=True)
+        self._notifier.changed_now(self.name, settings=True)
         return dict(row[0])
 
     def settings_counter(self) -> List[int]:
@@ -626,3 +653,6 @@ class PgQueue(QueueBackend):
 
     def close(self) -> None:
         self._closed = True
+
+
+atexit.register(_Notifier.flush_all)
