@@ -28,6 +28,7 @@ import pytest
 import qlog
 from _crashkit import child_env
 from conftest import _wait_until as wait_until
+from conftest import pg_url
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -186,6 +187,39 @@ def manage_cli_block(text: str, tmp: pathlib.Path) -> None:
         assert "my-job-queue" not in b.queues()
 
 
+PG_EXAMPLE = "postgresql://app@db.internal/app"  # the README's database; a fresh schema of the test server here
+
+
+def pg_python_block(text: str, tmp: pathlib.Path) -> None:
+    url = pg_url()
+    python_block(text.replace(f'"{PG_EXAMPLE}"', repr(url)), tmp)
+    with qlog.open(url) as b:
+        st = b.queue("jobs").stats()
+        assert (st.sent, st.acked, st.backlog) == (1, 1, 0)
+
+
+def pg_cli_block(text: str, tmp: pathlib.Path) -> None:
+    url = pg_url()
+    (tmp / "app.py").write_text(
+        f"import qlog\nbroker = qlog.open({url!r})\n\n"
+        "@broker.consumer('jobs', max_batch_timeout=0.05)\ndef handle(batch):\n    pass\n")
+    for cmd in code_lines(text):
+        cmd = cmd.replace(PG_EXAMPLE, url)
+        if cmd.startswith("pip install"):
+            extra = re.search(r"\[(\w+)\]", cmd).group(1)
+            assert extra in re.search(r"\[project.optional-dependencies\](.*?)\n\[", (ROOT / "pyproject.toml").read_text(),
+                                      re.S).group(1)
+            import psycopg  # noqa: F401  (installed by the test extra too)
+        elif cmd.startswith("qlog worker"):
+            with qlog.open(url) as b:
+                b.queue("jobs").send_batch([1, 2, 3])
+                serve_until(cmd, tmp, lambda: b.queue("jobs").stats().acked == 3, f"{cmd!r} consumes")
+        else:
+            out = run(cmd, tmp, shell=True).stdout
+            if cmd.startswith("qlog stats"):
+                assert "jobs" in out
+
+
 def engine_block(text: str, tmp: pathlib.Path) -> None:
     out = python_block(text, tmp)
     assert out.startswith("0 b'a'\n1 b'b'\n2 b'c'\n"), out
@@ -214,6 +248,8 @@ def ci_commands(text: str, tmp: pathlib.Path) -> None:
 
 
 RUNNERS: List[Tuple[str, Callable[[str, pathlib.Path], None]]] = [
+    ("# pg.py", pg_python_block),
+    ("qlog migrate postgresql://", pg_cli_block),
     ("pip install . && python examples/quickstart.py", ci_commands),
     ("# app.py", app_block),
     ("qlog worker app:broker                  #", worker_block),
