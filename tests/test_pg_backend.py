@@ -19,7 +19,6 @@ from _crashkit import child_env
 from conftest import pg_cluster, pg_url
 
 import qlog
-from qlog._pg import backend as pg_backend
 from qlog._pg.schema import SCHEMA_VERSION
 
 Q = "jobs"
