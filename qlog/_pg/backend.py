@@ -77,37 +77,37 @@ class _Sql:
                 FROM b, unnest(%(sent)s::bigint[], %(delay)s::bigint[], %(recs)s::bytea[])
                      WITH ORDINALITY AS u(sent, delay, rec, i))
             SELECT base FROM b""")
-        # The lease: expire, pick, lease and find the dead in one statement.
-        # The three sets are disjoint (sent_us against the retention cut,
-        # attempts against max_attempts), so no row is in two of them.
+        # The lease, in one statement: lock the first ``n`` visible rows
+        # (``head``), then expire those past retention, lease those below
+        # max_attempts and return the rest as dead (to be moved next).  The
+        # three sets split ``head`` by its own columns, so no row is in two.
+        # Only ``n`` rows are looked at: the caller leases again for the
+        # room that expired and dead rows took (see PgQueue.lease).
         self.lease = q(f"""
-            WITH qq AS (SELECT 1 FROM {{s}}.queues WHERE name = %(q)s AND NOT paused),
+            WITH head AS (
+                SELECT seq, sent_us, attempts FROM {{s}}.messages
+                WHERE queue = %(q)s AND due_us <= %(now)s
+                  AND EXISTS (SELECT 1 FROM {{s}}.queues WHERE name = %(q)s AND NOT paused)
+                ORDER BY due_us, seq LIMIT %(n)s FOR UPDATE SKIP LOCKED),
             exp AS (
-                DELETE FROM {{s}}.messages WHERE queue = %(q)s AND seq IN (
-                    SELECT seq FROM {{s}}.messages
-                    WHERE queue = %(q)s AND due_us <= %(now)s AND sent_us <= %(cut)s
-                      AND EXISTS (SELECT 1 FROM qq)
-                    ORDER BY due_us, seq LIMIT {_DEAD_LIMIT} FOR UPDATE SKIP LOCKED)
+                DELETE FROM {{s}}.messages m USING head h
+                WHERE m.queue = %(q)s AND m.seq = h.seq AND h.sent_us <= %(cut)s
                 RETURNING 1),
             bump AS (
                 UPDATE {{s}}.counters SET expired = expired + (SELECT count(*) FROM exp)
                 WHERE queue = %(q)s AND shard = {sh} AND EXISTS (SELECT 1 FROM exp)),
-            pick AS (
-                SELECT seq FROM {{s}}.messages
-                WHERE queue = %(q)s AND due_us <= %(now)s AND sent_us > %(cut)s
-                  AND attempts < %(max)s AND EXISTS (SELECT 1 FROM qq)
-                ORDER BY due_us, seq LIMIT %(n)s FOR UPDATE SKIP LOCKED),
             leased AS (
                 UPDATE {{s}}.messages m
                 SET attempts = m.attempts + 1, leased = true, due_us = %(deadline)s
-                FROM pick WHERE m.queue = %(q)s AND m.seq = pick.seq
+                FROM head h
+                WHERE m.queue = %(q)s AND m.seq = h.seq AND h.sent_us > %(cut)s AND h.attempts < %(max)s
                 RETURNING m.seq, m.attempts, m.record)
-            SELECT true, seq, attempts, record FROM leased
+            SELECT 0, seq, attempts, record FROM leased
             UNION ALL
-            (SELECT false, seq, attempts, record FROM {{s}}.messages
-             WHERE queue = %(q)s AND due_us <= %(now)s AND sent_us > %(cut)s
-               AND attempts >= %(max)s AND EXISTS (SELECT 1 FROM qq)
-             ORDER BY due_us, seq LIMIT {_DEAD_LIMIT})""")
+            SELECT 1, m.seq, m.attempts, m.record FROM {{s}}.messages m JOIN head h ON m.seq = h.seq
+            WHERE m.queue = %(q)s AND h.sent_us > %(cut)s AND h.attempts >= %(max)s
+            UNION ALL
+            SELECT 2, count(*), 0, NULL FROM exp""")
         self.ack = q(f"""
             WITH d AS (DELETE FROM {{s}}.messages WHERE queue = %(q)s AND seq = ANY(%(seqs)s::bigint[])
                        RETURNING 1),
@@ -499,17 +499,24 @@ class PgQueue(QueueBackend):
     def lease(self, n: int, visibility_us: int, now_us: int, policy: LeasePolicy) -> List[Any]:
         self._check()
         ret = policy.retention_us
-        rows = self._run(self._sql.lease, {
-            "q": self.name, "now": now_us, "cut": _NO_CUT if ret is None else now_us - ret,
-            "max": policy.max_attempts, "n": n, "deadline": now_us + visibility_us,
-        }, what=f"a pull from queue {self.name!r}")
+        params = {"q": self.name, "now": now_us, "cut": _NO_CUT if ret is None else now_us - ret,
+                  "max": policy.max_attempts, "n": n, "deadline": now_us + visibility_us}
+        got: List[Tuple[bool, int, int, bytes]] = []
+        while True:
+            rows = self._run(self._sql.lease, params, what=f"a pull from queue {self.name!r}")
+            got += [(att == 1, seq, att, rec) for kind, seq, att, rec in rows if kind == 0]
+            dead = [(seq, att, rec) for kind, seq, att, rec in rows if kind == 1]
+            expired = sum(seq for kind, seq, _att, _rec in rows if kind == 2)
+            if dead:
+                self._move([d[0] for d in dead], [d[1] for d in dead], now_us, policy,
+                           [d[2] for d in dead], leased_only=False)
+            # Expired and dead rows took room in this batch: look again for
+            # as many (they are gone now, so each round makes progress).
+            if len(got) >= n or not (dead or expired):
+                break
+            params["n"] = n - len(got)
         cls, owner = self._cls, self._owner
-        got = sorted(((att == 1, seq, att, bytes(rec)) for ok, seq, att, rec in rows if ok))
-        dead = [(seq, att, bytes(rec)) for ok, seq, att, rec in rows if not ok]
-        if dead:
-            self._move([d[0] for d in dead], [d[1] for d in dead], now_us, policy,
-                       [d[2] for d in dead], leased_only=False)
-        return [cls(owner, seq, att, rec) for _new, seq, att, rec in got]
+        return [cls(owner, seq, att, rec) for _new, seq, att, rec in sorted(got)]
 
     def ack(self, numbers: Sequence[int]) -> int:
         row = self._run(self._sql.ack, {"q": self.name, "seqs": list(numbers)}, durable=False,

@@ -171,8 +171,6 @@ class Connections:
         while True:
             try:
                 conn = self._get(durable)
-            except errors.LogClosedError:
-                raise
             except errors.StorageError:
                 # nothing was sent: the server is down or restarting
                 if time.monotonic() >= deadline:
@@ -180,7 +178,7 @@ class Connections:
                 time.sleep(0.2)
                 continue
             try:
-                cur = conn.execute(sql, params, prepare=True)
+                cur = conn.execute(sql, params, prepare=True, binary=True)
                 if fetch == "all":
                     return cur.fetchall()
                 if fetch == "one":
