@@ -388,7 +388,7 @@ class PgStore(Store):
             migrate(conn, self.schema, self.location)
         except psycopg.Error as e:
             raise errors.StorageError(
-                0, f"cannot set up the qlog schema {self.schema!r} at {self.location}: "
+                f"cannot set up the qlog schema {self.schema!r} at {self.location}: "
                 f"{self.conns._clean(e)}") from None
         finally:
             conn.close()

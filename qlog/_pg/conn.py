@@ -117,7 +117,7 @@ class Connections:
                                         application_name="qlog")
         except self.psycopg.Error as e:
             raise errors.StorageError(
-                0, f"cannot connect to PostgreSQL at {self.location}: {self._clean(e)}") from None
+                f"cannot connect to PostgreSQL at {self.location}: {self._clean(e)}") from None
         if not synchronous_commit:
             conn.execute("SET synchronous_commit = off")
         return conn
@@ -187,17 +187,22 @@ class Connections:
             except self.psycopg.OperationalError as e:
                 if not conn.broken and not conn.closed:
                     raise errors.StorageError(
-                        0, f"{what} failed in PostgreSQL at {self.location}: {self._clean(e)}") from None
+                        f"{what} failed in PostgreSQL at {self.location}: {self._clean(e)}") from None
                 self._drop(conn)
                 if not idempotent:
                     raise errors.CommitUnknownError(
-                        0, f"the connection to PostgreSQL at {self.location} was lost during {what}: "
+                        f"the connection to PostgreSQL at {self.location} was lost during {what}: "
                         "it may or may not have committed; it was not sent again") from None
                 if time.monotonic() >= deadline:
                     raise errors.StorageError(
-                        0, f"{what} failed: PostgreSQL at {self.location} is unreachable "
+                        f"{what} failed: PostgreSQL at {self.location} is unreachable "
                         f"({self._clean(e)}), tried for {RECONNECT_FOR:g} s") from None
                 time.sleep(0.2)
+            except self.errors.ForeignKeyViolation:
+                raise  # the caller names it (a queue deleted meanwhile)
+            except self.psycopg.Error as e:
+                raise errors.StorageError(
+                    f"{what} failed in PostgreSQL at {self.location}: {self._clean(e)}") from e
 
     def close(self) -> None:
         """Close every connection made (in every thread); idempotent."""
