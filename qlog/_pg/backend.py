@@ -317,7 +317,7 @@ class _Notifier:
             try:
                 self._conns.run(self._sql.notify, {"ch": self.channel, "payloads": payloads},
                                 durable=False, what="a NOTIFY")
-            except errors.QlogError:
+            except Exception:  # this thread must outlive any failure
                 pass  # the waiters' safety poll covers a lost NOTIFY
         self._conns.close()
 

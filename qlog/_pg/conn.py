@@ -112,14 +112,17 @@ class Connections:
 
     def connect(self, autocommit: bool = True, synchronous_commit: bool = True) -> Any:
         """A new connection (the caller owns it)."""
+        conn = None
         try:
             conn = self.psycopg.connect(self.conninfo, autocommit=autocommit,
                                         application_name="qlog")
+            if not synchronous_commit:
+                conn.execute("SET synchronous_commit = off")
         except self.psycopg.Error as e:
+            if conn is not None:
+                conn.close()
             raise errors.StorageError(
                 f"cannot connect to PostgreSQL at {self.location}: {self._clean(e)}") from None
-        if not synchronous_commit:
-            conn.execute("SET synchronous_commit = off")
         return conn
 
     def _clean(self, e: BaseException) -> str:
