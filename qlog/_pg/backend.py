@@ -20,14 +20,16 @@ clock (read again every :data:`CLOCK_REFRESH` seconds), so machines whose
 clocks disagree agree on visibility, delays and retention to within a round
 trip.  A hand clock (tests) is used as given.
 
-Waking: a change that may make something deliverable (an append, retry,
-resume, settings change, :meth:`wake`) bumps this process's counter for the
-queue at once, and a NOTIFY carries it to the other processes.  NOTIFYs are
-coalesced: one sender thread per process sends one for every queue changed
-since its last, so a burst of sends costs a NOTIFY or two, not one per
-message (a NOTIFY takes a database-wide lock at commit).  One listener
-thread per process receives them; a wait never lasts longer than
-:data:`SAFETY_POLL` seconds, the safety net if a NOTIFY is lost.
+Waking: a consumer that waits records it in ``waiters`` (with an expiry,
+:data:`WAIT_FLAG_US`), and removes the record when it finds messages again.
+An append or retry sends a NOTIFY in its own statement only while a record
+is there, so a busy queue sends none and a burst of sends to idle consumers
+sends a few (a NOTIFY takes a database-wide lock at commit).  Waiters in
+this process are woken at once.  Rare changes (resume, settings, a
+deletion) notify always, and :meth:`PgQueue.wake` and dead-letter moves
+through this process's sender thread, which coalesces them.  One listener
+thread per process receives NOTIFYs; a wait never lasts longer than
+:data:`SAFETY_POLL` seconds, the safety net if one is lost.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ CLOCK_REFRESH = 30.0
 _DEAD_LIMIT = 1000  # messages one lease expires or finds dead, at most
 _NO_CUT = -(1 << 63)  # "no retention": no send time is at or before it
 _unpack_header = RECORD_HEADER.unpack_from
+_NOW = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"  # the server's time, µs
+WAIT_FLAG_US = 2_000_000
+"""How long a waiting consumer's flag (``queues.waiting_until``) lasts: it
+is set again while the consumer still waits."""
+FIRST_WAIT = 0.02
+"""Seconds the first wait after setting the flag lasts at most: a send whose
+statement began before the flag was committed did not see it, so the
+consumer looks again this soon rather than at the safety poll."""
 
 
 def _shard() -> str:
@@ -69,14 +79,31 @@ class _Sql:
         def q(text: str) -> Any:
             return psycopg.sql.SQL(text.replace("{s}", s))
 
-        self.append = q("""
-            WITH b AS (SELECT nextval('{s}.message_seq') AS base),
+        # pg_notify(), only while a consumer waits (a NOTIFY takes a
+        # database-wide lock at commit): an expression to AND more onto.
+        def notify_if_waiting(cond: str) -> str:
+            return (f"(SELECT pg_notify(%(ch)s, %(payload)s) WHERE {cond} AND EXISTS ("
+                    f"SELECT 1 FROM {s}.waiters WHERE queue = %(q)s AND until_us > {_NOW})) IS NULL")
+
+        # The append checks that the queue exists (there is no foreign
+        # key, schema.py) and sends a NOTIFY, in the same transaction, only
+        # while a consumer says it is waiting.
+        self.append = q(f"""
+            WITH b AS (SELECT nextval('{{s}}.message_seq') AS base),
+            qq AS (SELECT 1 FROM {{s}}.queues WHERE name = %(q)s),
             ins AS (
-                INSERT INTO {s}.messages (queue, seq, sent_us, due_us, record)
+                INSERT INTO {{s}}.messages (queue, seq, sent_us, due_us, record)
                 SELECT %(q)s, b.base + u.i - 1, u.sent, u.sent + u.delay, u.rec
                 FROM b, unnest(%(sent)s::bigint[], %(delay)s::bigint[], %(recs)s::bytea[])
-                     WITH ORDINALITY AS u(sent, delay, rec, i))
-            SELECT base FROM b""")
+                     WITH ORDINALITY AS u(sent, delay, rec, i)
+                WHERE EXISTS (SELECT 1 FROM qq))
+            SELECT base, EXISTS (SELECT 1 FROM qq), {notify_if_waiting("EXISTS (SELECT 1 FROM qq)")}
+            FROM b""")
+        self.wait_flag = q(f"""
+            WITH old AS (DELETE FROM {{s}}.waiters WHERE queue = %(q)s AND until_us < {_NOW} - 3600000000)
+            INSERT INTO {{s}}.waiters VALUES (%(q)s, %(w)s, {_NOW} + {WAIT_FLAG_US})
+            ON CONFLICT (queue, waiter) DO UPDATE SET until_us = excluded.until_us""")
+        self.wait_done = q("DELETE FROM {s}.waiters WHERE queue = %(q)s AND waiter = %(w)s")
         # The lease, in one statement: lock the first ``n`` visible rows
         # (``head``), then expire those past retention, lease those below
         # max_attempts and return the rest as dead (to be moved next).  The
@@ -115,10 +142,14 @@ class _Sql:
             bump AS (UPDATE {{s}}.counters SET acked = acked + (SELECT n FROM c)
                      WHERE queue = %(q)s AND shard = {sh} AND (SELECT n FROM c) > 0)
             SELECT n FROM c""")
-        self.retry = q("""
-            UPDATE {s}.messages m SET leased = false, due_us = u.due
-            FROM unnest(%(seqs)s::bigint[], %(atts)s::int[], %(dues)s::bigint[]) AS u(seq, att, due)
-            WHERE m.queue = %(q)s AND m.seq = u.seq AND m.attempts = u.att AND m.leased""")
+        self.retry = q(f"""
+            WITH u AS (
+                UPDATE {{s}}.messages m SET leased = false, due_us = u.due
+                FROM unnest(%(seqs)s::bigint[], %(atts)s::int[], %(dues)s::bigint[]) AS u(seq, att, due)
+                WHERE m.queue = %(q)s AND m.seq = u.seq AND m.attempts = u.att AND m.leased
+                RETURNING 1)
+            SELECT count(*), {notify_if_waiting("EXISTS (SELECT 1 FROM u)")}
+            FROM u""")
         self.extend = q("""
             UPDATE {s}.messages m SET due_us = %(deadline)s
             FROM unnest(%(seqs)s::bigint[], %(atts)s::int[]) AS u(seq, att)
@@ -182,7 +213,8 @@ class _Sql:
         self.next_due = q("""
             SELECT min(due_us) FROM {s}.messages WHERE queue = %(q)s AND due_us > %(now)s""")
         self.set_paused = q("UPDATE {s}.queues SET paused = %(p)s WHERE name = %(q)s")
-        self.queue_row = q("SELECT id_prefix, paused, settings, settings_gen FROM {s}.queues WHERE name = %(q)s")
+        self.queue_row = q(
+            "SELECT id_prefix, paused, settings, settings_gen, created_us FROM {s}.queues WHERE name = %(q)s")
         self.paused = q("SELECT paused FROM {s}.queues WHERE name = %(q)s")
         self.store_settings = q("""
             UPDATE {s}.queues SET settings = settings || %(changes)s::jsonb, settings_gen = settings_gen + 1
@@ -196,11 +228,16 @@ class _Sql:
                 VALUES (%(q)s, %(prefix)s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
                 ON CONFLICT (name) DO NOTHING RETURNING name),
             c AS (INSERT INTO {{s}}.counters (queue, shard)
-                  SELECT name, g FROM ins, generate_series(0, {COUNTER_SHARDS - 1}) g)
+                  SELECT name, g FROM ins, generate_series(0, {COUNTER_SHARDS - 1}) g),
+            orphans AS (DELETE FROM {{s}}.messages WHERE queue = %(q)s AND EXISTS (SELECT 1 FROM ins))
             SELECT count(*) FROM ins""")
-        self.delete = q("DELETE FROM {s}.queues WHERE name = %(q)s")
+        self.delete = q("""
+            WITH m AS (DELETE FROM {s}.messages WHERE queue = %(q)s)
+            DELETE FROM {s}.queues WHERE name = %(q)s""")
         self.server_time = q("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
-        self.commit_point = q("SELECT pg_current_xact_id()")
+        # A commit that wrote WAL, durably: the flush covers every earlier
+        # commit (a commit that writes no WAL is not flushed synchronously).
+        self.commit_point = q("UPDATE {s}.meta SET value = value WHERE key = 'schema_version'")
         self.notify = q("SELECT pg_notify(%(ch)s, p) FROM unnest(%(payloads)s::text[]) AS p")
 
 
@@ -277,6 +314,13 @@ class _Notifier:
         with self._cv:
             self._bump(name, settings)
             self._dirty.add(("s" if settings else "c") + name)
+            self._cv.notify_all()
+
+    def changed_here(self, name: str) -> None:
+        """Bump ``name``'s counter for this process's waiters only (the
+        statement that made the change sent the NOTIFY, if anyone waits)."""
+        with self._cv:
+            self._bump(name, False)
             self._cv.notify_all()
 
     def changed_now(self, name: str, settings: bool = False) -> None:
@@ -449,10 +493,14 @@ class PgQueue(QueueBackend):
         self._durable = durability == "sync"
         self._notifier = store.notifier
         self._q = {"q": name}
+        self._payload = "c" + name
+        self._flag_until = 0.0  # monotonic time our waiting flag runs out (see wait_change)
+        self._waiter = {"q": name, "w": secrets.token_hex(8)}
         row = self._run(self._sql.queue_row, self._q, fetch="one", what=f"opening queue {name!r}")
         if row is None:
             raise errors.QueueNotFoundError(f"queue {name!r} does not exist in {store.location}")
         self.id_prefix = row[0]
+        self.created_us = int(row[4])
         self._notifier.seen.setdefault(name, row[3])  # the safety poll's baseline
         self._gen = self._notifier.settings_counter(name)
         self._closed = False
@@ -479,14 +527,14 @@ class PgQueue(QueueBackend):
             delays = [h[3] * 1000 for h in heads]
             recs = list(records)
         what = "a send" if len(recs) == 1 else f"a send of {len(recs)} messages"
-        try:
-            row = self._run(self._sql.append, {"q": self.name, "sent": sents, "delay": delays, "recs": recs},
-                            durable=self._durable, idempotent=False, fetch="one",
-                            what=f"{what} to queue {self.name!r}")
-        except self._store.conns.errors.ForeignKeyViolation:
+        row = self._run(self._sql.append, {"q": self.name, "sent": sents, "delay": delays, "recs": recs,
+                                           "ch": self._notifier.channel, "payload": self._payload},
+                        durable=self._durable, idempotent=False, fetch="one",
+                        what=f"{what} to queue {self.name!r}")
+        if not row[1]:
             raise errors.QueueNotFoundError(
-                f"queue {self.name!r} was deleted from {self._store.location}; nothing was sent") from None
-        self._notifier.changed(self.name)
+                f"queue {self.name!r} was deleted from {self._store.location}; nothing was sent")
+        self._notifier.changed_here(self.name)
         return int(row[0])
 
     def sync(self) -> None:
@@ -503,7 +551,7 @@ class PgQueue(QueueBackend):
                   "max": policy.max_attempts, "n": n, "deadline": now_us + visibility_us}
         got: List[Tuple[bool, int, int, bytes]] = []
         while True:
-            rows = self._run(self._sql.lease, params, what=f"a pull from queue {self.name!r}")
+            rows = self._run(self._sql.lease, params, durable=False, what=f"a pull from queue {self.name!r}")
             got += [(att == 1, seq, att, rec) for kind, seq, att, rec in rows if kind == 0]
             dead = [(seq, att, rec) for kind, seq, att, rec in rows if kind == 1]
             expired = sum(seq for kind, seq, _att, _rec in rows if kind == 2)
@@ -515,8 +563,15 @@ class PgQueue(QueueBackend):
             if len(got) >= n or not (dead or expired):
                 break
             params["n"] = n - len(got)
+        if got and self._flag_until:
+            self._stop_waiting()  # busy now: sends need not NOTIFY for this handle
         cls, owner = self._cls, self._owner
         return [cls(owner, seq, att, rec) for _new, seq, att, rec in sorted(got)]
+
+    def _stop_waiting(self) -> None:
+        self._flag_until = 0.0
+        self._run(self._sql.wait_done, self._waiter, durable=False, fetch="count",
+                  what=f"waiting on queue {self.name!r}")
 
     def ack(self, numbers: Sequence[int]) -> int:
         row = self._run(self._sql.ack, {"q": self.name, "seqs": list(numbers)}, durable=False,
@@ -524,12 +579,13 @@ class PgQueue(QueueBackend):
         return int(row[0])
 
     def retry(self, numbers: Sequence[int], attempts: Sequence[int], due_us: Sequence[int]) -> int:
-        n = self._run(self._sql.retry, {"q": self.name, "seqs": list(numbers), "atts": list(attempts),
-                                        "dues": list(due_us)},
-                      durable=False, fetch="count", what=f"a retry on queue {self.name!r}")
-        if n:
-            self._notifier.changed(self.name)
-        return int(n)
+        row = self._run(self._sql.retry, {"q": self.name, "seqs": list(numbers), "atts": list(attempts),
+                                          "dues": list(due_us), "ch": self._notifier.channel,
+                                          "payload": self._payload},
+                        durable=False, fetch="one", what=f"a retry on queue {self.name!r}")
+        if row[0]:
+            self._notifier.changed_here(self.name)
+        return int(row[0])
 
     def extend(self, numbers: Sequence[int], attempts: Sequence[int], deadline_us: int) -> int:
         n = self._run(self._sql.extend, {"q": self.name, "seqs": list(numbers), "atts": list(attempts),
@@ -623,6 +679,16 @@ class PgQueue(QueueBackend):
         return self._notifier.token(self.name)
 
     def wait_change(self, token: int, timeout: float) -> None:
+        # Say that a consumer waits (sends NOTIFY only then), for a while;
+        # the first wait after saying so is short (FIRST_WAIT).
+        now = time.monotonic()
+        if now >= self._flag_until - WAIT_FLAG_US / 2e6:
+            self._run(self._sql.wait_flag, self._waiter, durable=False, fetch="count",
+                      what=f"waiting on queue {self.name!r}")
+            first = now >= self._flag_until
+            self._flag_until = now + WAIT_FLAG_US / 1e6
+            if first:
+                timeout = min(timeout, FIRST_WAIT)
         self._notifier.wait(self.name, token, timeout)
 
     def wake(self) -> None:
@@ -659,7 +725,14 @@ class PgQueue(QueueBackend):
         return self._gen
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
+        if self._flag_until:
+            try:
+                self._stop_waiting()
+            except errors.QlogError:
+                pass  # the flag runs out by itself
 
 
 atexit.register(_Notifier.flush_all)

@@ -2,6 +2,8 @@
 
 ``meta``      one row per key; ``schema_version`` is the version below
 ``queues``    one row per queue: its id prefix, pause flag and stored settings
+``waiters``   one row per consumer handle waiting for a send: until when
+              (server time, µs) it waits; sends NOTIFY only while one does
 ``counters``  16 rows per queue (acked, dead-lettered, deleted, expired,
               purged), so that concurrent acks update different rows
 ``messages``  one row per message not done: its record, send time, the
@@ -9,7 +11,11 @@
 ``message_seq``  numbers: one ``nextval`` per append gives a block of
               :data:`~qlog._backend.MAX_APPEND` consecutive numbers
 
-Done messages are deleted; their counts live in ``counters``.
+Done messages are deleted; their counts live in ``counters``.  ``messages``
+has no foreign key to ``queues``: checking one would lock the queue's row
+for every insert.  An append checks that the queue exists in its own
+statement instead; rows that a send racing the queue's deletion still
+wrote are deleted when a queue of that name is created again.
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ CREATE TABLE {{s}}.queues (
     settings jsonb NOT NULL DEFAULT '{{{{}}}}',
     settings_gen bigint NOT NULL DEFAULT 0
 );
+CREATE TABLE {{s}}.waiters (
+    queue text NOT NULL,
+    waiter text NOT NULL,
+    until_us bigint NOT NULL,
+    PRIMARY KEY (queue, waiter)
+);
 CREATE TABLE {{s}}.counters (
     queue text NOT NULL REFERENCES {{s}}.queues (name) ON DELETE CASCADE,
     shard int NOT NULL,
@@ -43,7 +55,7 @@ CREATE TABLE {{s}}.counters (
     PRIMARY KEY (queue, shard)
 );
 CREATE TABLE {{s}}.messages (
-    queue text NOT NULL REFERENCES {{s}}.queues (name) ON DELETE CASCADE,
+    queue text NOT NULL,
     seq bigint NOT NULL,
     sent_us bigint NOT NULL,
     due_us bigint NOT NULL,
