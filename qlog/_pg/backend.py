@@ -99,6 +99,13 @@ class _Sql:
                 WHERE EXISTS (SELECT 1 FROM qq))
             SELECT base, EXISTS (SELECT 1 FROM qq), {notify_if_waiting("EXISTS (SELECT 1 FROM qq)")}
             FROM b""")
+        self.append_one = q(f"""
+            WITH qq AS (SELECT 1 FROM {{s}}.queues WHERE name = %(q)s),
+            ins AS (
+                INSERT INTO {{s}}.messages (queue, seq, sent_us, due_us, record)
+                SELECT %(q)s, nextval('{{s}}.message_seq'), %(sent)s, %(due)s, %(rec)s
+                WHERE EXISTS (SELECT 1 FROM qq) RETURNING seq)
+            SELECT (SELECT seq FROM ins), EXISTS (SELECT 1 FROM qq), {notify_if_waiting("EXISTS (SELECT 1 FROM qq)")}""")
         self.wait_flag = q(f"""
             WITH old AS (DELETE FROM {{s}}.waiters WHERE queue = %(q)s AND until_us < {_NOW} - 3600000000)
             INSERT INTO {{s}}.waiters VALUES (%(q)s, %(w)s, {_NOW} + {WAIT_FLAG_US})
@@ -113,7 +120,7 @@ class _Sql:
         self.lease = q(f"""
             WITH head AS (
                 SELECT seq, sent_us, attempts FROM {{s}}.messages
-                WHERE queue = %(q)s AND due_us <= %(now)s
+                WHERE queue = %(q)s AND due_us <= %(now)s AND lease_until <= %(now)s
                   AND EXISTS (SELECT 1 FROM {{s}}.queues WHERE name = %(q)s AND NOT paused)
                 ORDER BY due_us, seq LIMIT %(n)s FOR UPDATE SKIP LOCKED),
             exp AS (
@@ -125,7 +132,7 @@ class _Sql:
                 WHERE queue = %(q)s AND shard = {sh} AND EXISTS (SELECT 1 FROM exp)),
             leased AS (
                 UPDATE {{s}}.messages m
-                SET attempts = m.attempts + 1, leased = true, due_us = %(deadline)s
+                SET attempts = m.attempts + 1, leased = true, lease_until = %(deadline)s
                 FROM head h
                 WHERE m.queue = %(q)s AND m.seq = h.seq AND h.sent_us > %(cut)s AND h.attempts < %(max)s
                 RETURNING m.seq, m.attempts, m.record)
@@ -144,14 +151,14 @@ class _Sql:
             SELECT n FROM c""")
         self.retry = q(f"""
             WITH u AS (
-                UPDATE {{s}}.messages m SET leased = false, due_us = u.due
+                UPDATE {{s}}.messages m SET leased = false, lease_until = 0, due_us = u.due
                 FROM unnest(%(seqs)s::bigint[], %(atts)s::int[], %(dues)s::bigint[]) AS u(seq, att, due)
                 WHERE m.queue = %(q)s AND m.seq = u.seq AND m.attempts = u.att AND m.leased
                 RETURNING 1)
             SELECT count(*), {notify_if_waiting("EXISTS (SELECT 1 FROM u)")}
             FROM u""")
         self.extend = q("""
-            UPDATE {s}.messages m SET due_us = %(deadline)s
+            UPDATE {s}.messages m SET lease_until = %(deadline)s
             FROM unnest(%(seqs)s::bigint[], %(atts)s::int[]) AS u(seq, att)
             WHERE m.queue = %(q)s AND m.seq = u.seq AND m.attempts = u.att AND m.leased""")
         self.records = q("""
@@ -165,7 +172,7 @@ class _Sql:
                 DELETE FROM {{s}}.messages m
                 USING unnest(%(seqs)s::bigint[], %(atts)s::int[]) AS u(seq, att)
                 WHERE m.queue = %(q)s AND m.seq = u.seq AND m.attempts = u.att
-                  AND (m.leased OR NOT %(leased_only)s) AND (%(leased_only)s OR m.due_us <= %(now)s)
+                  AND (m.leased OR NOT %(leased_only)s) AND (%(leased_only)s OR (m.due_us <= %(now)s AND m.lease_until <= %(now)s))
                 RETURNING m.seq),
             c AS (SELECT count(*) AS n FROM gone),
             bump AS (UPDATE {{s}}.counters SET {{what}} = {{what}} + (SELECT n FROM c)
@@ -195,7 +202,7 @@ class _Sql:
             SELECT n FROM c""")
         self.expire = q(f"""
             WITH d AS (DELETE FROM {{s}}.messages
-                       WHERE queue = %(q)s AND sent_us <= %(cut)s AND NOT (leased AND due_us > %(now)s)
+                       WHERE queue = %(q)s AND sent_us <= %(cut)s AND NOT (leased AND lease_until > %(now)s)
                        RETURNING 1),
             c AS (SELECT count(*) AS n FROM d),
             bump AS (UPDATE {{s}}.counters SET expired = expired + (SELECT n FROM c)
@@ -204,14 +211,17 @@ class _Sql:
         self.oldest = q("SELECT sent_us FROM {s}.messages WHERE queue = %(q)s ORDER BY seq LIMIT 1")
         self.counts = q("""
             SELECT count(*), CASE WHEN %(bytes)s THEN coalesce(sum(length(record)), 0) ELSE 0 END,
-                   count(*) FILTER (WHERE leased AND due_us > %(now)s),
-                   count(*) FILTER (WHERE NOT leased AND due_us > %(now)s),
+                   count(*) FILTER (WHERE lease_until > %(now)s),
+                   count(*) FILTER (WHERE lease_until <= %(now)s AND due_us > %(now)s),
                    min(sent_us),
                    (SELECT row(sum(acked), sum(dead_lettered), sum(deleted), sum(expired), sum(purged))
                     FROM {s}.counters WHERE queue = %(q)s)
             FROM {s}.messages WHERE queue = %(q)s""")
         self.next_due = q("""
-            SELECT min(due_us) FROM {s}.messages WHERE queue = %(q)s AND due_us > %(now)s""")
+            SELECT least(
+                (SELECT min(due_us) FROM {s}.messages WHERE queue = %(q)s AND due_us > %(now)s),
+                (SELECT min(lease_until) FROM {s}.messages
+                 WHERE queue = %(q)s AND due_us <= %(now)s AND lease_until > %(now)s))""")
         self.set_paused = q("UPDATE {s}.queues SET paused = %(p)s WHERE name = %(q)s")
         self.queue_row = q(
             "SELECT id_prefix, paused, settings, settings_gen, created_us FROM {s}.queues WHERE name = %(q)s")
@@ -512,7 +522,18 @@ class PgQueue(QueueBackend):
     # -- producing -------------------------------------------------------
 
     def append_one(self, record: bytes) -> int:
-        return self.append([record])
+        self._check()
+        _v, _ct, _f, delay_ms, sent = _unpack_header(record)
+        row = self._run(self._sql.append_one, {"q": self.name, "sent": sent, "due": sent + delay_ms * 1000,
+                                               "rec": record, "ch": self._notifier.channel,
+                                               "payload": self._payload},
+                        durable=self._durable, idempotent=False, fetch="one",
+                        what=f"a send to queue {self.name!r}")
+        if not row[1]:
+            raise errors.QueueNotFoundError(
+                f"queue {self.name!r} was deleted from {self._store.location}; nothing was sent")
+        self._notifier.changed_here(self.name)
+        return int(row[0])
 
     def append(self, records: Sequence[bytes], prefix: bytes = b"") -> int:
         self._check()

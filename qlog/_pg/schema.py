@@ -7,7 +7,10 @@
 ``counters``  16 rows per queue (acked, dead-lettered, deleted, expired,
               purged), so that concurrent acks update different rows
 ``messages``  one row per message not done: its record, send time, the
-              time it is due (visible) or its lease ends, attempts, leased
+              time it is due (visible: indexed), attempts, whether its current
+              delivery is leased and until when (``lease_until``, not indexed,
+              so that a lease is a HOT update: no index entry written; the
+              table keeps 30% of each page free for them)
 ``message_seq``  numbers: one ``nextval`` per append gives a block of
               :data:`~qlog._backend.MAX_APPEND` consecutive numbers
 
@@ -61,9 +64,11 @@ CREATE TABLE {{s}}.messages (
     due_us bigint NOT NULL,
     attempts int NOT NULL DEFAULT 0,
     leased boolean NOT NULL DEFAULT false,
+    lease_until bigint NOT NULL DEFAULT 0,
     record bytea NOT NULL,
     PRIMARY KEY (queue, seq)
-) WITH (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.05);
+) WITH (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.01,
+        autovacuum_vacuum_insert_scale_factor = 0.05);
 CREATE INDEX messages_due ON {{s}}.messages (queue, due_us, seq);
 CREATE SEQUENCE {{s}}.message_seq INCREMENT BY {MAX_APPEND} MINVALUE 0 START 0;
 """
