@@ -93,6 +93,8 @@ class QueueBackend(abc.ABC):
 
     name: str
     id_prefix: str
+    created_us: Optional[int]
+    """When the queue was created (None when the store does not know)."""
 
     # -- producing --------------------------------------------------------
 

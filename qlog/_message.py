@@ -267,6 +267,14 @@ class Message(MessageBase):
         return _OUTCOME_NAMES.get(self._outcome)
 
     @property
+    def ref(self) -> str:
+        """The message in this queue: its id here, which
+        :meth:`Queue.delete_messages` takes (Cloudflare's ``ref``).  It is
+        :attr:`id` except for a dead letter, which keeps the id it had in
+        the queue it failed in."""
+        return f"{self._q._idpre}{self._seq:016x}"
+
+    @property
     def lease_id(self) -> str:
         """This delivery's lease, as an opaque string: :meth:`Queue.settle`
         and :meth:`Queue.extend` take it, in any process that opens the queue."""

@@ -21,6 +21,7 @@ import asyncio
 import functools
 import os
 import re
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,8 @@ from ._message import (
     split,
 )
 from ._settings import (
+    CONSUMER_KEY,
+    CONSUMER_TYPES,
     HANDLE_KEYS,
     MAX_PULL_BATCH,
     MAX_SEND_BATCH,
@@ -160,7 +163,7 @@ class Queue:
         fs = self._broker._file_settings
         base = toml_settings(fs, self.name)
         try:
-            stored = validate({k: v for k, v in stored.items() if k not in HANDLE_KEYS},
+            stored = validate({k: v for k, v in stored.items() if k not in HANDLE_KEYS and k != CONSUMER_KEY},
                               f"stored with queue {self.name!r}")
         except errors.SettingsError as e:
             raise errors.CorruptStateError(str(e)) from None
@@ -425,6 +428,67 @@ class Queue:
         queue, in every process (they look again, then wait on)."""
         self._b.wake()
 
+    @property
+    def queue_id(self) -> str:
+        """The queue's id: the 16 hex digits its message ids start with
+        (Cloudflare's ``queue_id``; a deleted and re-created queue gets a new one)."""
+        return self._idpre
+
+    @property
+    def created(self) -> Optional[float]:
+        """When the queue was created, in seconds since the epoch (None when unknown)."""
+        c = self._b.created_us
+        return None if c is None else c / 1e6
+
+    def delete_messages(self, ids: Iterable[str]) -> int:
+        """Delete these messages (their :attr:`Message.ref`, from
+        :meth:`peek` or a delivery) whatever their state, as acked:
+        Cloudflare's purge by ``ref``.  Returns how many were not done yet;
+        refs of other queues are refused
+        (:class:`~qlog.errors.InvalidLeaseError`) before anything changes."""
+        nums = []
+        for i in ids:
+            if not isinstance(i, str) or len(i) != 32 or not i.startswith(self._idpre):
+                raise errors.InvalidLeaseError(
+                    f"{i!r} is not a message id of queue {self.name!r}; nothing was deleted")
+            try:
+                nums.append(int(i[16:], 16))
+            except ValueError:
+                raise errors.InvalidLeaseError(
+                    f"{i!r} is not a message id of queue {self.name!r}; nothing was deleted") from None
+        return self._b.ack(nums) if nums else 0
+
+    # -- consumer records (Cloudflare's consumers API) --------------------------
+
+    def consumers(self) -> List[Dict[str, Any]]:
+        """The consumer record stored with the queue (none or one: a queue
+        has one consumer): ``consumer_id``, ``type`` ("worker" or
+        "http_pull"), ``script_name``, ``created``.  Its settings are the
+        queue's."""
+        c = self._b.load_settings().get(CONSUMER_KEY)
+        return [dict(c)] if isinstance(c, dict) else []
+
+    def set_consumer(self, type: str, script_name: Optional[str] = None,
+                     settings: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Record the queue's consumer (replacing any), storing ``settings``
+        (qlog's names) with the queue; returns the record."""
+        if type not in CONSUMER_TYPES:
+            raise errors.SettingsError(f"consumer type must be one of {', '.join(CONSUMER_TYPES)}, got {type!r}")
+        if script_name is not None and not isinstance(script_name, str):
+            raise errors.SettingsError(f"script_name must be a string, got {script_name!r}")
+        if settings:
+            self._broker.configure(self.name, **settings)
+        old = self.consumers()
+        record = {"consumer_id": old[0]["consumer_id"] if old else secrets.token_hex(16),
+                  "type": type, "script_name": script_name,
+                  "created": old[0]["created"] if old else self._clock()}
+        self._b.store_settings({CONSUMER_KEY: record})
+        return record
+
+    def remove_consumer(self) -> None:
+        """Forget the queue's consumer record (its settings stay)."""
+        self._b.store_settings({CONSUMER_KEY: None})
+
     def peek(self, n: int = 10) -> List[Message]:
         """Up to ``n`` messages not yet done, oldest first, without leasing
         or changing them.  Their ``attempts`` is the deliveries so far; they
@@ -573,11 +637,12 @@ class Queue:
             sent=c.sent,
         )
 
-    def metrics(self) -> QueueMetrics:
+    def metrics(self, count_bytes: bool = True) -> QueueMetrics:
         """Cloudflare's backlog metrics: messages not done, their bytes, and
         when the oldest was sent.  Reads the backlog's records to count
-        their bytes (one read per 1,000)."""
-        c = self._b.counts(self._now_us(), with_bytes=True)
+        their bytes (one read per 1,000); ``count_bytes=False`` does not
+        (``backlog_bytes`` is then 0)."""
+        c = self._b.counts(self._now_us(), with_bytes=count_bytes)
         return QueueMetrics(c.backlog, c.backlog_bytes,
                             None if c.oldest_sent_us is None else c.oldest_sent_us / 1e6)
 

@@ -20,6 +20,9 @@ UNLIMITED = "unlimited"
 HANDLE_KEYS = frozenset({"durability", "allow_pickle", "segment_bytes"})
 """Settings of a handle (each process chooses), not stored with the queue."""
 CONSUMER_TYPES = ("worker", "http_pull")
+CONSUMER_KEY = "consumer"
+"""The key of the stored settings that holds the queue's consumer record
+(``Queue.set_consumer``): stored with the settings, not one of them."""
 
 
 def delay_us(value: Optional[float], default: float, what: str) -> int:

@@ -220,6 +220,68 @@ def pg_cli_block(text: str, tmp: pathlib.Path) -> None:
                 assert "jobs" in out
 
 
+def _serve_in(tmp: pathlib.Path, cmd: str) -> Tuple[subprocess.Popen, int]:
+    """Start the README's ``qlog serve`` line in ``tmp`` on a free port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = shlex.split(cmd.replace("--port 8787", f"--port {port}"))
+    p = subprocess.Popen(argv, cwd=tmp, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    import httpx
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 401
+        except httpx.HTTPError:
+            return p.poll() is not None
+    wait_until(answers, timeout=60, what=f"{cmd!r} answers")
+    assert p.poll() is None, p.stderr.read() if p.stderr else ""
+    return p, port
+
+
+def _stop(p: subprocess.Popen) -> None:
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 0
+    if p.stderr:
+        p.stderr.close()
+
+
+def serve_cli_block(text: str, tmp: pathlib.Path) -> None:
+    import httpx
+
+    for cmd in code_lines(text):
+        if cmd.startswith("pip install"):
+            extra = re.search(r"\[(\w+)\]", cmd).group(1)
+            assert f"\n{extra} = " in (ROOT / "pyproject.toml").read_text()
+        elif cmd.startswith("qlog serve"):
+            p, port = _serve_in(tmp, cmd)
+            try:
+                token = (tmp / "token").read_text().strip()
+                r = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"authorization": f"Bearer {token}"})
+                assert r.status_code == 200
+            finally:
+                _stop(p)
+        else:
+            run(cmd, tmp, shell=True)
+
+
+def serve_python_block(text: str, tmp: pathlib.Path) -> None:
+    serve = next(t for _, _, t in blocks() if "qlog serve ./data --port 8787" in t)
+    lines = code_lines(serve)
+    run(next(c for c in lines if c.startswith("head ")), tmp, shell=True)
+    p, port = _serve_in(tmp, next(c for c in lines if c.startswith("qlog serve")))
+    try:
+        out = python_block(text.replace("127.0.0.1:8787", f"127.0.0.1:{port}"), tmp)
+        assert out.strip() == "1 message(s) pulled and acked", out
+    finally:
+        _stop(p)
+    with qlog.open(tmp / "data") as b:
+        assert b.queue("jobs").stats().acked == 1
+
+
 def engine_block(text: str, tmp: pathlib.Path) -> None:
     out = python_block(text, tmp)
     assert out.startswith("0 b'a'\n1 b'b'\n2 b'c'\n"), out
@@ -249,6 +311,8 @@ def ci_commands(text: str, tmp: pathlib.Path) -> None:
 
 RUNNERS: List[Tuple[str, Callable[[str, pathlib.Path], None]]] = [
     ("# pg.py", pg_python_block),
+    ("qlog serve ./data --port 8787", serve_cli_block),
+    ("# cf_client.py", serve_python_block),
     ("qlog migrate postgresql://", pg_cli_block),
     ("pip install . && python examples/quickstart.py", ci_commands),
     ("# app.py", app_block),

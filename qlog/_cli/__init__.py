@@ -14,6 +14,7 @@ data directory from the shell.
     qlog purge DIR QUEUE [--yes]                delete every message of a queue
     qlog queues list|create|info|update|delete DIR ...   manage queues and their settings
     qlog migrate URL                            create or upgrade qlog's tables in PostgreSQL
+    qlog serve DIR [--port 8787]                Cloudflare's HTTP API, a dashboard, /metrics
 
 DIR may also be a PostgreSQL URL (``postgresql://user@host/db?schema=qlog``)
 everywhere except verify and repair.
@@ -43,7 +44,7 @@ from typing import NoReturn, Optional, Sequence
 
 from .. import __version__
 from ..errors import QlogError
-from . import commands, queues, verify, worker
+from . import commands, queues, serve, verify, worker
 from .common import EXIT_FAILED, EXIT_USAGE, Failed, UsageError, missing_subcommand
 
 __all__ = ["main", "build_parser"]
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_purge(sub)
     queues.add_queues(sub)
     commands.add_migrate(sub)
+    serve.add_serve(sub)
     return p
 
 

@@ -204,9 +204,12 @@ class LocalQueue(QueueBackend):
         path = os.path.join(self._dir, "queue.json")
         try:
             with io.open(path, "rb") as f:
-                return str(json.loads(f.read())["id_prefix"])
+                doc = json.loads(f.read())
         except FileNotFoundError:
             raise errors.QueueNotFoundError(f"queue {self.name!r} does not exist") from None
+        created = doc.get("created")
+        self.created_us = None if created is None else int(created * 1_000_000)
+        return str(doc["id_prefix"])
 
     def _map_settings_gen(self) -> Tuple[mmap.mmap, memoryview]:
         fd = os.open(os.path.join(self._dir, "settings.gen"), os.O_RDWR | os.O_CREAT, self._mode)
@@ -410,10 +413,48 @@ class LocalQueue(QueueBackend):
         rec = encode(b"A", (), [seqs])
         with self._mu:
             st = self._state()
+            if seqs and max(seqs) >= st.cursor:
+                # Messages no pull has reached (Queue.delete_messages): give
+                # them entries first, as a pull passing over them does.
+                with self._locked():
+                    self._reach(self._state(), max(seqs) + 1)
+                st = self._state()
             before = st.acked
             js = self._journal_append(rec, f"an ack of {plural(len(seqs), 'message')}")
             self._apply_own(js, lambda s: s.apply_ack(seqs))
             return self._st.acked - before  # type: ignore[union-attr]
+
+    def _reach(self, st: QueueState, upto: int) -> None:
+        """Move the cursor to ``upto`` (under the queue's lock), giving each
+        message passed over an entry, not leased, due when it is visible:
+        the record a pull writes for the delayed messages it passes."""
+        frm = st.cursor
+        if upto <= frm:
+            return
+        if upto - frm > _SCAN_LIMIT:
+            raise errors.QlogError(
+                f"message {upto - 1} of queue {self.name!r} is {upto - frm} messages past the "
+                f"consumers' position; at most {_SCAN_LIMIT} can be deleted ahead of them")
+        seqs: List[int] = []
+        dues: List[int] = []
+        sents: List[int] = []
+        pos = frm
+        while pos < upto:
+            recs = self._msgs.read(pos, max_records=min(1000, upto - pos))
+            if not recs:
+                break
+            for sq, p in recs:
+                if sq >= upto:
+                    break
+                _v, _ct, _f, delay_ms, sent = _unpack_header(p)
+                seqs.append(sq)
+                sents.append(sent)
+                dues.append(sent + delay_ms * 1000)
+            pos = recs[-1][0] + 1
+        upto = min(upto, pos)
+        arrays: List[Sequence[int]] = [[], [], [], [], seqs, dues, sents, [], []]
+        js = self._journal_append(encode(b"P", (0, frm, upto, 0, 0), arrays), "a deletion")
+        self._apply_own(js, lambda s_: s_.apply_pull(0, frm, upto, 0, [], [], [], [], seqs, dues, sents, [], []))
 
     def retry(self, numbers: Sequence[int], attempts: Sequence[int], due_us: Sequence[int]) -> int:
         seqs, atts, dues = list(numbers), list(attempts), list(due_us)

@@ -524,11 +524,14 @@ class PgQueue(QueueBackend):
     def append_one(self, record: bytes) -> int:
         self._check()
         _v, _ct, _f, delay_ms, sent = _unpack_header(record)
-        row = self._run(self._sql.append_one, {"q": self.name, "sent": sent, "due": sent + delay_ms * 1000,
-                                               "rec": record, "ch": self._notifier.channel,
-                                               "payload": self._payload},
-                        durable=self._durable, idempotent=False, fetch="one",
-                        what=f"a send to queue {self.name!r}")
+        return self._append(self._sql.append_one, {"sent": sent, "due": sent + delay_ms * 1000, "rec": record},
+                            "a send")
+
+    def _append(self, sql: Any, params: Dict[str, Any], what: str) -> int:
+        """Run an append statement; its first number (the queue gone: refused)."""
+        params.update(q=self.name, ch=self._notifier.channel, payload=self._payload)
+        row = self._run(sql, params, durable=self._durable, idempotent=False, fetch="one",
+                        what=f"{what} to queue {self.name!r}")
         if not row[1]:
             raise errors.QueueNotFoundError(
                 f"queue {self.name!r} was deleted from {self._store.location}; nothing was sent")
@@ -548,15 +551,7 @@ class PgQueue(QueueBackend):
             delays = [h[3] * 1000 for h in heads]
             recs = list(records)
         what = "a send" if len(recs) == 1 else f"a send of {len(recs)} messages"
-        row = self._run(self._sql.append, {"q": self.name, "sent": sents, "delay": delays, "recs": recs,
-                                           "ch": self._notifier.channel, "payload": self._payload},
-                        durable=self._durable, idempotent=False, fetch="one",
-                        what=f"{what} to queue {self.name!r}")
-        if not row[1]:
-            raise errors.QueueNotFoundError(
-                f"queue {self.name!r} was deleted from {self._store.location}; nothing was sent")
-        self._notifier.changed_here(self.name)
-        return int(row[0])
+        return self._append(self._sql.append, {"sent": sents, "delay": delays, "recs": recs}, what)
 
     def sync(self) -> None:
         # Every commit so far is durable once a synchronous commit returns

@@ -1,0 +1,1 @@
+"""qlog serve: the HTTP API, the dashboard and /metrics (needs qlog[server])."""
