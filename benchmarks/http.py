@@ -247,10 +247,18 @@ def client_main(pipe: Any, port: int, kind: str) -> None:
 
         def get(path: str) -> int:
             return hc.get(path).status_code
+
+        def reconnect() -> None:
+            hc.close()  # the pool opens a new connection on the next request
     else:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.connect()
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def reconnect() -> None:
+            conn.close()
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        reconnect()
 
         def post(path: str, body: bytes) -> bytes:
             conn.request("POST", path, body, headers)  # headers and body in one send()
@@ -267,11 +275,14 @@ def client_main(pipe: Any, port: int, kind: str) -> None:
             return r.status
 
     loads, b64decode = json.loads, base64.b64decode
+    last = time.monotonic()
     while True:
         cmd = pipe.recv()
         op = cmd[0]
         if op == "quit":
             return
+        if time.monotonic() - last > 1.0:  # uvicorn closes a connection idle for 5 s
+            reconnect()
         c0 = time.process_time()
         n = reqs = 0
         try:
@@ -314,8 +325,10 @@ def client_main(pipe: Any, port: int, kind: str) -> None:
                 raise ValueError(op)
         except Exception as e:  # reported to the parent, which raises
             pipe.send({"error": f"{type(e).__name__}: {e}"})
+            last = 0.0
             continue
-        pipe.send({"msgs": n, "reqs": reqs, "end": time.monotonic(), "cpu": time.process_time() - c0})
+        last = time.monotonic()
+        pipe.send({"msgs": n, "reqs": reqs, "end": last, "cpu": time.process_time() - c0})
 
 
 class Clients:

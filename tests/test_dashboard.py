@@ -228,9 +228,17 @@ def _press(browser: WebDriver, button: WebElement) -> None:
 
 def _flash(browser: WebDriver, kind: str = "ok") -> str:
     """The text of the message the page shows after an action (``ok`` or ``err``)."""
-    shown = _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, ".flash"), "the result of the action")[0]
-    text = str(shown.text)
-    assert kind in (shown.get_attribute("class") or "").split(), f"expected a .flash.{kind}, got: {text}"
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def read(b: WebDriver) -> Any:
+        try:  # the live update may redraw the page between finding and reading
+            found = b.find_elements(By.CSS_SELECTOR, ".flash")
+            return found and (str(found[0].text), found[0].get_attribute("class") or "")
+        except StaleElementReferenceException:
+            return None
+
+    text, classes = _wait(browser, read, "the result of the action")
+    assert kind in classes.split(), f"expected a .flash.{kind}, got: {text}"
     return text
 
 

@@ -343,3 +343,38 @@ def test_serves_a_postgresql_store_with_the_sdk() -> None:
 
         with psycopg.connect(pg_cluster().url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{url.rsplit("schema=", 1)[1]}" CASCADE')
+
+
+def test_tls_with_cert_and_key(data, tmp_path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    port = _free_port()
+    env = child_env()
+    env["QLOG_TOKEN"] = TOKEN
+    p = subprocess.Popen([sys.executable, "-m", "qlog", "serve", str(data), "--port", str(port),
+                          "--cert", str(cert), "--key", str(key)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"https://127.0.0.1:{port}/client/v4/accounts/x/queues", verify=str(cert),
+                              headers={"authorization": f"Bearer {TOKEN}"}, timeout=2)
+                break
+            except httpx.ConnectError:
+                assert p.poll() is None, p.stderr.read() if p.stderr else ""
+                assert time.monotonic() < end, "the TLS server did not answer within 60 s"
+                time.sleep(0.05)
+        assert r.status_code == 200 and r.json()["success"] is True
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port is not served
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    finally:
+        p.terminate()
+        p.wait(30)
+        if p.stderr:
+            p.stderr.close()
+    r = subprocess.run([sys.executable, "-m", "qlog", "serve", str(data), "--cert", str(cert)],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "both --cert and --key" in r.stderr
