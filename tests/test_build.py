@@ -117,7 +117,9 @@ def _import_from(src: pathlib.Path, **env: str) -> dict:
 
 
 def _build_in_place(src: pathlib.Path) -> None:
-    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, check=False,
+    # --force: compile every source again, whatever the timestamps say (an
+    # edit in the same clock tick as the last build would look older).
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force"], cwd=src, check=False,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
