@@ -60,11 +60,22 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+try:  # the server extra brings orjson: a response's encoding is a tenth of json's
+    import orjson
+
+    _dumps: Callable[[Any], Any] = orjson.dumps
+except ImportError:  # pragma: no cover - qlog[server] installs it
+    def _dumps(doc: Any) -> Any:
+        return json.dumps(doc, separators=(",", ":"))
+
+
 def envelope(result: Any, status: int = 200, result_info: Optional[Dict[str, Any]] = None) -> Response:
+    """Cloudflare's envelope around ``result`` (qlog's own documents only:
+    message bodies in it are strings, so orjson and json give the same JSON)."""
     doc: Dict[str, Any] = {"success": True, "errors": [], "messages": [], "result": result}
     if result_info is not None:
         doc["result_info"] = result_info
-    return Response(json.dumps(doc, separators=(",", ":")), status, media_type="application/json")
+    return Response(_dumps(doc), status, media_type="application/json")
 
 
 def error_response(e: ApiError) -> Response:
@@ -132,6 +143,8 @@ class Api:
         self._metrics: Dict[str, Tuple[float, int]] = {}  # queue -> (when, backlog bytes)
         self._ids: Dict[str, str] = {}  # queue id -> name
         self._purges: Dict[str, float] = {}  # queue -> when its last purge started
+        self._open: Dict[str, Queue] = {}  # name -> its queue (a lookup costs a directory listing)
+        self.inline = broker.engine != "postgresql"
 
     # -- plumbing ------------------------------------------------------------
 
@@ -161,14 +174,27 @@ class Api:
             raise ApiError(400, BODY_MALFORMED, f"request body is not valid JSON ({e}); nothing was written") from None
         return _object(doc, "the request body")
 
+    async def run(self, fn: Callable[[], Any], may_block: bool = True) -> Any:
+        """``fn()``: on the event loop when it cannot block for long (on the
+        local backend a lease, an ack or a send without fsync only writes
+        to the page cache), else on the thread pool (a hop costs about
+        100 µs, as much as the call)."""
+        if self.inline and not may_block:
+            return fn()
+        return await run_in_threadpool(fn)
+
     def queue(self, ref: str) -> Queue:
         """The queue named ``ref`` or whose id is ``ref``; 10104 when none."""
         b = self.broker
+        q = self._open.get(ref)
+        if q is not None:
+            return q
         if ref in self._ids:
             return b.queue(self._ids[ref])
         names = b.queues()
         if ref in names:
-            return b.queue(ref)
+            q = self._open[ref] = b.queue(ref)
+            return q
         for name in names:
             q = b.queue(name)
             self._ids[q.queue_id] = name
@@ -229,9 +255,7 @@ class Api:
     async def push(self, request: Request) -> Response:
         doc = await self.body(request)
         req = self._send_request(doc, "the message")
-        q = await run_in_threadpool(self.queue, request.path_params["queue"])
-        await run_in_threadpool(q.send_batch, [req])
-        return await self._with_metrics(q, {})
+        return await self._send(request.path_params["queue"], [req], None)
 
     async def push_batch(self, request: Request) -> Response:
         doc = await self.body(request)
@@ -240,32 +264,40 @@ class Api:
             raise ApiError(400, BATCH_COUNT, "messages must be a non-empty list of messages")
         delay = _number(doc, "delay_seconds", 0, MAX_DELAY, BATCH_DELAY_INVALID)
         reqs = [self._send_request(m, f"message {i}") for i, m in enumerate(msgs)]
-        q = await run_in_threadpool(self.queue, request.path_params["queue"])
-        await run_in_threadpool(lambda: q.send_batch(reqs, delay_seconds=delay))
-        return await self._with_metrics(q, {})
+        return await self._send(request.path_params["queue"], reqs, delay)
 
-    async def _with_metrics(self, q: Queue, result: Dict[str, Any]) -> Response:
-        metrics = await run_in_threadpool(self.metrics_of, q)
-        result["metadata"] = {"metrics": metrics}
-        return envelope(result)
+    async def _send(self, ref: str, reqs: List[MessageSendRequest], delay: Optional[float]) -> Response:
+        """Send, and answer with the metrics: one call (off the loop when the send fsyncs)."""
+        def send() -> Dict[str, Any]:
+            q = self.queue(ref)
+            q.send_batch(reqs, delay_seconds=delay)
+            return {"metadata": {"metrics": self.metrics_of(q)}}
+
+        q = self._open.get(ref)
+        return envelope(await self.run(send, may_block=q is None or q.durability == "sync"))
 
     async def pull(self, request: Request) -> Response:
         doc = await self.body(request)
-        q = await run_in_threadpool(self.queue, request.path_params["queue"])
-        n = _number(doc, "batch_size", 1, MAX_PULL_BATCH, default=q.settings.max_batch_size)
+        n = _number(doc, "batch_size", 1, MAX_PULL_BATCH)
         vt_ms = _number(doc, "visibility_timeout_ms", 1, 43_200_000)
         if vt_ms is None:
             vt_ms = _number(doc, "visibility_timeout", 1, 43_200_000)  # the older name, also ms
         wait_ms = _number(doc, "wait_ms", 0, MAX_WAIT_MS, default=0)
-        assert n is not None and wait_ms is not None
-        batch = await run_in_threadpool(
-            lambda: q.pull(int(n), None if vt_ms is None else vt_ms / 1000, wait=wait_ms / 1000))
-        if not batch.messages and batch.paused:
-            raise ApiError(409, DELIVERY_PAUSED, f"queue_delivery_paused: delivery of queue {q.name!r} is paused")
-        out = [message_doc(m) for m in batch.messages]
-        metrics = await run_in_threadpool(self.metrics_of, q)
-        return envelope({"messages": out, "message_backlog_count": metrics["backlog_count"],
-                         "metadata": {"metrics": metrics}})
+        assert wait_ms is not None
+        ref = request.path_params["queue"]
+
+        def pull() -> Dict[str, Any]:
+            q = self.queue(ref)
+            size = q.settings.max_batch_size if n is None else int(n)
+            batch = q.pull(size, None if vt_ms is None else vt_ms / 1000, wait=wait_ms / 1000)
+            if not batch.messages and batch.paused:
+                raise ApiError(409, DELIVERY_PAUSED,
+                               f"queue_delivery_paused: delivery of queue {q.name!r} is paused")
+            metrics = self.metrics_of(q)
+            return {"messages": [message_doc(m) for m in batch.messages],
+                    "message_backlog_count": metrics["backlog_count"], "metadata": {"metrics": metrics}}
+
+        return envelope(await self.run(pull, may_block=wait_ms > 0))
 
     async def ack(self, request: Request) -> Response:
         doc = await self.body(request)
@@ -277,8 +309,9 @@ class Api:
         for r in retries_in:
             r = _object(r, "a retry")
             retries.append((_lease(r, "a retry"), _number(r, "delay_seconds", 0, MAX_DELAY, MESSAGE_METADATA_INVALID)))
-        q = await run_in_threadpool(self.queue, request.path_params["queue"])
-        res = await run_in_threadpool(lambda: q.settle(acks=acks, retries=retries))
+        ref = request.path_params["queue"]
+        # A retry at the last attempt dead-letters, which fsyncs: off the loop.
+        res = await self.run(lambda: self.queue(ref).settle(acks=acks, retries=retries), may_block=bool(retries))
         warnings = dict(w.removeprefix("lease ").split(": ", 1) for w in res.warnings)
         return envelope({"ackCount": res.ack_count, "retryCount": res.retry_count, "warnings": warnings})
 
@@ -399,6 +432,7 @@ class Api:
         q = await run_in_threadpool(self.queue, request.path_params["queue"])
         await run_in_threadpool(lambda: self.broker.delete_queue(q.name, force=True))
         self._ids = {k: v for k, v in self._ids.items() if v != q.name}
+        self._open.pop(q.name, None)
         return envelope(None)
 
     async def purge(self, request: Request) -> Response:
