@@ -378,3 +378,10 @@ def test_tls_with_cert_and_key(data, tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "qlog", "serve", str(data), "--cert", str(cert)],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "both --cert and --key" in r.stderr
+
+
+def test_a_login_replaces_a_stale_cookie(server) -> None:
+    stale = {"qlog_token": "an-old-token"}
+    assert httpx.get(server + "/", cookies=stale).status_code == 403
+    r = httpx.get(server + f"/?token={TOKEN}", cookies=stale)
+    assert r.status_code in (200, 303) and r.cookies.get("qlog_token") == TOKEN

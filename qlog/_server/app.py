@@ -52,10 +52,10 @@ class _Auth:
         auth = request.headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
             given = auth[7:].strip()
+        elif scope["path"] in ("/", "/dashboard") and request.query_params.get("token"):
+            given = request.query_params["token"]  # a login: before any old cookie
         elif request.cookies.get(COOKIE):
             given = request.cookies[COOKIE]
-        elif scope["path"] in ("/", "/dashboard") and request.query_params.get("token"):
-            given = request.query_params["token"]
         if given is None:
             if scope["path"] in ("/", "/dashboard") or scope["path"].startswith("/dashboard/"):
                 from .dashboard import login_page
