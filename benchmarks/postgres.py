@@ -28,11 +28,8 @@ unless something breaks).
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import multiprocessing
 import os
-import pstats
 import random
 import signal
 import sys
@@ -51,6 +48,7 @@ for _p in (ROOT, HERE, os.path.join(ROOT, "tests")):
 import psycopg  # noqa: E402
 from psycopg.types.json import Jsonb  # noqa: E402
 
+from queues import profiled  # noqa: E402  (the cProfile table every benchmark prints)
 import qlog  # noqa: E402
 from engine import (  # noqa: E402
     check, fmt_rate, machine_info, median, per_rep, print_end, print_report, progress,
@@ -253,18 +251,6 @@ class Row:
     ratios: List[float]
     notes: List[str] = field(default_factory=list)
     profile: str = ""
-
-
-def profiled(fn: Callable[[], Any], top: int = 25) -> str:
-    prof = cProfile.Profile()
-    prof.enable()
-    fn()
-    prof.disable()
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(top)
-    text = buf.getvalue()
-    start = text.find("   ncalls")
-    return text[start:].rstrip() if start >= 0 else text.rstrip()
 
 
 def rounds(n: int, q_side: Callable[[], float], b_side: Callable[[], float]) -> Tuple[List[float], List[float]]:

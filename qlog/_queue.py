@@ -1080,6 +1080,45 @@ class Broker:
                 progress(sum(moved.values()))
         return moved
 
+    def redrive_messages(self, dlq: str, refs: Iterable[str]) -> Dict[str, int]:
+        """Move the messages ``refs`` (their :attr:`Message.ref`) of
+        dead-letter queue ``dlq`` each back to the queue it failed in, as
+        :meth:`redrive` does: stored bytes sent undecoded, then deleted from
+        ``dlq`` (a crash between leaves a duplicate, never a loss).  Only
+        refs among the oldest 1,000 messages of ``dlq`` are found; returns
+        how many went where.  Refused before anything moves when one of them
+        was not dead-lettered from another queue or its queue is gone."""
+        src = self._existing(dlq)
+        wanted = set(refs)
+        found = [m for m in src.peek(MAX_PULL_BATCH) if m.ref in wanted]
+        groups: Dict[str, List[Message]] = {}
+        for m in found:
+            dl = m.dead_letter
+            if dl is None or dl.queue == dlq:
+                raise errors.QlogError(f"message {m.id} was not dead-lettered from another queue, so it has "
+                                       "none to go back to; nothing was moved")
+            groups.setdefault(dl.queue, []).append(m)
+        existing = set(self.queues())
+        for origin in sorted(groups):
+            if origin not in existing:
+                raise errors.QueueNotFoundError(
+                    f"queue {origin!r}, where {len(groups[origin])} of them failed, does not exist any "
+                    "more: create it first; nothing was moved")
+        moved: Dict[str, int] = {}
+        stuck = 0
+        for origin, ms in sorted(groups.items()):
+            target = self.queue(origin)
+            for i in range(0, len(ms), MAX_SEND_BATCH):
+                chunk = ms[i:i + MAX_SEND_BATCH]
+                target._send_raw([(m._parts()[0], m.raw_body) for m in chunk])
+                stuck += len(chunk) - src.delete_messages([m.ref for m in chunk])
+            moved[origin] = len(ms)
+        if stuck:
+            raise errors.QlogError(
+                f"moved {sum(moved.values()):,}, but {plural(stuck, 'message')} could not be deleted from "
+                f"{dlq} (done meanwhile): those may now be in both queues")
+        return moved
+
     def _forget(self, q: Queue) -> None:
         with self._lock:
             if self._queues.get(q.name) is q:
@@ -1152,10 +1191,5 @@ def migrate(target: str) -> Tuple[str, Optional[int], int]:
     from ._pg.schema import migrate as _migrate
 
     conninfo, schema = split_target(target)
-    conns = Connections(conninfo, redact(target))
-    conn = conns.connect()
-    try:
-        before, after = _migrate(conn, schema, conns.location)
-    finally:
-        conn.close()
+    before, after = _migrate(Connections(conninfo, redact(target)), schema)
     return schema, before, after

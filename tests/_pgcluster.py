@@ -31,7 +31,8 @@ def _bindir() -> str:
                        "apt-get install postgresql (.ci/run does)")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port free on loopback now (the tests' servers bind it next)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -55,7 +56,7 @@ class Cluster:
         if self.user:
             pw = pwd.getpwnam(self.user)
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         self._settings = ["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=500",
                           "-c", f"unix_socket_directories={self.root}", "-p", str(self.port)]

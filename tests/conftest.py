@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import pytest
 from _crashkit import child_env
+from _pgcluster import free_port as free_port  # the tests' one free port
 
 import qlog
 from qlog._log import purelog as _purelog

@@ -19,12 +19,10 @@ import pathlib
 import re
 import secrets
 import shutil
-import socket
 import struct
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,19 +30,19 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from _crashkit import child_env
+from conftest import _wait_until, free_port
 
 import qlog
 from qlog._server.app import form_digest
 
-pytest.importorskip("selenium", reason="the dashboard's tests need selenium (pip install '.[test]')")
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.options import Options  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
-from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium import webdriver  # the test extra's browser driver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "dashboard.png"
@@ -53,25 +51,6 @@ DEADLINE = 30.0
 
 
 # -- a real server -------------------------------------------------------------
-
-
-def _until(cond: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    pause = 0.01
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"{what} did not happen within {timeout} s")
-        time.sleep(pause)
-        pause = min(pause * 2, 0.1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:
@@ -86,7 +65,7 @@ class Server:
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.log = data.parent / f"{data.name}-serve.log"
         for _ in range(5):  # another process may take the free port first
-            self.port = _free_port()
+            self.port = free_port()
             env = child_env()
             env["QLOG_TOKEN"] = self.token
             with open(self.log, "wb") as err:
@@ -95,7 +74,7 @@ class Server:
                      "--port", str(self.port)], cwd=data.parent,
                     env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT)
             proc = self.proc
-            _until(lambda: proc.poll() is not None or self._answers(), "qlog serve answering")
+            _wait_until(lambda: proc.poll() is not None or self._answers(), timeout=DEADLINE, what="qlog serve answering")
             if proc.poll() is None:
                 return
         pytest.fail(f"qlog serve did not start: {self.log.read_text(errors='replace')}")
@@ -521,8 +500,8 @@ def test_screenshot(tmp_path: pathlib.Path) -> None:
                         m.ack()
                 emails.pull(3 + (i * 3) % 6).ack_all()
                 i += 1
-                sample = _until(lambda: stop.is_set() or s.stats()["sample"] > sample and s.stats()["sample"],
-                                "a new sample")
+                sample = _wait_until(lambda: stop.is_set() or s.stats()["sample"] > sample and s.stats()["sample"],
+                                     timeout=DEADLINE, what="a new sample")
         except BaseException as e:  # noqa: BLE001 (re-raised by the test)
             failed.append(e)
 

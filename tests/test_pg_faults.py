@@ -29,7 +29,7 @@ import secrets
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import psycopg
 import pytest
@@ -147,6 +147,35 @@ def _wait(cond: Callable[[], object], what: str, children: Sequence[Child] = (),
         if time.monotonic() >= deadline:
             pytest.fail(f"{what} did not happen within {timeout} s")
         time.sleep(pause)
+
+
+def _waiting_pull(q: qlog.Queue, wait: float) -> Tuple[threading.Thread, Dict[str, object], List[int]]:
+    """A ``q.pull(batch_size=10, wait=wait)`` on a thread of its own, once
+    it waits: ``(the thread, its result ("got": (id, body) pairs, or
+    "error"), the change tokens it waited on)``."""
+    notifier = q._b._notifier
+    tokens: List[int] = []
+    waiting = threading.Event()
+    real_wait = notifier.wait
+
+    def spy(name: str, token: int, timeout: float) -> None:
+        tokens.append(token)
+        waiting.set()
+        real_wait(name, token, timeout)
+
+    notifier.wait = spy
+    out: Dict[str, object] = {}
+
+    def pull() -> None:
+        try:
+            out["got"] = [(m.id, m.body) for m in q.pull(batch_size=10, wait=wait)]
+        except BaseException as e:  # noqa: B902 - the test looks at it
+            out["error"] = e
+
+    t = threading.Thread(target=pull, daemon=True)
+    t.start()
+    assert waiting.wait(wait), "the pull never waited"
+    return t, out, tokens
 
 
 def _start(func: str, **kwargs: object) -> Child:
@@ -482,26 +511,7 @@ def test_waiting_pull_survives_terminated_connections(own_cluster, own_url, run_
     is still received by that pull."""
     with qlog.open(own_url) as broker, psycopg.connect(own_cluster.url, autocommit=True) as admin:
         q = broker.queue(QUEUE)
-        notifier = q._b._notifier
-        waiting = threading.Event()
-        real_wait = notifier.wait
-
-        def wait(name: str, token: int, timeout: float) -> None:
-            waiting.set()
-            real_wait(name, token, timeout)
-
-        notifier.wait = wait
-        out: Dict[str, object] = {}
-
-        def pull() -> None:
-            try:
-                out["got"] = [(m.id, m.body) for m in q.pull(batch_size=10, wait=30)]
-            except BaseException as e:  # noqa: B902 - the test looks at it
-                out["error"] = e
-
-        t = threading.Thread(target=pull, daemon=True)
-        t.start()
-        assert waiting.wait(30), "the pull never waited"
+        t, out, _tokens = _waiting_pull(q, 30)
         store_pids = {c.info.backend_pid for c in list(broker._store.conns._all)}
         killed: List[int] = []
 
@@ -545,27 +555,7 @@ def test_lost_notify_is_covered_by_the_safety_poll(shared_url):
         notifier, sender_notifier = q._b._notifier, sq._b._notifier
         assert notifier is not sender_notifier
 
-        tokens: List[int] = []
-        waiting = threading.Event()
-        real_wait = notifier.wait
-
-        def wait(name: str, token: int, timeout: float) -> None:
-            tokens.append(token)
-            waiting.set()
-            real_wait(name, token, timeout)
-
-        notifier.wait = wait
-        out: Dict[str, object] = {}
-
-        def pull() -> None:
-            try:
-                out["got"] = [(m.id, m.body) for m in q.pull(batch_size=10, wait=10)]
-            except BaseException as e:  # noqa: B902 - the test looks at it
-                out["error"] = e
-
-        t = threading.Thread(target=pull, daemon=True)
-        t.start()
-        assert waiting.wait(10), "the pull never waited"
+        t, out, tokens = _waiting_pull(q, 10)
         # The consumer's waiting flag lost (as a NOTIFY would be): the send sends none.
         schema = shared_url.rsplit("schema=", 1)[1]
         with psycopg.connect(shared_url.split("?")[0], autocommit=True) as conn:

@@ -28,7 +28,7 @@ import pytest
 import qlog
 from _crashkit import child_env
 from conftest import _wait_until as wait_until
-from conftest import pg_url
+from conftest import free_port, pg_url
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -222,11 +222,7 @@ def pg_cli_block(text: str, tmp: pathlib.Path) -> None:
 
 def _serve_in(tmp: pathlib.Path, cmd: str) -> Tuple[subprocess.Popen, int]:
     """Start the README's ``qlog serve`` line in ``tmp`` on a free port."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     argv = shlex.split(cmd.replace("--port 8787", f"--port {port}"))
     p = subprocess.Popen(argv, cwd=tmp, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from _crashkit import child_env
 from cloudflare import Cloudflare
+from conftest import free_port
 
 import qlog
 
@@ -26,16 +27,10 @@ TOKEN = "test-token-0123456789"
 ACCOUNT = "local"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def serving(target: str, *args: str, token: Optional[str] = TOKEN) -> Iterator[str]:
     """``qlog serve TARGET`` on a free port; yields its base URL once it answers."""
-    port = _free_port()
+    port = free_port()
     env = child_env()
     env.pop("QLOG_TOKEN", None)
     if token is not None:
@@ -350,7 +345,7 @@ def test_tls_with_cert_and_key(data, tmp_path) -> None:
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
-    port = _free_port()
+    port = free_port()
     env = child_env()
     env["QLOG_TOKEN"] = TOKEN
     p = subprocess.Popen([sys.executable, "-m", "qlog", "serve", str(data), "--port", str(port),

@@ -435,17 +435,8 @@ class PgStore(Store):
         self.sql = _Sql(psycopg, self.schema)
         self._offset = 0.0
         self._offset_at = -CLOCK_REFRESH
-        self._own_clock = clock
         self.clock: Callable[[], float] = clock or self._server_clock
-        conn = self.conns.connect()
-        try:
-            migrate(conn, self.schema, self.location)
-        except psycopg.Error as e:
-            raise errors.StorageError(
-                f"cannot set up the qlog schema {self.schema!r} at {self.location}: "
-                f"{self.conns._clean(e)}") from None
-        finally:
-            conn.close()
+        migrate(self.conns, self.schema)
         self.notifier = _Notifier.get(self.conns, self.schema, self.sql)
         self._closed = False
 

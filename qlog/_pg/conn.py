@@ -21,7 +21,7 @@ import select
 import threading
 import time
 import urllib.parse
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import errors
 
@@ -229,8 +229,3 @@ def _dead(conn: Any) -> bool:
     except (OSError, ValueError):
         return True
     return bool(r)
-
-
-def rows_by_key(rows: Sequence[Tuple[Any, ...]]) -> Dict[Any, Tuple[Any, ...]]:
-    """Rows keyed by their first column."""
-    return {r[0]: r[1:] for r in rows}

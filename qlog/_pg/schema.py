@@ -23,10 +23,13 @@ wrote are deleted when a queue of that name is created again.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from .. import errors
 from .._backend import MAX_APPEND
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .conn import Connections
 
 SCHEMA_VERSION = 1
 """The schema version this qlog writes and reads."""
@@ -77,10 +80,6 @@ MIGRATIONS = {1: _V1}
 """Version -> the DDL that brings the schema from the version before to it."""
 
 
-def _ident(psycopg: Any, schema: str) -> Any:
-    return psycopg.sql.Identifier(schema)
-
-
 def schema_version(conn: Any, schema: str) -> Optional[int]:
     """The version recorded in ``schema``, or None when qlog has no tables there."""
     row = conn.execute(
@@ -90,18 +89,31 @@ def schema_version(conn: Any, schema: str) -> Optional[int]:
     import psycopg
 
     got = conn.execute(psycopg.sql.SQL("SELECT value FROM {}.meta WHERE key = 'schema_version'")
-                       .format(_ident(psycopg, schema))).fetchone()
+                       .format(psycopg.sql.Identifier(schema))).fetchone()
     return None if got is None else int(got[0])
 
 
-def migrate(conn: Any, schema: str, location: str, upgrade: bool = True) -> Tuple[Optional[int], int]:
-    """Create or upgrade qlog's tables in ``schema``, in one transaction
-    that holds an advisory lock (so concurrent first opens do it once);
-    returns ``(version before, version after)``.  A newer schema than this
-    qlog's is refused with :class:`~qlog.errors.SchemaVersionError`."""
+def migrate(conns: "Connections", schema: str) -> Tuple[Optional[int], int]:
+    """Create or upgrade qlog's tables in ``schema`` on a connection of its
+    own, in one transaction that holds an advisory lock (so concurrent
+    first opens do it once); returns ``(version before, version after)``.
+    A newer schema than this qlog's is refused with
+    :class:`~qlog.errors.SchemaVersionError`; a database error is a
+    :class:`~qlog.errors.StorageError`."""
+    conn = conns.connect()
+    try:
+        return _migrate(conn, schema, conns.location)
+    except conns.psycopg.Error as e:
+        raise errors.StorageError(
+            f"cannot set up the qlog schema {schema!r} at {conns.location}: {conns._clean(e)}") from None
+    finally:
+        conn.close()
+
+
+def _migrate(conn: Any, schema: str, location: str) -> Tuple[Optional[int], int]:
     import psycopg
 
-    s = _ident(psycopg, schema)
+    s = psycopg.sql.Identifier(schema)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('qlog schema ' || %s))", (schema,))
         before = schema_version(conn, schema)
@@ -111,10 +123,6 @@ def migrate(conn: Any, schema: str, location: str, upgrade: bool = True) -> Tupl
                 f"version {SCHEMA_VERSION} at most: upgrade qlog")
         if before == SCHEMA_VERSION:
             return before, before
-        if not upgrade:
-            raise errors.SchemaVersionError(
-                f"the qlog schema {schema!r} at {location} is version {before}; this qlog needs "
-                f"version {SCHEMA_VERSION}: run qlog migrate")
         conn.execute(psycopg.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
         conn.execute(psycopg.sql.SQL(
             "CREATE TABLE IF NOT EXISTS {}.meta (key text PRIMARY KEY, value text NOT NULL)").format(s))

@@ -37,8 +37,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from .. import errors
-from .._message import CONTENT_TYPES, Message
-from .._pg.conn import is_target, redact
+from .._message import Message
 from .._queue import Broker, Queue, QueueStats
 from .._settings import MAX_PULL_BATCH
 from .api import Api, ApiError
@@ -51,7 +50,6 @@ HISTORY = 150
 BODY_SHOWN = 4096
 """Characters (or bytes, base64'd) of a body the message browser shows."""
 PEEK_DEFAULT = 25
-SEND_CHUNK = 500
 SPARK_W, SPARK_H = 100, 24
 
 Form = Dict[str, List[str]]
@@ -126,11 +124,6 @@ c.querySelector('.rate').textContent=q.text[k]}else if(k in q.text){c.textConten
 for(const a of document.querySelectorAll('[data-all]')){a.hidden=false;a.addEventListener('change',()=>{
 for(const b of document.querySelectorAll('input[name=id]'))b.checked=a.checked})}
 tick();setInterval(tick,2000)})();""" % (SPARK_W, SPARK_H)
-
-
-def where(path: str) -> str:
-    """``path`` as the page shows it: a database URL without its password."""
-    return redact(path) if is_target(path) else path
 
 
 def _e(s: object) -> str:
@@ -329,7 +322,7 @@ class Dashboard:
         reload = "" if names is None else f" data-names='{_e(names)}'"
         logout = self._form("/dashboard/logout", "<button class='small'>Log out</button>") if self.token else ""
         return (f"<header><a class='brand' href='/'>qlog</a><a href='/'>Queues</a>"
-                f"<span class='mut small'>{_e(self.broker.engine)} · {_e(where(str(self.broker.path)))}</span>"
+                f"<span class='mut small'>{_e(self.broker.engine)} · {_e(self.broker.path)}</span>"
                 f"<span class='sp'></span><span id='live' class='live' data-src='/dashboard/api/stats'{reload}>"
                 f"snapshot</span><noscript><span class='nojs small mut'>JavaScript is off: reload for new "
                 f"numbers</span></noscript>{logout}</header>")
@@ -670,41 +663,12 @@ class Dashboard:
         raise _Failed(f"unknown operation {op!r}")
 
     def _redrive_ids(self, q: Queue, ids: List[str]) -> str:
-        """Move the dead letters ``ids`` of ``q`` each back to the queue it
-        failed in, as ``Broker.redrive`` does (stored bytes sent undecoded,
-        then deleted here: a crash between leaves a duplicate, never a loss)."""
-        wanted = set(ids)
-        found = [m for m in q.peek(MAX_PULL_BATCH) if m.ref in wanted]
-        groups: Dict[str, List[Message]] = {}
-        for m in found:
-            dl = m.dead_letter
-            if dl is None or dl.queue == q.name:
-                raise _Failed(f"message {m.id} was not dead-lettered from another queue, so it has none to go "
-                              "back to; nothing was moved")
-            if m.content_type not in CONTENT_TYPES:
-                raise _Failed(f"message {m.id} has an unknown content type; nothing was moved")
-            groups.setdefault(dl.queue, []).append(m)
-        existing = set(self.broker.queues())
-        for origin in sorted(groups):
-            if origin not in existing:
-                raise _Failed(f"queue {origin!r}, where {len(groups[origin])} of them failed, does not exist "
-                              "any more: create it first; nothing was moved")
-        moved = []
-        stuck = 0
-        for origin, ms in sorted(groups.items()):
-            target = self.broker.queue(origin)
-            for i in range(0, len(ms), SEND_CHUNK):
-                chunk = ms[i:i + SEND_CHUNK]
-                target._send_raw([(CONTENT_TYPES[m.content_type], m.raw_body) for m in chunk])
-                stuck += len(chunk) - q.delete_messages([m.ref for m in chunk])
-            moved.append(f"{len(ms):,} to {origin}")
-        out = "moved " + ", ".join(moved) if moved else "moved nothing"
-        gone = len(wanted) - len(found)
+        moved = self.broker.redrive_messages(q.name, ids)
+        out = "moved " + ", ".join(f"{n:,} to {origin}" for origin, n in sorted(moved.items())) if moved \
+            else "moved nothing"
+        gone = len(set(ids)) - sum(moved.values())
         if gone:
             out += f" ({gone:,} of those selected were no longer in {q.name})"
-        if stuck:
-            raise _Failed(f"{out}, but {stuck:,} of them could not be deleted from {q.name} (done meanwhile, "
-                          "or not deletable): those may now be in both queues")
         return out
 
     def routes(self) -> List[Route]:
