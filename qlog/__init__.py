@@ -27,7 +27,7 @@ from ._log import ENGINE, Log
 from ._log.types import DURABILITY_MODES, MAX_RECORD, Damage, LogStats, VerifyReport
 from ._message import DeadLetterInfo, Message, MessageBatch, MessageSendRequest
 from ._local import backend as _local_backend  # noqa: F401  (the default backend: its imports are paid by `import qlog`, not by the first qlog.open)
-from ._queue import Broker, Queue, QueueMetrics, QueueStats, SettleResult, migrate, open
+from ._queue import DELIVERY_BUCKETS, Broker, Queue, QueueMetrics, QueueStats, SettleResult, migrate, open
 from ._settings import QueueSettings
 from .errors import (
     BatchTooLargeError,
@@ -66,6 +66,7 @@ __all__ = [
     "Queue",
     "QueueSettings",
     "QueueStats",
+    "DELIVERY_BUCKETS",
     "QueueMetrics",
     "SettleResult",
     "Message",

@@ -34,6 +34,7 @@ which at-least-once delivery allows (a redelivery).
 from __future__ import annotations
 
 import abc
+import bisect
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -48,6 +49,20 @@ RECORD_VERSION = 1
 MAX_APPEND = 1000
 """The most records one :meth:`QueueBackend.append` is given (a
 ``send_batch``, a redrive step, a dead-letter move)."""
+DELIVERY_BUCKETS_US: Tuple[int, ...] = (
+    1_000, 5_000, 10_000, 50_000, 100_000, 500_000, 1_000_000, 5_000_000, 10_000_000,
+    60_000_000, 300_000_000, 3_600_000_000)
+"""Upper bounds (µs) of the delivery latency histogram's buckets: the time
+from a message's send to its first delivery, its delivery delay included.
+Bucket ``i`` counts latencies ``<= DELIVERY_BUCKETS_US[i]`` and above the
+bound before; one more bucket holds the rest.  Every backend stores the
+counts per bucket (the local checkpoint, PostgreSQL's ``counters``), so the
+bounds are part of both formats."""
+
+
+def delivery_bucket(latency_us: int) -> int:
+    """The histogram bucket of one delivery latency (the one rule)."""
+    return bisect.bisect_left(DELIVERY_BUCKETS_US, latency_us)
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,16 @@ class Counts:
     purged: int
     sent: int
     """Messages ever appended (numbers given out)."""
+    retried: int = 0
+    """Deliveries a consumer asked to retry (a retry at the last attempt
+    dead-letters instead, and is counted there)."""
+    lease_expired: int = 0
+    """Leases that ran out without an ack or retry, found by a later lease."""
+    delivery_buckets: Tuple[int, ...] = ()
+    """First deliveries per bucket of :data:`DELIVERY_BUCKETS_US` (one more
+    for the rest); empty: none yet."""
+    delivery_sum_us: int = 0
+    """The sum of those deliveries' latencies."""
 
 
 @dataclass(frozen=True)

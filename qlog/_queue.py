@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 
 from . import errors
 from ._backend import RECORD_HEADER as HEADER, RECORD_VERSION as VERSION
-from ._backend import LeasePolicy, QueueBackend, Store
+from ._backend import DELIVERY_BUCKETS_US, LeasePolicy, QueueBackend, Store
 from ._log import ids as _ids
 from ._log.modes import DEFAULT_FILE_MODE, check_mode
 from ._pg.conn import is_target
@@ -83,6 +83,10 @@ def _check_wait(wait: object) -> None:
 _LEASE_RE = re.compile(r"([0-9a-f]{16})([0-9a-f]{16})\.([1-9][0-9]*)")
 
 
+DELIVERY_BUCKETS: Tuple[float, ...] = tuple(b / 1e6 for b in DELIVERY_BUCKETS_US)
+"""Upper bounds, in seconds, of :attr:`QueueStats.delivery_buckets`."""
+
+
 @dataclass(frozen=True)
 class QueueStats:
     """A snapshot of a queue (``Queue.stats()``)."""
@@ -109,6 +113,17 @@ class QueueStats:
     """Delivery is paused (:meth:`Queue.pause_delivery`): sends are kept, nothing is delivered."""
     sent: int = 0
     """Message numbers given out so far (every message ever sent)."""
+    retried: int = 0
+    """Deliveries retried (``retry()``, ``retry_all()``, a failed handler);
+    a retry at the last attempt is counted as dead-lettered or deleted."""
+    lease_expired: int = 0
+    """Leases that ran out with no ack or retry (found by a later pull)."""
+    delivery_buckets: Tuple[int, ...] = ()
+    """First deliveries by latency (send to first lease, delivery delay
+    included): one count per bound of :data:`DELIVERY_BUCKETS` (latencies
+    at most that bound and above the one before), then one for the rest."""
+    delivery_seconds: float = 0.0
+    """The sum of those latencies."""
 
 
 @dataclass(frozen=True)
@@ -635,6 +650,10 @@ class Queue:
             oldest_age=None if c.oldest_sent_us is None else max(0.0, (now - c.oldest_sent_us) / 1e6),
             paused=self.paused,
             sent=c.sent,
+            retried=c.retried,
+            lease_expired=c.lease_expired,
+            delivery_buckets=c.delivery_buckets or (0,) * (len(DELIVERY_BUCKETS_US) + 1),
+            delivery_seconds=c.delivery_sum_us / 1e6,
         )
 
     def metrics(self, count_bytes: bool = True) -> QueueMetrics:

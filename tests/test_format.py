@@ -15,6 +15,7 @@ import pytest
 from damage import flip_byte
 
 import qlog
+from qlog._backend import DELIVERY_BUCKETS_US
 from qlog._log import pure as _pure
 from qlog._log._qlog_c import lib
 
@@ -668,14 +669,50 @@ def test_checkpoint_header_table_matches_the_struct_that_packs_it() -> None:
     off, size = by_name["unknown ranges"]
     assert int.from_bytes(snap[off:off + size], "little") == 2
     off, size = by_name["version"]
-    assert int.from_bytes(snap[off:off + size], "little") == _state._CKPT_VERSION == 2
+    assert int.from_bytes(snap[off:off + size], "little") == _state._CKPT_VERSION == 3
+    off, size = by_name["latency buckets"]
+    nb = int.from_bytes(snap[off:off + size], "little")
+    assert nb == len(DELIVERY_BUCKETS_US) + 1 == 13
     assert snap[:8] == b"QLOGCKPT"
-    assert len(snap) == _state._CKPT_HEAD.size + 5 * 8 + 2 * 16 + 4
-    pairs = snap[_state._CKPT_HEAD.size + 5 * 8:-4]
+    assert len(snap) == _state._CKPT_HEAD.size + 5 * 8 + 2 * 16 + 8 * (3 + nb) + 4
+    pairs = snap[_state._CKPT_HEAD.size + 5 * 8:-4 - 8 * (3 + nb)]
     assert [int.from_bytes(pairs[i:i + 8], "little", signed=True) for i in range(0, 32, 8)] == [3, 9, 61, 64]
     back = _state.QueueState.from_snapshot(snap)
     assert (back.applied, back.cursor, back.acked, back.pending) == (77, 65, 9, {60: [2, True, 123, 45]})
     assert back.unknown == [(3, 9), (61, 64)]
+
+
+def test_checkpoint_keeps_the_retry_lease_expiry_and_latency_counters() -> None:
+    from qlog._local import state as _state
+
+    st = _state.QueueState()
+    st.cursor = 10
+    st.retried, st.lease_expired, st.delivery_sum = 5, 6, 7_000
+    st.delivery[0], st.delivery[-1] = 3, 4
+    snap = st.snapshot()
+    tail = struct.unpack_from(f"<{3 + len(st.delivery)}q", snap, len(snap) - 4 - 8 * (3 + len(st.delivery)))
+    assert tail == (5, 6, 7_000, 3, *[0] * (len(st.delivery) - 2), 4)
+    back = _state.QueueState.from_snapshot(snap)
+    assert (back.retried, back.lease_expired, back.delivery_sum, back.delivery) == (5, 6, 7_000, st.delivery)
+
+
+def test_format_md_states_the_latency_bounds_the_code_uses() -> None:
+    stated = re.search(r"the bounds, in µs, are (.*?) \(`DELIVERY_BUCKETS_US`\)", FORMAT_MD, re.S)
+    assert stated is not None
+    nums = [int(x.replace(",", "")) for x in re.findall(r"[\d,]*\d", stated.group(1))]
+    assert tuple(nums) == DELIVERY_BUCKETS_US
+
+
+def test_a_version_2_checkpoint_loads_with_its_new_counters_at_zero() -> None:
+    import crc32c
+
+    from qlog._local import state as _state
+
+    head = _state._CKPT_HEADS[2].pack(b"QLOGCKPT", 2, 77, 65, 9, 0, 0, 0, 0, 4, 1, 1)
+    body = head + struct.pack("<5q", 60, 2, 1, 123, 45) + struct.pack("<2q", 3, 9)
+    st = _state.QueueState.from_snapshot(body + struct.pack("<I", crc32c.crc32c(body)))
+    assert (st.applied, st.cursor, st.acked, st.hidden, st.unknown) == (77, 65, 9, 4, [(3, 9)])
+    assert (st.retried, st.lease_expired, st.delivery_sum, sum(st.delivery)) == (0, 0, 0, 0)
 
 
 def test_a_version_1_checkpoint_still_loads_with_no_unknown_ranges() -> None:
@@ -685,7 +722,7 @@ def test_a_version_1_checkpoint_still_loads_with_no_unknown_ranges() -> None:
 
     from qlog._local import state as _state
 
-    head = _state._CKPT_HEAD_V1.pack(b"QLOGCKPT", 1, 77, 65, 9, 0, 0, 0, 0, 4, 1)
+    head = _state._CKPT_HEADS[1].pack(b"QLOGCKPT", 1, 77, 65, 9, 0, 0, 0, 0, 4, 1)
     body = head + struct.pack("<5q", 60, 2, 1, 123, 45)
     st = _state.QueueState.from_snapshot(body + struct.pack("<I", crc32c.crc32c(body)))
     assert (st.applied, st.cursor, st.acked, st.hidden, st.unknown) == (77, 65, 9, 4, [])

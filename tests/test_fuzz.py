@@ -43,6 +43,7 @@ from hypothesis import strategies as st
 
 import qlog
 from qlog import errors
+from qlog._backend import DELIVERY_BUCKETS_US
 from qlog._local import check as _check, state as _state
 from qlog._log import pure as _pure, purelog as _purelog
 
@@ -775,8 +776,9 @@ def test_counters_pushed_past_int64_by_absurd_journal_records_still_checkpoint()
 def _checkpoint_with(seqs: List[int], leased: List[int], counters: Tuple[int, ...] = (0,) * 6,
                      unknown: Tuple[Tuple[int, int], ...] = ()) -> bytes:
     n = len(seqs)
-    body = _state._CKPT_HEAD.pack(b"QLOGCKPT", _state._CKPT_VERSION, 0, 10, *counters, n, len(unknown)) + array(
-        "q", seqs + [1] * n + leased + [5] * n + [6] * n + [x for r in unknown for x in r]).tobytes()
+    nb = len(DELIVERY_BUCKETS_US) + 1
+    body = _state._CKPT_HEAD.pack(b"QLOGCKPT", _state._CKPT_VERSION, 0, 10, *counters, n, len(unknown), nb) + array(
+        "q", seqs + [1] * n + leased + [5] * n + [6] * n + [x for r in unknown for x in r] + [0] * (3 + nb)).tobytes()
     return body + struct.pack("<I", _pure.crc32c(body))
 
 

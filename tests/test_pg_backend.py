@@ -63,6 +63,34 @@ def test_migrate_creates_then_has_nothing_to_do(url) -> None:
     assert qlog.migrate(url) == (s, SCHEMA_VERSION, SCHEMA_VERSION)
 
 
+def test_a_version_1_schema_is_upgraded_keeping_its_queues_messages_and_counts(url) -> None:
+    from qlog._pg import schema
+
+    s = _schema(url)
+    _sql(f'CREATE SCHEMA "{s}"')
+    _sql(f'CREATE TABLE "{s}".meta (key text PRIMARY KEY, value text NOT NULL)')
+    with psycopg.connect(pg_cluster().url, autocommit=True) as conn:
+        for stmt in schema.MIGRATIONS[1].split(";\n"):
+            if stmt.strip():
+                conn.execute(psycopg.sql.SQL(stmt.strip()).format(s=psycopg.sql.Identifier(s)))
+    _sql(f"INSERT INTO \"{s}\".meta VALUES ('schema_version', '1')")
+    with qlog.open(url) as b:  # a queue made at version 1 keeps its rows
+        q = b.queue(Q)
+        q.send_batch([1, 2])
+        q.pull(1).ack_all()
+    _sql(f"UPDATE \"{s}\".meta SET value = '1' WHERE key = 'schema_version'")
+    _sql(f'ALTER TABLE "{s}".counters DROP COLUMN retried, DROP COLUMN lease_expired, '
+         f'DROP COLUMN delivery_sum_us, DROP COLUMN delivery')
+    assert qlog.migrate(url) == (s, 1, SCHEMA_VERSION)
+    with qlog.open(url) as b:
+        q = b.queue(Q)
+        st = q.stats()
+        assert (st.backlog, st.acked, st.retried, sum(st.delivery_buckets)) == (1, 1, 0, 0)
+        q.pull(1).retry_all(delay_seconds=60)
+        st = q.stats()
+        assert (st.retried, sum(st.delivery_buckets)) == (1, 1)
+
+
 def test_a_newer_schema_is_refused_naming_both_versions(url) -> None:
     qlog.migrate(url)
     _sql(f"UPDATE \"{_schema(url)}\".meta SET value = %s WHERE key = 'schema_version'", str(SCHEMA_VERSION + 1))
@@ -284,7 +312,7 @@ def _qlog(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_migrate_send_stats_and_refusals_on_a_url(url) -> None:
     r = _qlog("migrate", url)
-    assert r.returncode == 0 and "created: now version 1" in r.stdout
+    assert r.returncode == 0 and f"created: now version {SCHEMA_VERSION}" in r.stdout
     assert "nothing to do" in _qlog("migrate", url).stdout
     r = _qlog("send", url, Q, '{"a": 1}')
     assert r.returncode == 0, r.stderr

@@ -899,7 +899,32 @@ def test_stats_oldest_age_follows_the_clock(q, clock):
 
 
 def test_fresh_queue_stats_are_all_zero(q):
-    assert q.stats() == qlog.QueueStats(0, 0, 0, 0, 0, 0, 0, 0, None)
+    assert q.stats() == qlog.QueueStats(0, 0, 0, 0, 0, 0, 0, 0, None,
+                                        delivery_buckets=(0,) * (len(qlog.DELIVERY_BUCKETS) + 1))
+
+
+def test_stats_count_retries_lease_expiries_and_first_delivery_latency(broker, make_broker, clock):
+    q = broker.queue(QUEUE, max_retries=1)
+    q.send_batch([1, 2, 3])
+    clock.advance(1.0)  # exactly on a bound: counted at or below it
+    a, b = q.pull(2, visibility_timeout=10).messages
+    a.retry(delay_seconds=5)
+    clock.advance(1.0)
+    (c,) = q.pull(1, visibility_timeout=10).messages  # message 3 after 2 s
+    assert c.body == 3
+    clock.advance(10)  # b's and c's leases run out
+    again = q.pull(10, visibility_timeout=10).messages  # a (retried), b and c again
+    assert sorted(m.body for m in again) == [1, 2, 3] and {m.attempts for m in again} == {2}
+    clock.advance(10)  # and again: now at max_retries, so a pull deletes them
+    assert not q.pull(10).messages
+    at_1s = qlog.DELIVERY_BUCKETS.index(1.0)
+    for s in (q.stats(), make_broker(clock=clock).queue(QUEUE).stats()):  # another broker reads the same
+        assert (s.retried, s.lease_expired, s.deleted) == (1, 2 + 3, 3)
+        want = [0] * (len(qlog.DELIVERY_BUCKETS) + 1)
+        want[at_1s] = 2
+        want[at_1s + 1] = 1  # 2 s: above 1 s, at most the next bound
+        assert list(s.delivery_buckets) == want
+        assert s.delivery_seconds == pytest.approx(4.0)
 
 
 def test_peek_shows_messages_without_leasing_or_changing_them(q):

@@ -145,6 +145,10 @@ class QueueMachine(RuleBasedStateMachine):
         self.batches: List[Tuple[qlog.MessageBatch, List[Delivery]]] = []
         self.acked = 0
         self.dead = 0
+        self.retried = 0
+        self.lease_expired = 0  # leases a pull found run out (leased again, or killed)
+        self.first_deliveries = 0
+        self.first_latency_us = 0
         self.dead_letters: List[DeadLetter] = []  # in the DLQ, not yet consumed there
         self.dlq_consumed = 0
         self.dlq: Optional[str] = None
@@ -212,6 +216,7 @@ class QueueMachine(RuleBasedStateMachine):
         if d.attempts > self.max_retries:
             self.kill(m, now)
         else:
+            self.retried += 1
             m.state = "waiting"
             m.due = now + _us(delay or 0)
 
@@ -347,6 +352,11 @@ class QueueMachine(RuleBasedStateMachine):
         ds = []
         for h in got:
             m = by_id[h.id]
+            if m.state == "leased":
+                self.lease_expired += 1
+            if m.attempts == 0:
+                self.first_deliveries += 1
+                self.first_latency_us += now - m.sent
             m.attempts += 1
             m.state = "leased"
             m.due = deadline
@@ -359,6 +369,7 @@ class QueueMachine(RuleBasedStateMachine):
         still = {p.id for p in self.q.peek(1000)}
         for m in doomed:
             if m.id not in still:
+                self.lease_expired += 1
                 self.kill(m, now)
         if n >= len(visible) + len(doomed):
             left = [m.id for m in doomed if m.state != "done"]
@@ -481,9 +492,12 @@ class QueueMachine(RuleBasedStateMachine):
             purged=0,
             oldest_age=None if not live else max(0.0, (now - min(m.sent for m in live)) / 1e6),
         )
+        want.update(retried=self.retried, lease_expired=self.lease_expired)
         s = self.queue_of(broker).stats()
         got = {k: getattr(s, k) for k in want}
         assert got == want, f"stats through broker {gen}: {got} != model {want}"
+        assert sum(s.delivery_buckets) == self.first_deliveries
+        assert s.delivery_seconds == pytest.approx(self.first_latency_us / 1e6, abs=1e-6)
 
     @invariant()
     def stats_match_the_model(self) -> None:

@@ -305,16 +305,33 @@ def test_a_long_poll_pull_wakes_on_a_push_from_another_client(server) -> None:
 
 def test_metrics_are_prometheus_text_read_at_scrape_time(server, data) -> None:
     _api(server, "POST", "", {"queue_name": "jobs"})
-    with qlog.open(data) as b:  # another process's writes count too
+    _api(server, "POST", "/jobs/messages", {"body": "a", "content_type": "text"})
+    _api(server, "POST", "/jobs/messages/batch", {"messages": [{"body": "b"}, {"body": "c"}]})
+    with qlog.open(data) as b:  # another process's changes count too
         q = b.queue("jobs")
-        q.send_batch([1, 2, 3])
         q.pull(1).ack_all()
+        q.pull(1).retry_all(delay_seconds=3600)
+        lost = q.pull(1, visibility_timeout=0.05).messages  # its lease runs out ...
+        again = q.pull(1, wait=30).messages  # ... and a pull finds it
+        assert [m.id for m in again] == [m.id for m in lost] and again[0].attempts == 2
     text = httpx.get(server + "/metrics", headers={"authorization": f"Bearer {TOKEN}"}).text
     assert "# TYPE qlog_messages_sent_total counter" in text
+    assert "# TYPE qlog_delivery_latency_seconds histogram" in text
     samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
-    assert samples['qlog_messages_sent_total{queue="jobs"}'] == "3"
-    assert samples['qlog_messages_acked_total{queue="jobs"}'] == "1"
-    assert samples['qlog_queue_backlog_messages{queue="jobs"}'] == "2"
+    for family, want in [("qlog_messages_sent_total", "3"), ("qlog_messages_acked_total", "1"),
+                         ("qlog_messages_retried_total", "1"), ("qlog_lease_expired_total", "1"),
+                         ("qlog_queue_backlog_messages", "2"), ("qlog_queue_delayed_messages", "1"),
+                         ("qlog_queue_in_flight_messages", "1")]:
+        assert samples[f'{family}{{queue="jobs"}}'] == want, family
+    for family, calls in [("qlog_delivery_latency_seconds", 3), ("qlog_send_duration_seconds", 2)]:
+        buckets = [(line.split('le="')[1].split('"')[0], int(v)) for line, v in samples.items()
+                   if line.startswith(family + '_bucket{queue="jobs"')]
+        assert buckets[-1] == ("+Inf", calls), family
+        counts = [c for _, c in buckets]
+        assert counts == sorted(counts), family  # cumulative
+        assert [float(le) for le, _ in buckets[:-1]] == sorted(float(le) for le, _ in buckets[:-1])
+        assert samples[f'{family}_count{{queue="jobs"}}'] == str(calls)
+        assert float(samples[f'{family}_sum{{queue="jobs"}}']) > 0
 
 
 def test_serves_a_postgresql_store_with_the_sdk() -> None:

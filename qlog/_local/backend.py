@@ -665,6 +665,10 @@ class LocalQueue(QueueBackend):
                 expired=st.expired,
                 purged=st.purged,
                 sent=nxt,
+                retried=st.retried,
+                lease_expired=st.lease_expired,
+                delivery_buckets=tuple(st.delivery),
+                delivery_sum_us=st.delivery_sum,
             )
 
     def purge(self) -> int:

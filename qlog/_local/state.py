@@ -21,7 +21,11 @@ What is kept, per queue::
                journal does not show (see "Replay" below): delivered again
                as if never delivered
     counters   acked, dead-lettered, deleted (failed with no dead-letter
-               queue), expired, purged, hidden (numbers put in unknown ranges)
+               queue), expired, purged, hidden (numbers put in unknown ranges),
+               retried, lease expiries (leases a later pull found run out),
+               and the first-delivery latency histogram (counts per bucket of
+               DELIVERY_BUCKETS_US, and their sum): a pull record names
+               its time and each new message's send time
 
 So memory grows with what is in flight or delayed, never with the backlog.
 
@@ -87,6 +91,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tu
 import crc32c as _crc32c
 
 from .. import errors
+from .._backend import DELIVERY_BUCKETS_US, delivery_bucket
 from .._log.files import replace_durably, storage_error
 from .._log.modes import DEFAULT_FILE_MODE
 
@@ -154,6 +159,10 @@ class QueueState:
         self.expired = 0
         self.purged = 0
         self.hidden = 0  # message numbers put in unknown ranges by a damaged journal
+        self.retried = 0
+        self.lease_expired = 0
+        self.delivery = [0] * (len(DELIVERY_BUCKETS_US) + 1)  # first deliveries per latency bucket
+        self.delivery_sum = 0  # their latencies' sum, µs
         # Ranges [lo, hi) below the cursor whose fate the journal lost:
         # ascending, disjoint, never holding a pending entry.
         self.unknown: List[Tuple[int, int]] = []
@@ -203,18 +212,27 @@ class QueueState:
             for s_, t in zip(new, new_sent):
                 pending[s_] = [1, True, deadline, t]
             self._add_leases(deadline, list(new))
+            if now:
+                self._delivered(now, new_sent)
         if re:
             got = []
+            first = []
             for s, a in zip(re, re_att):
                 e = pending.get(s)
                 # Only as the puller saw it: due by `now` (a retry landing
                 # in between may have set a later time).
                 if e is not None and e[ATT] == a - 1 and (now is None or e[DUE] <= now):
+                    if e[LEASED]:
+                        self.lease_expired += 1
+                    elif a == 1:
+                        first.append(e[SENT])
                     e[ATT] = a
                     e[LEASED] = True
                     e[DUE] = deadline
                     got.append(s)
             self._add_leases(deadline, got)
+            if first and now:
+                self._delivered(now, first)
         for s, d, t in zip(dfr, dfr_due, dfr_sent):
             if s >= old or known(s, ranges):
                 pending[s] = [0, False, d, t]
@@ -226,12 +244,27 @@ class QueueState:
             self._unknown_remove(lo, hi)
         dying = self.dying
         for s in dead:
-            if (pending.pop(s, None) is not None or dying.pop(s, None) is not None
-                    or self._unknown_take(s)):
+            # A pull names a message dead when it found it visible at its
+            # last attempt: leased means that lease ran out.
+            e = pending.pop(s, None) or dying.pop(s, None)
+            if e is not None or self._unknown_take(s):
+                if e is not None and e[LEASED]:
+                    self.lease_expired += 1
                 if to_dlq:
                     self.dead_lettered += 1
                 else:
                     self.deleted += 1
+
+    def _delivered(self, now: int, sent: Sequence[int]) -> None:
+        """Count first deliveries at ``now`` of messages sent at ``sent``."""
+        n = len(sent)
+        self.delivery_sum += n * now - sum(sent)
+        lo, hi = delivery_bucket(now - max(sent)), delivery_bucket(now - min(sent))
+        if lo == hi:  # the usual case: one bucket for the whole batch
+            self.delivery[lo] += n
+        else:
+            for t in sent:
+                self.delivery[delivery_bucket(now - t)] += 1
 
     # -- unknown ranges (module docstring, "Replay") -----------------------
 
@@ -322,6 +355,7 @@ class QueueState:
                 e[LEASED] = False
                 e[DUE] = d
                 heapq.heappush(self.heap, (d, s))
+                self.retried += 1
 
     def apply_claim(self, seqs: Sequence[int], atts: Sequence[int]) -> None:
         """Claim messages for the dead-letter queue, each only at the
@@ -463,27 +497,30 @@ class QueueState:
         unknown = array("q", [x for r in self.unknown for x in r])
         # Counters saturate at the largest int64: only journal records that
         # a bug wrote (with absurd message numbers) could take them there.
-        counters = (min(c, _I64_MAX) for c in (self.acked, self.dead_lettered, self.deleted,
-                                                self.expired, self.purged, self.hidden))
+        counters = [min(c, _I64_MAX) for c in (self.acked, self.dead_lettered, self.deleted,
+                                                self.expired, self.purged, self.hidden)]
+        more = [min(c, _I64_MAX) for c in (self.retried, self.lease_expired, self.delivery_sum,
+                                            *self.delivery)]
         head = _CKPT_HEAD.pack(
             _CKPT_MAGIC, _CKPT_VERSION, self.applied, self.cursor, *counters, len(items),
-            len(self.unknown),
+            len(self.unknown), len(self.delivery),
         )
         body = (head + seqs.tobytes() + att.tobytes() + leased.tobytes() + due.tobytes()
-                + sent.tobytes() + unknown.tobytes())
+                + sent.tobytes() + unknown.tobytes() + array("q", more).tobytes())
         return body + struct.pack("<I", _crc32c.crc32c(body))
 
     @classmethod
     def from_snapshot(cls, data: bytes) -> "QueueState":
-        """The state a checkpoint holds (version 2, or version 1: no
-        unknown ranges).  Raises CorruptStateError for one that
+        """The state a checkpoint holds (version 3; version 2 has no
+        retry, lease expiry and latency counters, version 1 no unknown
+        ranges either: they start at 0).  Raises CorruptStateError for one that
         :meth:`snapshot` cannot have written (CRC, magic, length, a
         negative position, counter or message number, entries not in
         strictly ascending order or at or above the cursor, a leased flag
         other than 0, 1 or 2, unknown ranges empty, out of order, overlapping,
         reaching past the cursor or holding an entry), FormatError for
         another version."""
-        if len(data) < _CKPT_HEAD_V1.size + 4:
+        if len(data) < _CKPT_HEADS[1].size + 4:
             raise errors.CorruptStateError("checkpoint is shorter than its header")
         (crc,) = struct.unpack_from("<I", data, len(data) - 4)
         body = data[:-4]
@@ -492,10 +529,8 @@ class QueueState:
         magic, version = struct.unpack_from("<8sI", body)
         if magic != _CKPT_MAGIC:
             raise errors.CorruptStateError("checkpoint has the wrong magic")
-        if version == 1:
-            head = _CKPT_HEAD_V1
-        elif version == _CKPT_VERSION:
-            head = _CKPT_HEAD
+        if version in _CKPT_HEADS:
+            head = _CKPT_HEADS[version]
             if len(body) < head.size:
                 raise errors.CorruptStateError("checkpoint is shorter than its header")
         else:
@@ -507,12 +542,23 @@ class QueueState:
         (st.applied, st.cursor, st.acked, st.dead_lettered, st.deleted, st.expired,
          st.purged, st.hidden, n) = f[2:11]
         u = f[11] if version >= 2 else 0
+        nb = f[12] if version >= 3 else 0
         if min(f[2:]) < 0:
             raise errors.CorruptStateError("checkpoint holds a negative position, counter or count")
-        if len(body) != head.size + 40 * n + 16 * u:
+        if version >= 3 and nb != len(st.delivery):
+            raise errors.CorruptStateError(
+                f"checkpoint holds {nb} latency buckets; the format has {len(st.delivery)}")
+        extra = 8 * (3 + nb) if version >= 3 else 0
+        if len(body) != head.size + extra + 40 * n + 16 * u:
             raise errors.CorruptStateError(
                 "checkpoint length does not match its entry and unknown range counts")
         mv = memoryview(body)[head.size:].cast("q")
+        if extra:
+            more = mv[5 * n + 2 * u:]
+            if min(more) < 0:
+                raise errors.CorruptStateError("checkpoint holds a negative position, counter or count")
+            st.retried, st.lease_expired, st.delivery_sum = more[0], more[1], more[2]
+            st.delivery = list(more[3:])
         seqs, att, leased, due, sent = (mv[i * n:(i + 1) * n] for i in range(5))
         if any(a >= b for a, b in zip(seqs, seqs[1:])):
             raise errors.CorruptStateError("checkpoint entries are not in ascending order")
@@ -553,9 +599,14 @@ class QueueState:
 _I64_MAX = (1 << 63) - 1
 _CKPT_MAGIC = b"QLOGCKPT"
 _DYING = 2  # a checkpoint entry's leased flag: claimed for the dead-letter queue
-_CKPT_VERSION = 2
-_CKPT_HEAD_V1 = struct.Struct("<8sI9q")   # magic, version, position, cursor, 6 counters, entries
-_CKPT_HEAD = struct.Struct("<8sI10q")     # the same, then the number of unknown ranges
+_CKPT_VERSION = 3
+_CKPT_HEADS = {
+    1: struct.Struct("<8sI9q"),   # magic, version, position, cursor, 6 counters, entries
+    2: struct.Struct("<8sI10q"),  # the same, then the number of unknown ranges
+    3: struct.Struct("<8sI11q"),  # the same, then the number of latency buckets; after the
+                                  # unknown ranges: retried, lease expiries, latency sum, buckets
+}
+_CKPT_HEAD = _CKPT_HEADS[_CKPT_VERSION]
 
 
 # Which arrays of each record hold message numbers (never negative).

@@ -41,7 +41,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from .. import errors
-from .._backend import RECORD_HEADER, Counts, LeasePolicy, QueueBackend, Store
+from .._backend import DELIVERY_BUCKETS_US, RECORD_HEADER, Counts, LeasePolicy, QueueBackend, Store
 from .conn import Connections, redact, split_target
 from .schema import COUNTER_SHARDS, migrate
 
@@ -117,9 +117,17 @@ class _Sql:
         # three sets split ``head`` by its own columns, so no row is in two.
         # Only ``n`` rows are looked at: the caller leases again for the
         # room that expired and dead rows took (see PgQueue.lease).
+        # The same statement counts, in one update of the counters row
+        # (a statement may change a row once): expiries, leases found run
+        # out (leased rows in ``head``) and first deliveries by latency
+        # bucket (``width_bucket`` over the bounds plus 1 µs counts the
+        # bounds below a latency: bucket i holds latencies <= bound i, as
+        # _backend.delivery_bucket).
+        nb = len(DELIVERY_BUCKETS_US) + 1
+        bounds = "ARRAY[" + ",".join(str(b + 1) for b in DELIVERY_BUCKETS_US) + "]::bigint[]"
         self.lease = q(f"""
             WITH head AS (
-                SELECT seq, sent_us, attempts FROM {{s}}.messages
+                SELECT seq, sent_us, attempts, leased FROM {{s}}.messages
                 WHERE queue = %(q)s AND due_us <= %(now)s AND lease_until <= %(now)s
                   AND EXISTS (SELECT 1 FROM {{s}}.queues WHERE name = %(q)s AND NOT paused)
                 ORDER BY due_us, seq LIMIT %(n)s FOR UPDATE SKIP LOCKED),
@@ -127,9 +135,23 @@ class _Sql:
                 DELETE FROM {{s}}.messages m USING head h
                 WHERE m.queue = %(q)s AND m.seq = h.seq AND h.sent_us <= %(cut)s
                 RETURNING 1),
+            first AS (
+                SELECT %(now)s - sent_us AS lat FROM head
+                WHERE attempts = 0 AND sent_us > %(cut)s AND attempts < %(max)s),
+            hist AS (SELECT width_bucket(lat, {bounds}) + 1 AS b, count(*) AS c, sum(lat) AS t
+                     FROM first GROUP BY 1),
+            lx AS (SELECT count(*) AS n FROM head WHERE leased AND sent_us > %(cut)s),
             bump AS (
-                UPDATE {{s}}.counters SET expired = expired + (SELECT count(*) FROM exp)
-                WHERE queue = %(q)s AND shard = {sh} AND EXISTS (SELECT 1 FROM exp)),
+                UPDATE {{s}}.counters c SET
+                    expired = expired + (SELECT count(*) FROM exp),
+                    lease_expired = lease_expired + (SELECT n FROM lx),
+                    delivery_sum_us = delivery_sum_us + coalesce((SELECT sum(t) FROM hist), 0),
+                    delivery = CASE WHEN EXISTS (SELECT 1 FROM hist) THEN (
+                        SELECT array_agg(coalesce(c.delivery[i], 0)
+                                         + coalesce((SELECT h.c FROM hist h WHERE h.b = i), 0) ORDER BY i)
+                        FROM generate_series(1, {nb}) i) ELSE delivery END
+                WHERE queue = %(q)s AND shard = {sh}
+                  AND (EXISTS (SELECT 1 FROM exp) OR EXISTS (SELECT 1 FROM hist) OR (SELECT n FROM lx) > 0)),
             leased AS (
                 UPDATE {{s}}.messages m
                 SET attempts = m.attempts + 1, leased = true, lease_until = %(deadline)s
@@ -154,9 +176,11 @@ class _Sql:
                 UPDATE {{s}}.messages m SET leased = false, lease_until = 0, due_us = u.due
                 FROM unnest(%(seqs)s::bigint[], %(atts)s::int[], %(dues)s::bigint[]) AS u(seq, att, due)
                 WHERE m.queue = %(q)s AND m.seq = u.seq AND m.attempts = u.att AND m.leased
-                RETURNING 1)
-            SELECT count(*), {notify_if_waiting("EXISTS (SELECT 1 FROM u)")}
-            FROM u""")
+                RETURNING 1),
+            c AS (SELECT count(*) AS n FROM u),
+            bump AS (UPDATE {{s}}.counters SET retried = retried + (SELECT n FROM c)
+                     WHERE queue = %(q)s AND shard = {sh} AND (SELECT n FROM c) > 0)
+            SELECT (SELECT n FROM c), {notify_if_waiting("EXISTS (SELECT 1 FROM u)")}""")
         self.extend = q("""
             UPDATE {s}.messages m SET lease_until = %(deadline)s
             FROM unnest(%(seqs)s::bigint[], %(atts)s::int[]) AS u(seq, att)
@@ -214,8 +238,13 @@ class _Sql:
                    count(*) FILTER (WHERE lease_until > %(now)s),
                    count(*) FILTER (WHERE lease_until <= %(now)s AND due_us > %(now)s),
                    min(sent_us),
-                   (SELECT row(sum(acked), sum(dead_lettered), sum(deleted), sum(expired), sum(purged))
-                    FROM {s}.counters WHERE queue = %(q)s)
+                   (SELECT row(sum(acked), sum(dead_lettered), sum(deleted), sum(expired), sum(purged),
+                               sum(retried), sum(lease_expired), sum(delivery_sum_us))
+                    FROM {s}.counters WHERE queue = %(q)s),
+                   (SELECT array_agg(n ORDER BY i) FROM (
+                        SELECT i, sum(coalesce(c.delivery[i], 0)) AS n
+                        FROM {s}.counters c, generate_series(1, %(nb)s) i
+                        WHERE c.queue = %(q)s GROUP BY i) h)
             FROM {s}.messages WHERE queue = %(q)s""")
         self.next_due = q("""
             SELECT least(
@@ -658,15 +687,20 @@ class PgQueue(QueueBackend):
         return None if row is None else int(row[0])
 
     def counts(self, now_us: int, with_bytes: bool = False) -> Counts:
-        backlog, nbytes, in_flight, delayed, oldest, totals = self._run(
-            self._sql.counts, {"q": self.name, "now": now_us, "bytes": with_bytes},
+        nb = len(DELIVERY_BUCKETS_US) + 1
+        backlog, nbytes, in_flight, delayed, oldest, totals, hist = self._run(
+            self._sql.counts, {"q": self.name, "now": now_us, "bytes": with_bytes, "nb": nb},
             fetch="one", what=f"counting queue {self.name!r}")
-        acked, dead, deleted, expired, purged = (int(x or 0) for x in (totals or (0, 0, 0, 0, 0)))
+        acked, dead, deleted, expired, purged, retried, lease_expired, delivery_sum = (
+            int(x or 0) for x in (totals or (0,) * 8))
         return Counts(
             backlog=int(backlog), backlog_bytes=int(nbytes), in_flight=int(in_flight),
             delayed=int(delayed), oldest_sent_us=None if oldest is None else int(oldest),
             acked=acked, dead_lettered=dead, deleted=deleted, expired=expired, purged=purged,
             sent=int(backlog) + acked + dead + deleted + expired + purged,
+            retried=retried, lease_expired=lease_expired,
+            delivery_buckets=tuple(int(x) for x in hist) if hist else (0,) * nb,
+            delivery_sum_us=delivery_sum,
         )
 
     # -- pausing, waiting ----------------------------------------------------

@@ -5,7 +5,10 @@
 ``waiters``   one row per consumer handle waiting for a send: until when
               (server time, µs) it waits; sends NOTIFY only while one does
 ``counters``  16 rows per queue (acked, dead-lettered, deleted, expired,
-              purged), so that concurrent acks update different rows
+              purged, retried, leases found run out, and the first-delivery
+              latency histogram: the sum in µs and ``delivery``, the counts
+              per bucket of ``DELIVERY_BUCKETS_US``; since version 2), so
+              that concurrent acks update different rows
 ``messages``  one row per message not done: its record, send time, the
               time it is due (visible: indexed), attempts, whether its current
               delivery is leased and until when (``lease_until``, not indexed,
@@ -31,7 +34,7 @@ from .._backend import MAX_APPEND
 if TYPE_CHECKING:  # pragma: no cover
     from .conn import Connections
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema version this qlog writes and reads."""
 COUNTER_SHARDS = 16
 
@@ -76,7 +79,15 @@ CREATE INDEX messages_due ON {{s}}.messages (queue, due_us, seq);
 CREATE SEQUENCE {{s}}.message_seq INCREMENT BY {MAX_APPEND} MINVALUE 0 START 0;
 """
 
-MIGRATIONS = {1: _V1}
+_V2 = """
+ALTER TABLE {s}.counters
+    ADD COLUMN retried bigint NOT NULL DEFAULT 0,
+    ADD COLUMN lease_expired bigint NOT NULL DEFAULT 0,
+    ADD COLUMN delivery_sum_us bigint NOT NULL DEFAULT 0,
+    ADD COLUMN delivery bigint[] NOT NULL DEFAULT '{{}}'
+"""
+
+MIGRATIONS = {1: _V1, 2: _V2}
 """Version -> the DDL that brings the schema from the version before to it."""
 
 

@@ -27,6 +27,7 @@ from .. import errors
 from .._message import MessageSendRequest
 from .._queue import Broker, Queue
 from .._settings import MAX_DELAY, MAX_PULL_BATCH
+from .metrics import SendTimes
 
 METRICS_TTL = 1.0
 """Seconds the backlog metrics in push and pull responses may be old
@@ -145,6 +146,7 @@ class Api:
         self._purges: Dict[str, float] = {}  # queue -> when its last purge started
         self._open: Dict[str, Queue] = {}  # name -> its queue (a lookup costs a directory listing)
         self.inline = broker.engine != "postgresql"
+        self.sends = SendTimes()  # this server's send durations (``/metrics``)
 
     # -- plumbing ------------------------------------------------------------
 
@@ -270,7 +272,8 @@ class Api:
         """Send, and answer with the metrics: one call (off the loop when the send fsyncs)."""
         def send() -> Dict[str, Any]:
             q = self.queue(ref)
-            q.send_batch(reqs, delay_seconds=delay)
+            with self.sends.timed(q.name):
+                q.send_batch(reqs, delay_seconds=delay)
             return {"metadata": {"metrics": self.metrics_of(q)}}
 
         q = self._open.get(ref)

@@ -98,7 +98,7 @@ def build_app(broker: Broker, token: Optional[str], max_body: int = DEFAULT_MAX_
     async def metrics(request: Request) -> Response:
         from starlette.concurrency import run_in_threadpool
 
-        text = await run_in_threadpool(prometheus, broker)
+        text = await run_in_threadpool(prometheus, broker, api.sends)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def not_found(request: Request, exc: Any) -> Response:
