@@ -2,7 +2,7 @@
 
     python benchmarks/queues.py                  # full run (about 3 minutes)
     python benchmarks/queues.py --quick          # short run; backlog and history rows scaled down
-    python benchmarks/queues.py --only pull,json # some rows (batch send pull json sync rss reopen)
+    python benchmarks/queues.py --only pull,json # some rows (batch send none pull json sync rss reopen)
     python benchmarks/queues.py --dir DIR        # scratch space in DIR (default <repo>/.bench-tmp)
     python benchmarks/queues.py --only pull --profile   # also cProfile the qlog side
 
@@ -11,7 +11,8 @@ sqlite3: one table (id INTEGER PRIMARY KEY, body), WAL mode,
 synchronous=NORMAL; a send is an INSERT, a batch an executemany in one
 transaction, a consume a SELECT of 100 and a DELETE of them in one
 transaction.  persist-queue's SQLiteAckQueue is a third column where it is
-installed (``pip install .[bench]``).  Both sides get the same payloads:
+installed (``pip install .[bench]``); the `none` row runs against queuelib's
+FifoDiskQueue (Scrapy's disk queue), from the same extra.  Both sides get the same payloads:
 100-byte bytes bodies, or ~100-byte dicts encoded and decoded with json.
 Every ratio is the median of per-repetition ratios, the sides interleaved
 (their order rotates between repetitions).  This measures; it never fails
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib.metadata
 import io
 import json
 import os
@@ -54,6 +56,10 @@ try:
     import persistqueue.serializers.json as pq_json
 except ImportError:  # the optional `bench` extra
     persistqueue = None  # type: ignore[assignment]
+try:  # the `none` row's baseline (pip install .[bench])
+    import queuelib
+except ImportError:  # pragma: no cover
+    queuelib = None  # type: ignore[assignment]
     pq_json = None  # type: ignore[assignment]
 
 PAYLOAD = 100
@@ -92,7 +98,7 @@ QUICK = Plan(reps=5, batch_msgs=50_000, single_msgs=20_000, pull_msgs=50_000, js
              rss_big=200_000, rss_small=1_000, rss_consume=5_000, rss_reps=5,
              history_big=1_000_000, history_small=10_000, reopen_reps=5)
 
-ROWS = ("batch", "send", "pull", "json", "sync", "rss", "reopen")
+ROWS = ("batch", "send", "none", "pull", "json", "sync", "rss", "reopen")
 
 
 # ---------------------------------------------------------------- payloads
@@ -375,6 +381,72 @@ def bench_send(sc: Scratch, plan: Plan, prof: bool) -> Row:
                   f"message (its own transaction); {1e6 / median(res[0]):.2f} us per qlog send, "
                   f"{1e6 / median(res[1]):.2f} us per sqlite3 INSERT+COMMIT"],
                  f"{plan.pq_msgs:,} put() per rep")
+    if prof:
+        row.profile = profiled(q_side)
+    return row
+
+
+# ---------------------------------------------------------------- 2b: send one per call, no fsync
+
+
+def bench_none(sc: Scratch, plan: Plan, prof: bool) -> Optional[Row]:
+    """qlog's send() with durability "none" against queuelib's
+    FifoDiskQueue.push (Scrapy's disk queue: a file per chunk, no ack, no
+    CRC, no fsync)."""
+    if queuelib is None:
+        progress("none: skipped: queuelib is not installed (pip install .[bench])")
+        return None
+    bodies = bytes_bodies()
+    n = plan.single_msgs - plan.single_msgs % BATCH
+    seq = bodies * (n // BATCH)
+
+    def q_side(seq: List[bytes] = seq) -> float:
+        path = sc.path("none-qlog")
+        try:
+            with qlog.open(path, durability="none") as b:
+                q = b.queue(QUEUE)
+                q.send(bodies[0], content_type="bytes")
+                send = q.send
+                t0 = time.perf_counter()
+                for body in seq:
+                    send(body, content_type="bytes")
+                dt = time.perf_counter() - t0
+                check(q.stats().backlog == len(seq) + 1, "qlog send backlog")
+            return len(seq) / dt
+        finally:
+            remove(path)
+
+    def l_side() -> float:
+        path = sc.path("none-queuelib")
+        try:
+            fq = queuelib.FifoDiskQueue(path)
+            fq.push(bodies[0])
+            push = fq.push
+            t0 = time.perf_counter()
+            for body in seq:
+                push(body)
+            dt = time.perf_counter() - t0
+            check(len(fq) == n + 1, "queuelib push count")
+            fq.close()
+            return n / dt
+        finally:
+            remove(path)
+
+    q_side(seq[:n // 4])
+    l_side()
+    res = interleave(plan.reps, [q_side, l_side])
+    progress(f"none: {plan.reps} reps of {n:,} messages")
+    ratios = [a / b for a, b in zip(res[0], res[1])]
+    r = median(ratios)
+    row = Row("none", "send() one per call, bytes, none, vs queuelib FifoDiskQueue.push",
+              fmt_rate(median(res[0]), "msg/s"), fmt_rate(median(res[1]), "msg/s"), r, ratios,
+              ">= 1.25x", r >= 1.25,
+              notes=[f"{n:,} messages of {PAYLOAD} B per rep; queuelib "
+                     f"{importlib.metadata.version('queuelib')} FifoDiskQueue (no ack, no CRC, no "
+                     f"fsync); {1e6 / median(res[0]):.2f} us per qlog send, "
+                     f"{1e6 / median(res[1]):.2f} us per push",
+                     per_rep("qlog per rep", res[0], 1e-3, "k msg/s"),
+                     per_rep("queuelib per rep", res[1], 1e-3, "k msg/s")])
     if prof:
         row.profile = profiled(q_side)
     return row
@@ -998,9 +1070,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         info = machine_info(root)
         sc = Scratch(root)
-        benches: Dict[str, Callable[[], Row]] = {
+        benches: Dict[str, Callable[[], Optional[Row]]] = {
             "batch": lambda: bench_batch(sc, plan, args.profile),
             "send": lambda: bench_send(sc, plan, args.profile),
+            "none": lambda: bench_none(sc, plan, args.profile),
             "pull": lambda: bench_pull(sc, plan, args.profile),
             "json": lambda: bench_json(sc, plan, args.profile),
             "sync": lambda: bench_sync(sc, plan, args.profile),
@@ -1009,7 +1082,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         }
         for key in ROWS:
             if key in only:
-                rows.append(benches[key]())
+                got = benches[key]()
+                if got is not None:
+                    rows.append(got)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         if made_parent:

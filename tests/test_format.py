@@ -696,6 +696,21 @@ def test_checkpoint_keeps_the_retry_lease_expiry_and_latency_counters() -> None:
     assert (back.retried, back.lease_expired, back.delivery_sum, back.delivery) == (5, 6, 7_000, st.delivery)
 
 
+def test_a_send_stamped_after_the_pull_counts_as_latency_zero_and_still_checkpoints() -> None:
+    """A producer's clock may read later than the puller's: the latency sum
+    must not go negative (a checkpoint refuses a negative counter)."""
+    from qlog._local import state as _state
+
+    st = _state.QueueState()
+    now = 10_000_000
+    st.apply(_state.encode(b"P", [now + 30_000_000, 0, 3, 0, now],
+                           [[0, 1, 2], [now - 2_000_000, now + 5, now + 9_000_000]] + [[]] * 7))
+    assert st.delivery_sum == 2_000_000
+    assert st.delivery[0] == 2 and sum(st.delivery) == 3
+    back = _state.QueueState.from_snapshot(st.snapshot())
+    assert (back.delivery_sum, back.delivery) == (st.delivery_sum, st.delivery)
+
+
 def test_format_md_states_the_latency_bounds_the_code_uses() -> None:
     stated = re.search(r"the bounds, in µs, are (.*?) \(`DELIVERY_BUCKETS_US`\)", FORMAT_MD, re.S)
     assert stated is not None

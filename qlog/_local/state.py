@@ -256,10 +256,16 @@ class QueueState:
                     self.deleted += 1
 
     def _delivered(self, now: int, sent: Sequence[int]) -> None:
-        """Count first deliveries at ``now`` of messages sent at ``sent``."""
+        """Count first deliveries at ``now`` of messages sent at ``sent``.
+        A send time after ``now`` (another process's clock, or a send
+        stamped after the puller read its clock) counts as latency 0."""
         n = len(sent)
+        newest = max(sent)
+        if newest > now:
+            sent = [min(t, now) for t in sent]
+            newest = now
         self.delivery_sum += n * now - sum(sent)
-        lo, hi = delivery_bucket(now - max(sent)), delivery_bucket(now - min(sent))
+        lo, hi = delivery_bucket(now - newest), delivery_bucket(now - min(sent))
         if lo == hi:  # the usual case: one bucket for the whole batch
             self.delivery[lo] += n
         else:

@@ -136,7 +136,7 @@ class _Sql:
                 WHERE m.queue = %(q)s AND m.seq = h.seq AND h.sent_us <= %(cut)s
                 RETURNING 1),
             first AS (
-                SELECT %(now)s - sent_us AS lat FROM head
+                SELECT greatest(%(now)s - sent_us, 0) AS lat FROM head
                 WHERE attempts = 0 AND sent_us > %(cut)s AND attempts < %(max)s),
             hist AS (SELECT width_bucket(lat, {bounds}) + 1 AS b, count(*) AS c, sum(lat) AS t
                      FROM first GROUP BY 1),
