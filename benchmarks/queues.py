@@ -317,26 +317,31 @@ def bench_batch(sc: Scratch, plan: Plan, prof: bool) -> Row:
 # ---------------------------------------------------------------- 2: send one per call
 
 
+def send_side(sc: Scratch, name: str, durability: str, first: bytes, seq: List[bytes]) -> float:
+    """qlog's send() of one message per call, msg/s (the send and none rows)."""
+    path = sc.path(name)
+    try:
+        with qlog.open(path, durability=durability) as b:
+            q = b.queue(QUEUE)
+            q.send(first, content_type="bytes")
+            send = q.send
+            t0 = time.perf_counter()
+            for body in seq:
+                send(body, content_type="bytes")
+            dt = time.perf_counter() - t0
+            check(q.stats().backlog == len(seq) + 1, "qlog send backlog")
+        return len(seq) / dt
+    finally:
+        remove(path)
+
+
 def bench_send(sc: Scratch, plan: Plan, prof: bool) -> Row:
     bodies = bytes_bodies()
     n = plan.single_msgs - plan.single_msgs % BATCH
     seq = bodies * (n // BATCH)
 
     def q_side(seq: List[bytes] = seq) -> float:
-        path = sc.path("send-qlog")
-        try:
-            with qlog.open(path, durability="interval") as b:
-                q = b.queue(QUEUE)
-                q.send(bodies[0], content_type="bytes")
-                send = q.send
-                t0 = time.perf_counter()
-                for body in seq:
-                    send(body, content_type="bytes")
-                dt = time.perf_counter() - t0
-                check(q.stats().backlog == len(seq) + 1, "qlog send backlog")
-            return len(seq) / dt
-        finally:
-            remove(path)
+        return send_side(sc, "send-qlog", "interval", bodies[0], seq)
 
     def s_side() -> float:
         path = sc.path("send-sqlite")
@@ -401,20 +406,7 @@ def bench_none(sc: Scratch, plan: Plan, prof: bool) -> Optional[Row]:
     seq = bodies * (n // BATCH)
 
     def q_side(seq: List[bytes] = seq) -> float:
-        path = sc.path("none-qlog")
-        try:
-            with qlog.open(path, durability="none") as b:
-                q = b.queue(QUEUE)
-                q.send(bodies[0], content_type="bytes")
-                send = q.send
-                t0 = time.perf_counter()
-                for body in seq:
-                    send(body, content_type="bytes")
-                dt = time.perf_counter() - t0
-                check(q.stats().backlog == len(seq) + 1, "qlog send backlog")
-            return len(seq) / dt
-        finally:
-            remove(path)
+        return send_side(sc, "none-qlog", "none", bodies[0], seq)
 
     def l_side() -> float:
         path = sc.path("none-queuelib")
